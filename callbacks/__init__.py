@@ -1,0 +1,1 @@
+"""Lightning callbacks for Glance training (installed as ``glance_lightning.callbacks``)."""

@@ -1,0 +1,1 @@
+"""Lightning data modules for Glance training (installed as ``glance_lightning.datamodules``)."""

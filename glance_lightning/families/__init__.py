@@ -1,0 +1,1 @@
+"""Model families: one LightningModule per diffusers pipeline family."""
