@@ -1,0 +1,144 @@
+"""Render chained Slow->Fast samples during training: PNGs in the run directory, images in the logger."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [0, 1] -> PIL RGB."""
+    data = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(data)
+
+
+def save_png_atomic(image: Image.Image, path: Path, text: dict[str, str] | None = None) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ChainedSampleCallback(L.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end, render the exact Slow->Fast chain."""
+
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        prompts: list[str] | None = None,
+        seeds: list[int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float = 1.0,
+        negative_prompt: str | None = None,
+        at_end: bool = True,
+        dirname: str = "samples",
+    ) -> None:
+        """
+        Args:
+            every_n_steps: render every N optimizer steps (0: only at the end).
+            prompts: prompts to render; default the training captions.
+            seeds: one image per seed and prompt (default [0]).
+            height: sample height in pixels; default that of the first training image.
+            width: sample width in pixels; default that of the first training image.
+            guidance_scale: classifier-free guidance scale for families that use it (SD3, Qwen).
+            negative_prompt: negative prompt for families with classifier-free guidance.
+            at_end: also render when training ends.
+            dirname: sub-folder of the run directory for the PNG files.
+        """
+        if every_n_steps < 0:
+            raise ValueError(f"ChainedSampleCallback.every_n_steps={every_n_steps} must be >= 0")
+        self.every_n_steps, self.prompts, self.seeds = every_n_steps, prompts, list(seeds or [0])
+        self.height, self.width = height, width
+        self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
+        self.at_end, self.dirname = at_end, dirname
+        self.rendered: list[Path] = []
+        self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        extra = list(self.prompts or [])
+        if self.negative_prompt is not None:
+            extra.append(self.negative_prompt)
+        pl_module.register_prompts(extra)
+
+    def _prompts(self, trainer: L.Trainer) -> list[str]:
+        if self.prompts:
+            return list(self.prompts)
+        return list(dict.fromkeys(s.caption for s in trainer.datamodule.train_samples))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_end and trainer.global_step != self._last_step:
+            self.render(trainer, pl_module)
+
+    def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return []
+        first = trainer.datamodule.train_samples[0].pixels
+        height, width = self.height or first.shape[-2], self.width or first.shape[-1]
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        images, captions, paths = [], [], []
+        for p_index, prompt in enumerate(self._prompts(trainer)):
+            for seed in self.seeds:
+                latents = pl_module.generate_latents(
+                    prompt, seed, height, width, self.guidance_scale, self.negative_prompt
+                )
+                image = to_pil(pl_module.decode_to_images(latents)[0])
+                path = out_dir / f"step{trainer.global_step:06d}_p{p_index}_s{seed}.png"
+                save_png_atomic(image, path, self._png_text(pl_module, prompt, seed, trainer.global_step))
+                images.append(image)
+                captions.append(f"step {trainer.global_step} seed {seed}: {prompt}")
+                paths.append(path)
+        self._log_images(trainer, images, captions)
+        self.rendered.extend(paths)
+        return paths
+
+    def _png_text(self, pl_module: L.LightningModule, prompt: str, seed: int, step: int) -> dict[str, str]:
+        import json
+
+        return {
+            "glance": json.dumps(
+                {
+                    "prompt": prompt, "seed": seed, "step": step, "family": pl_module.family,
+                    "schedule": pl_module.glance_timesteps.as_timesteps(),
+                    "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt,
+                }
+            )
+        }
+
+    def _log_images(self, trainer: L.Trainer, images: list[Image.Image], captions: list[str]) -> None:
+        import numpy as np
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples/chained", images=images, caption=captions, step=trainer.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                for i, image in enumerate(images):
+                    logger.experiment.add_image(
+                        f"samples/chained_{i}", np.asarray(image), trainer.global_step, dataformats="HWC"
+                    )

@@ -1,0 +1,122 @@
+"""The Glance DataModule: a validated folder of image/caption pairs (optionally with control images).
+
+It validates the whole dataset in one pass before any model is loaded, loads every image once at the
+training resolution (area about ``resolution``^2, aspect kept, sides a multiple of ``size_multiple``) and
+serves batches of sample indices: the module encodes each sample once and reuses its latents every step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from glance_lightning.datamodules.validation import validate_dataset
+
+
+@dataclass
+class TrainSample:
+    """One training pair loaded at training resolution; pixels in [-1, 1], [3, H, W]."""
+
+    image: Path
+    caption: str
+    pixels: torch.Tensor
+    controls: tuple[torch.Tensor, ...] = ()
+
+
+def target_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """Scale to an area of about resolution^2 keeping the aspect ratio; round each side to ``multiple``."""
+    scale = math.sqrt(resolution * resolution / (width * height))
+    new_w = max(multiple, round(width * scale / multiple) * multiple)
+    new_h = max(multiple, round(height * scale / multiple) * multiple)
+    return new_w, new_h
+
+
+def load_pixels(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """Resize to cover ``size`` (width, height), centre-crop, return [3, H, W] in [-1, 1]."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = size
+        scale = max(w / img.width, h / img.height)
+        resized = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))),
+                             Image.Resampling.LANCZOS)
+        left, top = (resized.width - w) // 2, (resized.height - h) // 2
+        cropped = resized.crop((left, top, left + w, top + h))
+    data = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8).view(h, w, 3)
+    return data.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class IndexDataset(Dataset):
+    """``length`` draws over ``num_samples`` sample indices (one epoch covers the whole run)."""
+
+    def __init__(self, num_samples: int, length: int) -> None:
+        self.num_samples, self.length = num_samples, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, int]:
+        return {"index": i % self.num_samples}
+
+
+class GlanceDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: str,
+        layout: str = "auto",
+        resolution: int = 1024,
+        size_multiple: int = 32,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            path: dataset folder: flat image + same-basename .txt pairs, or the edit layout image/ + control/.
+            layout: "auto", "flat" or "edit".
+            resolution: images are scaled to an area of about resolution x resolution, aspect kept.
+            size_multiple: each side is rounded to a multiple of this (the official code uses 32).
+            batch_size: samples per step (a single image is repeated with independent noise and timesteps).
+            num_workers: DataLoader workers (indices only, so 0 is right almost always).
+        """
+        super().__init__()
+        if resolution <= 0 or size_multiple <= 0 or resolution % size_multiple:
+            raise ValueError(
+                f"data.resolution={resolution} must be a positive multiple of data.size_multiple={size_multiple}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+        self.path, self.layout = Path(path), layout
+        self.resolution, self.size_multiple = resolution, size_multiple
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_samples: list[TrainSample] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_samples:
+            return
+        samples = validate_dataset(self.path, self.layout)
+        loaded = []
+        for s in samples:
+            with Image.open(s.image) as img:
+                size = target_size(img.width, img.height, self.resolution, self.size_multiple)
+            controls = tuple(load_pixels(c, size) for c in s.controls)
+            loaded.append(TrainSample(s.image, s.caption, load_pixels(s.image, size), controls))
+        if self.batch_size > 1 and len({tuple(s.pixels.shape) for s in loaded}) > 1:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} needs all images of {self.path} at one size after resizing; "
+                "use batch_size 1 or images of one aspect ratio"
+            )
+        self.train_samples = loaded
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        steps = max(trainer.max_steps, 1) if trainer is not None else 1
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        world = trainer.world_size if trainer is not None else 1
+        length = max(len(self.train_samples), steps * accumulate * self.batch_size * world)
+        dataset = IndexDataset(len(self.train_samples), length)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)

@@ -1,0 +1,466 @@
+"""Pre-flight validation of Glance training datasets (runs before any model is loaded).
+
+This module owns the on-disk dataset contract and its checks:
+
+* ``flat`` (text-to-image): one folder of images (``.png .jpg .jpeg .webp``, any letter case), each with a
+  UTF-8 caption file of the same basename (``img1.png`` + ``img1.txt``).
+* ``edit`` (Qwen-Image-Edit): ``image/`` holds target images and their captions, ``control/`` holds the
+  control image of the same basename; Qwen-Image-Edit-2509/2511 may add ``control_2/`` and ``control_3/``
+  (second and third control image). Every target needs a file in every control folder that exists, and
+  ``control_3/`` requires ``control_2/``.
+
+:func:`scan_dataset` walks the whole dataset once and collects *every* problem (each naming its file) into a
+:class:`DatasetReport`; :func:`validate_dataset` raises :class:`DatasetError` unless the report is usable;
+:func:`run_validate_data_command` backs ``python -m glance_lightning validate-data``. Hidden files and folders
+(names starting with ``.``) are ignored everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "CAPTION_EXTENSION",
+    "CONTROL_DIRS",
+    "IMAGE_EXTENSIONS",
+    "LAYOUTS",
+    "DatasetError",
+    "DatasetReport",
+    "Problem",
+    "Sample",
+    "run_validate_data_command",
+    "scan_dataset",
+    "validate_dataset",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CAPTION_EXTENSION = ".txt"
+CONTROL_DIRS = ("control", "control_2", "control_3")
+LAYOUTS = ("auto", "flat", "edit")
+SEVERITIES = ("error", "warning")
+PROG = "python -m glance_lightning validate-data"
+
+_SUPPORTED = ", ".join(IMAGE_EXTENSIONS)
+# Image formats people commonly drop into a dataset that the training loaders do not accept.
+_UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
+    {".gif", ".bmp", ".tif", ".tiff", ".ico", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".jfif",
+     ".pjpeg", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".psd", ".svg", ".exr", ".hdr", ".dng", ".raw",
+     ".cr2", ".nef", ".arw"}
+)
+# Control images per sample a model family accepts: exactly N, or an inclusive (min, max) range.
+ControlCount = int | tuple[int, int]
+_ORDINALS = {"control": "first", "control_2": "second", "control_3": "third"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One usable training sample: target image, its caption text, and its control images (edit only)."""
+
+    image: Path
+    caption: str
+    controls: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding about one file or folder of the dataset."""
+
+    path: Path
+    message: str
+    severity: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+
+@dataclass
+class DatasetReport:
+    """Everything :func:`scan_dataset` found: the usable samples and all problems, sorted by path."""
+
+    root: Path
+    layout: str
+    samples: list[Sample] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        """True when there is no error and at least one sample."""
+        return not self.errors and bool(self.samples)
+
+    def format(self) -> str:
+        """One ``path: severity: message`` line per problem, then a summary line."""
+        lines = [f"{p.path}: {p.severity}: {p.message}" for p in self.problems]
+        counts = [
+            _plural(len(self.samples), "sample"),
+            _plural(len(self.errors), "error"),
+            _plural(len(self.warnings), "warning"),
+        ]
+        lines.append(", ".join(counts))
+        return "\n".join(lines)
+
+
+class DatasetError(ValueError):
+    """Raised by :func:`validate_dataset` when the dataset is not usable; ``.report`` has the details."""
+
+    def __init__(self, report: DatasetReport) -> None:
+        super().__init__(report)
+        self.report = report
+
+    def __str__(self) -> str:
+        check = f"{PROG} --path {shlex.quote(str(self.report.root))}"
+        return (
+            f"dataset {self.report.root} (layout {self.report.layout}) is not usable:\n"
+            f"{self.report.format()}\n"
+            "Fix the files listed above (dataset layout: see glance_lightning.datamodules.validation), "
+            f"then re-check with: {check}"
+        )
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _visible_entries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _expected(folder: Path, stem: str) -> str:
+    return f"{folder / stem}{{{','.join(IMAGE_EXTENSIONS)}}}"
+
+
+@dataclass
+class _FolderScan:
+    """Files of one folder grouped by basename (stem); ``valid`` maps stems to decodable, unique images."""
+
+    folder: Path
+    images: dict[str, list[Path]] = field(default_factory=dict)
+    captions: dict[str, list[Path]] = field(default_factory=dict)
+    unsupported: dict[str, list[Path]] = field(default_factory=dict)
+    valid: dict[str, Path] = field(default_factory=dict)
+
+    def first_image(self, stem: str) -> Path:
+        return self.images[stem][0]
+
+
+class _Collector:
+    """Accumulates problems during one scan."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def error(self, path: Path, message: str) -> None:
+        self.problems.append(Problem(path, message, "error"))
+
+    def warning(self, path: Path, message: str) -> None:
+        self.problems.append(Problem(path, message, "warning"))
+
+    def sorted(self) -> list[Problem]:
+        return sorted(self.problems, key=lambda p: (p.path.parts, SEVERITIES.index(p.severity), p.message))
+
+
+def _scan_folder(
+    folder: Path, out: _Collector, *, captions_here: bool, flat_root: bool = False
+) -> _FolderScan:
+    """Group a folder's files; report unsupported formats, stray files and sub-folders, then decode images."""
+    scan = _FolderScan(folder)
+    for entry in _visible_entries(folder):
+        suffix = entry.suffix.lower()
+        if entry.is_dir():
+            out.warning(entry, _subfolder_message(entry, flat_root))
+        elif suffix in IMAGE_EXTENSIONS:
+            scan.images.setdefault(entry.stem, []).append(entry)
+        elif suffix == CAPTION_EXTENSION and captions_here:
+            scan.captions.setdefault(entry.stem, []).append(entry)
+        elif suffix == CAPTION_EXTENSION:
+            out.warning(entry, "caption file ignored: captions belong next to the target image in image/")
+        elif suffix in _UNSUPPORTED_IMAGE_EXTENSIONS:
+            scan.unsupported.setdefault(entry.stem, []).append(entry)
+            out.error(entry, f"unsupported image extension '{entry.suffix}'; convert to one of {_SUPPORTED}")
+        else:
+            out.warning(entry, "unknown file, ignored")
+    _check_images(scan, out)
+    return scan
+
+
+def _subfolder_message(entry: Path, flat_root: bool) -> str:
+    if flat_root and entry.name in ("image", *CONTROL_DIRS):
+        return "folder ignored: read as a flat dataset; an edit dataset needs both image/ and control/"
+    return "unexpected sub-folder, ignored (sub-folders are not scanned)"
+
+
+def _check_images(scan: _FolderScan, out: _Collector) -> None:
+    """Decode every image; only unique, decodable ones go into ``scan.valid``."""
+    for stem, paths in scan.images.items():
+        decoded = [path for path in paths if _decodes(path, out)]
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            for path in paths:
+                out.error(path, f"ambiguous: several images share the basename '{stem}' ({names}); keep one")
+        elif decoded:
+            scan.valid[stem] = decoded[0]
+
+
+def _decodes(path: Path, out: _Collector) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB")
+    except UnidentifiedImageError:
+        out.error(path, "unreadable image: not a valid image file (PIL cannot identify its format)")
+        return False
+    except Exception as exc:  # PIL raises many types on bad data (OSError, SyntaxError, ValueError, ...)
+        out.error(path, f"unreadable image: {type(exc).__name__}: {exc}")
+        return False
+    return True
+
+
+def _read_captions(scan: _FolderScan, out: _Collector) -> dict[str, str]:
+    """Read every caption file; return the unique, non-empty, UTF-8 ones by stem."""
+    texts: dict[str, str] = {}
+    for stem, paths in scan.captions.items():
+        read = [(path, _read_caption(path, out)) for path in paths]
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            for path in paths:
+                out.error(path, f"ambiguous: several caption files for basename '{stem}' ({names}); keep one")
+        elif read[0][1] is not None:
+            texts[stem] = read[0][1]
+    return texts
+
+
+def _read_caption(path: Path, out: _Collector) -> str | None:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        out.error(path, f"caption is not valid UTF-8 ({exc.reason} at byte {exc.start}); re-save it as UTF-8")
+        return None
+    except OSError as exc:
+        out.error(path, f"unreadable caption file: {exc.strerror or exc}")
+        return None
+    if not text.strip():
+        out.error(path, "empty caption (the file is empty or whitespace only)")
+        return None
+    return text.strip()
+
+
+def _pair_captions(scan: _FolderScan, out: _Collector) -> dict[str, str]:
+    """Report images without captions and captions without images; return the readable captions."""
+    texts = _read_captions(scan, out)
+    lower_captions = {stem.lower(): paths[0] for stem, paths in scan.captions.items()}
+    for stem in sorted(scan.images.keys() - scan.captions.keys()):
+        message = f"missing caption file: expected {scan.folder / (stem + CAPTION_EXTENSION)}"
+        near = lower_captions.get(stem.lower())
+        if near is not None:
+            message += f" (found {near.name}: basenames are case-sensitive)"
+        out.error(scan.first_image(stem), message)
+    for stem in sorted(scan.captions.keys() - scan.images.keys() - scan.unsupported.keys()):
+        message = f"caption without an image: no {_expected(scan.folder, stem)}"
+        if Path(stem).stem in scan.images and _is_image(Path(stem)):
+            message += f" (name it {Path(stem).stem}{CAPTION_EXTENSION})"
+        out.error(scan.captions[stem][0], message)
+    return texts
+
+
+def _require_images(scan: _FolderScan, out: _Collector) -> None:
+    if not scan.images:
+        out.error(scan.folder, f"empty dataset: no images found (supported extensions: {_SUPPORTED})")
+
+
+# ------------------------------------------------------------------------------------------------ layouts
+
+
+def _scan_flat(root: Path, out: _Collector) -> list[Sample]:
+    scan = _scan_folder(root, out, captions_here=True, flat_root=True)
+    captions = _pair_captions(scan, out)
+    _require_images(scan, out)
+    return [Sample(scan.valid[stem], captions[stem]) for stem in sorted(scan.valid.keys() & captions.keys())]
+
+
+def _control_dirs(root: Path, out: _Collector) -> list[Path]:
+    """The control folders in use, in order; reports ``control_3/`` without ``control_2/``."""
+    present = [name for name in CONTROL_DIRS if (root / name).is_dir()]
+    used: list[Path] = []
+    for name in CONTROL_DIRS:
+        if name not in present:
+            break
+        used.append(root / name)
+    for name in present[len(used):]:
+        previous = CONTROL_DIRS[CONTROL_DIRS.index(name) - 1]
+        out.error(root / name, f"{name}/ requires {previous}/ (control folders must be consecutive); ignored")
+    return used
+
+
+def _check_root_entries(root: Path, out: _Collector) -> None:
+    known = {"image", *CONTROL_DIRS}
+    for entry in _visible_entries(root):
+        if entry.is_dir() and entry.name in known:
+            continue
+        if entry.is_dir() and entry.name.startswith("control"):
+            out.warning(entry, f"unknown folder, ignored (control folders are {', '.join(CONTROL_DIRS)})")
+        else:
+            kind = "folder" if entry.is_dir() else "file"
+            out.warning(entry, f"unknown {kind}, ignored (an edit dataset has image/ and control*/ folders)")
+
+
+def _pair_controls(targets: _FolderScan, control: _FolderScan, out: _Collector) -> None:
+    """Report targets without a control image in ``control`` and control images without a target."""
+    name = control.folder.name
+    count_hint = "" if name == "control" else (
+        f"; {name}/ exists, so every sample needs a {_ORDINALS[name]} control image "
+        "(the number of control images must be the same for every sample)"
+    )
+    for stem in sorted(targets.images.keys() - control.images.keys() - control.unsupported.keys()):
+        message = f"missing {_ORDINALS[name]} control image: expected {_expected(control.folder, stem)}"
+        out.error(targets.first_image(stem), message + count_hint)
+    for stem in sorted(control.images.keys() - targets.images.keys() - targets.unsupported.keys()):
+        message = f"control image without a target: no {_expected(targets.folder, stem)}"
+        out.error(control.first_image(stem), message)
+
+
+def _scan_edit(root: Path, out: _Collector) -> tuple[list[Sample], int]:
+    _check_root_entries(root, out)
+    image_dir = root / "image"
+    controls = _control_dirs(root, out)
+    if not image_dir.is_dir():
+        out.error(image_dir, "missing folder: an edit dataset needs image/ (targets + captions) and control/")
+    if not controls:
+        out.error(root / "control", "missing folder: an edit dataset needs control/ (first control images)")
+    if not image_dir.is_dir():
+        return [], len(controls)
+    targets = _scan_folder(image_dir, out, captions_here=True)
+    captions = _pair_captions(targets, out)
+    _require_images(targets, out)
+    control_scans = [_scan_folder(folder, out, captions_here=False) for folder in controls]
+    for control in control_scans:
+        _pair_controls(targets, control, out)
+    stems = set(targets.valid.keys() & captions.keys())
+    for control in control_scans:
+        stems &= control.valid.keys()
+    samples = [
+        Sample(targets.valid[s], captions[s], tuple(c.valid[s] for c in control_scans)) for s in sorted(stems)
+    ]
+    return samples, len(controls)
+
+
+def _resolve_layout(root: Path, layout: str) -> str:
+    if layout != "auto":
+        return layout
+    return "edit" if (root / "image").is_dir() and (root / "control").is_dir() else "flat"
+
+
+def _control_range(num_controls: ControlCount) -> tuple[int, int]:
+    low, high = (num_controls, num_controls) if isinstance(num_controls, int) else num_controls
+    if not 0 <= low <= high:
+        raise ValueError(f"num_controls must be an int >= 0 or a (min, max) range, got {num_controls!r}")
+    return low, high
+
+
+def _check_control_count(root: Path, found: int, num_controls: ControlCount, out: _Collector) -> None:
+    low, high = _control_range(num_controls)
+    if low <= found <= high:
+        return
+    wanted = str(low) if low == high else f"{low} to {high}"
+    where = "no control folders (flat layout)" if found == 0 else f"{found} control image(s) per sample"
+    out.error(
+        root,
+        f"num_controls={num_controls!r} setting: the model family needs {wanted} control image(s) "
+        f"per sample, but the dataset has {where}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def scan_dataset(
+    root: str | Path, layout: str = "auto", num_controls: ControlCount | None = None
+) -> DatasetReport:
+    """Check a dataset folder in one pass and return every problem found (sorted by path).
+
+    ``layout`` is ``"auto"`` (edit when ``image/`` and ``control/`` exist, else flat), ``"flat"`` or
+    ``"edit"``. ``num_controls`` (an int, or an inclusive ``(min, max)`` range such as ``(1, 3)``) is the
+    number of control images per sample the model family accepts; a mismatch is an error.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if num_controls is not None:
+        _control_range(num_controls)
+    root = Path(root)
+    out = _Collector()
+    if not root.is_dir():
+        out.error(root, "dataset path is not a directory" if root.exists() else "dataset path does not exist")
+        return DatasetReport(root, layout, [], out.sorted())
+    resolved = _resolve_layout(root, layout)
+    if resolved == "edit":
+        samples, found = _scan_edit(root, out)
+    else:
+        samples, found = _scan_flat(root, out), 0
+    if num_controls is not None:
+        _check_control_count(root, found, num_controls, out)
+    return DatasetReport(root, resolved, samples, out.sorted())
+
+
+def validate_dataset(
+    root: str | Path, layout: str = "auto", num_controls: ControlCount | None = None
+) -> list[Sample]:
+    """Return the dataset's samples, or raise :class:`DatasetError` listing every problem."""
+    report = scan_dataset(root, layout, num_controls)
+    if not report.ok:
+        raise DatasetError(report)
+    return report.samples
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Check a training dataset (images, captions, control images) before training; "
+        "lists every problem at once. Exit status: 0 usable, 1 dataset has errors, 2 bad arguments.",
+    )
+    parser.add_argument("--path", required=True, type=Path, help="dataset folder")
+    parser.add_argument(
+        "--layout", choices=LAYOUTS, default="auto",
+        help="flat: images + same-name .txt captions; edit: image/ + control/ (+ control_2/, control_3/); "
+        "auto: edit when image/ and control/ exist (default)",
+    )
+    return parser
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 2
+
+
+def run_validate_data_command(argv: Iterable[str] | None = None) -> int:
+    """``python -m glance_lightning validate-data``: print the report, return the exit status."""
+    try:
+        args = _build_parser().parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # argparse already printed usage / help
+        return _exit_code(exc)
+    report = scan_dataset(args.path, args.layout)
+    print(report.format())
+    if report.ok:
+        print(f"OK: {report.root} ({report.layout} layout) is ready for training.")
+        return 0
+    print(f"FAILED: {report.root} ({report.layout} layout) is not usable; fix the errors above and re-run.")
+    return 1

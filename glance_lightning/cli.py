@@ -1,0 +1,62 @@
+"""Command line: ``fit`` (and the other LightningCLI subcommands) plus the project's own commands.
+
+``python -m glance_lightning fit --config configs/quickstart.yaml`` is a plain LightningCLI: configs use
+class_path/init_args, ``--print_config`` and overrides work as usual. ``validate-data``, ``schedule`` and
+``sample`` are small argparse programs dispatched before LightningCLI sees the arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+TOP_HELP = """usage: python -m glance_lightning COMMAND [options]
+
+Train and sample Glance Slow/Fast LoRAs.
+
+commands:
+  fit             train both LoRAs (LightningCLI: --config FILE, --print_config, --help, overrides)
+  validate-data   check a dataset folder without loading any model (--path DIR)
+  schedule        derive Slow/Fast timestep lists from a family's scheduler (--family, --resolution)
+  validate, test, predict   other LightningCLI subcommands
+
+Run `python -m glance_lightning COMMAND --help` for a command's options.
+"""
+
+
+def run_lightning_cli(args: list[str], run: bool = True) -> object:
+    """LightningCLI over any GlanceModule family and any LightningDataModule (imported only here)."""
+    from lightning import LightningDataModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from glance_lightning.families.base import GlanceModule
+
+    return LightningCLI(
+        GlanceModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def _extra_commands() -> dict[str, Callable[[list[str]], int]]:
+    from glance_lightning.datamodules.validation import run_validate_data_command
+    from glance_lightning.schedules import run_schedule_command
+
+    return {"validate-data": run_validate_data_command, "schedule": run_schedule_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(TOP_HELP)
+        return 0 if argv else 2
+    extra = _extra_commands()
+    if argv[0] in extra:
+        return extra[argv[0]](argv[1:])
+    run_lightning_cli(argv)
+    return 0

@@ -1,0 +1,443 @@
+"""The family-independent Glance LightningModule.
+
+``GlanceModule`` owns loading the base pipeline (one ``from_pretrained``), freezing it, the two named LoRA
+adapters ("slow", "fast"), the flow-matching loss at the configured timestep lists, the per-phase
+optimisation schedule, the encode-once cache, saving adapters and chained sampling. A family subclass
+implements only what differs: prompt encoding, latent encoding/decoding and velocity prediction.
+
+Phases run one after the other in a single fit: optimizer steps ``[0, slow_steps)`` train "slow", the next
+``fast_steps`` train "fast". Both adapters sit in one AdamW with one parameter group each; the inactive
+group gets no gradient (peft freezes inactive adapters), so AdamW skips it entirely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from glance_lightning.lora_io import save_lora
+from glance_lightning.sampling import sample_chained
+from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings
+from glance_lightning.timesteps import GlanceTimesteps, draw_sigmas
+from glance_lightning.tiny_models import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+PHASES = ("slow", "fast")
+Conditioning = dict[str, torch.Tensor]
+
+
+class GlanceModule(L.LightningModule):
+    """Base class of every family. Subclasses set the class attributes and the four family hooks."""
+
+    family: ClassVar[str]
+    pipeline_class: ClassVar[type]
+    default_lora_targets: ClassVar[tuple[str, ...]]
+    size_multiple: ClassVar[int] = 16
+    control_images: ClassVar[tuple[int, int]] = (0, 0)  # (min, max) control images per sample
+    timestep_scale: ClassVar[float] = 1.0  # what the transformer takes as timestep: sigma * timestep_scale
+
+    def __init__(
+        self,
+        pretrained_model: str,
+        timesteps: TimestepSettings | None = None,
+        slow_steps: int = 60,
+        fast_steps: int = 60,
+        lora: LoraSettings | None = None,
+        optimizer: OptimizerSettings | None = None,
+        torch_dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        caption_dropout: float = 0.0,
+        dropout_prompt: str = " ",
+        offload_encoders: bool = True,
+        output_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            pretrained_model: diffusers model directory, or ``tiny:<family>`` for a tiny random model built
+                locally once.
+            timesteps: the Slow/Fast lists, or how to derive them from the family's scheduler.
+            slow_steps: optimizer steps of the Slow phase (0 skips the phase).
+            fast_steps: optimizer steps of the Fast phase (0 skips the phase).
+            lora: rank, alpha, target modules and init of both adapters.
+            optimizer: AdamW settings and the per-phase warm-up.
+            torch_dtype: dtype the frozen base weights are loaded in (float32, bfloat16, float16).
+            gradient_checkpointing: recompute transformer activations in the backward pass.
+            caption_dropout: probability of training a sample on ``dropout_prompt`` instead of its caption.
+            dropout_prompt: the prompt used for caption dropout (the official Qwen recipe uses " ").
+            offload_encoders: keep text encoders and the VAE on the CPU once the data is encoded.
+            output_dir: where ``slow/`` and ``fast/`` LoRAs go; default the run's log directory. An existing
+                LoRA there is never overwritten by a new run.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if slow_steps < 0 or fast_steps < 0 or slow_steps + fast_steps == 0:
+            raise ValueError(
+                f"model.slow_steps={slow_steps}, model.fast_steps={fast_steps}: both must be >= 0 and at "
+                "least one > 0 (set one to 0 to train a single phase)"
+            )
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"model.caption_dropout={caption_dropout} must be in [0, 1)")
+        self.dtype_name = torch_dtype
+        if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
+            raise ValueError(f"model.torch_dtype={torch_dtype!r} is not a torch dtype; use float32 or bfloat16")
+        self.phase_steps = {"slow": slow_steps, "fast": fast_steps}
+        self.lora_settings = lora or LoraSettings()
+        self.optim_settings = optimizer or OptimizerSettings()
+        self.glance_timesteps = self._resolve_timesteps(timesteps or TimestepSettings())
+        self.strict_loading = False  # checkpoints hold only the LoRA weights
+        self.transformer: torch.nn.Module | None = None
+        self._pipe: Any = None
+        self._active_adapter: str | None = None
+        self.latent_cache: list[torch.Tensor] = []
+        self.cond_cache: list[Conditioning] = []
+        self.prompt_cache: dict[str, Conditioning] = {}
+        self._requested_prompts: list[str] = []
+        self.lora_dir: Path | None = Path(output_dir) if output_dir else None
+
+    # ------------------------------------------------------------------ family hooks
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning for a batch of prompts (tensors with batch first)."""
+        raise NotImplementedError
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, H, W] in [-1, 1] -> normalised latents [B, C, h, w]."""
+        raise NotImplementedError
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, C, h, w] -> pixels [B, 3, H, W] in [-1, 1]."""
+        raise NotImplementedError
+
+    def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Velocity prediction [B, C, h, w] at noise levels ``sigma`` [B] in [0, 1]."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Latent (C, h, w) of an image of ``height`` x ``width`` pixels."""
+        factor = self.pipe.vae_scale_factor
+        return (self.pipe.vae.config.latent_channels, height // factor, width // factor)
+
+    def guided_velocity(
+        self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, negative: Conditioning | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """Velocity used at sampling time; families with classifier-free guidance override this."""
+        return self.predict_velocity(noisy, sigma, cond)
+
+    def collate_conditions(self, conds: Sequence[Conditioning]) -> Conditioning:
+        """Batch per-sample conditioning; families with variable-length text override this."""
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+    # ------------------------------------------------------------------ configuration
+    def _resolve_timesteps(self, settings: TimestepSettings) -> GlanceTimesteps:
+        if (settings.slow is None) != (settings.fast is None):
+            raise ValueError("model.timesteps: give both `slow` and `fast` lists, or neither to derive them")
+        if settings.slow is not None and settings.derive is not None:
+            raise ValueError("model.timesteps: give lists or `derive`, not both")
+        if settings.slow is not None:
+            result = GlanceTimesteps.from_lists(settings.slow, settings.fast, settings.unit)
+        else:
+            from glance_lightning.schedules import derive_timesteps
+
+            derivation = dataclasses.asdict(settings.derive) if settings.derive else {}
+            lists = derive_timesteps(self.family, **derivation)
+            result = GlanceTimesteps.from_lists(lists["slow"], lists["fast"], "timesteps")
+        log.info("%s: %s", type(self).__name__, result.describe())
+        return result
+
+    @property
+    def pipe(self) -> Any:
+        if self._pipe is None:
+            raise RuntimeError("the base model is not loaded yet; call setup('fit') or load_base_model()")
+        return self._pipe
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.phase_steps.values())
+
+    def phase_at(self, step: int) -> str:
+        return "slow" if step < self.phase_steps["slow"] else "fast"
+
+    def lora_config(self) -> LoraConfig:
+        s = self.lora_settings
+        return LoraConfig(
+            r=s.rank,
+            lora_alpha=s.alpha,
+            lora_dropout=s.dropout,
+            init_lora_weights="gaussian" if s.init == "gaussian" else True,
+            target_modules=list(s.targets or self.default_lora_targets),
+        )
+
+    # ------------------------------------------------------------------ loading
+    def load_base_model(self) -> None:
+        """One ``from_pretrained`` of the whole pipeline; adds the two adapters to the frozen transformer."""
+        if self._pipe is not None:
+            return
+        path = resolve_model_path(self.hparams.pretrained_model)
+        if not Path(path).is_dir():
+            raise FileNotFoundError(
+                f"model.pretrained_model={self.hparams.pretrained_model!r}: no such directory; give a local "
+                "diffusers model folder (with model_index.json) or tiny:<family>"
+            )
+        pipe = self.pipeline_class.from_pretrained(path, dtype=getattr(torch, self.dtype_name))
+        pipe.set_progress_bar_config(disable=True)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+        transformer = pipe.transformer
+        transformer.requires_grad_(False)
+        config = self.lora_config()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for phase in PHASES:
+                transformer.add_adapter(config, adapter_name=phase)
+        transformer.train()
+        if self.hparams.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self._pipe = pipe
+        self.transformer = transformer
+        self.set_phase("slow" if self.phase_steps["slow"] else "fast")
+
+    def set_phase(self, phase: str) -> None:
+        """Activate one adapter (peft also makes only it trainable)."""
+        if phase != self._active_adapter:
+            self.transformer.set_adapter(phase)
+            self._active_adapter = phase
+
+    def adapter_parameters(self, phase: str) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.transformer.named_parameters() if f".{phase}." in n and "lora_" in n]
+
+    # ------------------------------------------------------------------ lightning hooks
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            self.load_base_model()
+            return
+        self._check_output_dir()
+        self._set_max_steps()
+        self.check_samples(self.trainer.datamodule.train_samples)
+        self.load_base_model()
+
+    def _set_max_steps(self) -> None:
+        trainer = self.trainer
+        if trainer.max_steps == -1:
+            trainer.fit_loop.epoch_loop.max_steps = self.total_steps
+        elif trainer.max_steps != self.total_steps:
+            raise ValueError(
+                f"trainer.max_steps={trainer.max_steps} but model.slow_steps + model.fast_steps = "
+                f"{self.total_steps}; leave trainer.max_steps unset (the phases decide it)"
+            )
+
+    def _check_output_dir(self) -> None:
+        if self.lora_dir is None:
+            self.lora_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if self.trainer.ckpt_path is None:
+            existing = [self.lora_dir / p for p in PHASES if (self.lora_dir / p).exists()]
+            if existing:
+                raise FileExistsError(
+                    f"model.output_dir: {', '.join(map(str, existing))} already exist(s) and would be "
+                    "overwritten; choose another output_dir, move them away, or resume with --ckpt_path"
+                )
+        if self.trainer.is_global_zero:
+            self.lora_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.lora_dir, os.W_OK):
+                raise PermissionError(f"model.output_dir: {self.lora_dir} is not writable")
+
+    def register_prompts(self, prompts: Sequence[str]) -> None:
+        """Ask for prompts to be encoded together with the training captions (before encoders go off-device)."""
+        self._requested_prompts.extend(p for p in prompts if p not in self._requested_prompts)
+
+    def check_samples(self, samples: Sequence[Any]) -> None:
+        """What this family needs of the loaded data, checked before the model is loaded."""
+        low, high = self.control_images
+        for sample in samples:
+            if sample.pixels.shape[-1] % self.size_multiple or sample.pixels.shape[-2] % self.size_multiple:
+                raise ValueError(
+                    f"{sample.image}: size {tuple(sample.pixels.shape[-2:])} is not a multiple of "
+                    f"{self.size_multiple} as {self.family} needs; set data.size_multiple to a multiple of it"
+                )
+            if not low <= len(sample.controls) <= high:
+                wanted = "no control images" if high == 0 else f"{low} to {high} control image(s)"
+                raise ValueError(
+                    f"{sample.image}: has {len(sample.controls)} control image(s) but {self.family} takes "
+                    f"{wanted}; use a family that matches the dataset layout (flat vs image/ + control/)"
+                )
+
+    def on_fit_start(self) -> None:
+        self.build_cache(self.trainer.datamodule.train_samples)
+
+    @torch.no_grad()
+    def build_cache(self, samples: Sequence[Any]) -> None:
+        """Encode every training sample and requested prompt once, then move the encoders off the device."""
+        with self.encoders_on_device():
+            self.latent_cache = [self.encode_sample_latents(s).to(self.device) for s in samples]
+            prompts = [s.caption for s in samples] + [self.hparams.dropout_prompt] + self._requested_prompts
+            self.encode_prompts_cached(prompts)
+            self.cond_cache = [self.sample_conditioning(s) for s in samples]
+
+    def encode_sample_latents(self, sample: Any) -> torch.Tensor:
+        pixels = sample.pixels.unsqueeze(0).to(self.device, self.pipe.vae.dtype)
+        return self.encode_images(pixels).float()
+
+    def sample_conditioning(self, sample: Any) -> Conditioning:
+        """Conditioning of one training sample; edit families add the control latents here."""
+        return self.prompt_cache[sample.caption]
+
+    def encode_prompts_cached(self, prompts: Sequence[str]) -> list[Conditioning]:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.prompt_cache]
+        if missing:
+            with self.encoders_on_device(), torch.no_grad():
+                for prompt in missing:
+                    cond = self.encode_prompts([prompt])
+                    self.prompt_cache[prompt] = {k: v.detach() for k, v in cond.items()}
+        return [self.prompt_cache[p] for p in prompts]
+
+    def _encoders(self) -> list[torch.nn.Module]:
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+        return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
+
+    @contextmanager
+    def encoders_on_device(self) -> Iterator[None]:
+        """Bring text encoders and VAE to the training device for the duration of the block."""
+        for module in self._encoders():
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            if self.hparams.offload_encoders and self.device.type != "cpu":
+                for module in self._encoders():
+                    module.to("cpu")
+                torch.cuda.empty_cache() if self.device.type == "cuda" else None
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        phase = self.phase_at(self.global_step)
+        self.set_phase(phase)
+        indices = batch["index"].tolist()
+        x0 = torch.cat([self.latent_cache[i] for i in indices])
+        cond = self.collate_conditions([self._maybe_drop_caption(self.cond_cache[i]) for i in indices])
+        sigma = draw_sigmas(self.glance_timesteps.phase(phase), len(indices), device=self.device)
+        noise = torch.randn_like(x0)
+        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+        noisy = (1.0 - s) * x0 + s * noise
+        pred = self.predict_velocity(noisy, sigma, cond)
+        loss = F.mse_loss(pred.float(), (noise - x0).float())
+        self.log(f"train/loss_{phase}", loss, prog_bar=True, on_step=True, batch_size=len(indices))
+        self.log("train/loss", loss, on_step=True, batch_size=len(indices))
+        return loss
+
+    def _maybe_drop_caption(self, cond: Conditioning) -> Conditioning:
+        p = self.hparams.caption_dropout
+        if p > 0 and torch.rand(()).item() < p:
+            return self.prompt_cache[self.hparams.dropout_prompt]
+        return cond
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim_settings
+        groups = [{"params": self.adapter_parameters(p), "name": p} for p in PHASES]
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        lambdas = [self._phase_lr_lambda(p) for p in PHASES]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _phase_lr_lambda(self, phase: str):
+        start = 0 if phase == "slow" else self.phase_steps["slow"]
+        length = self.phase_steps[phase]
+        warmup = max(1, self.optim_settings.warmup_steps)
+
+        def factor(step: int) -> float:
+            local = step - start
+            if local < 0 or local >= length:
+                return 0.0
+            return min(1.0, (local + 1) / warmup)
+
+        return factor
+
+    # ------------------------------------------------------------------ saving
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Only the trainable adapter weights: checkpoints never carry the frozen base model."""
+        full = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in full.items() if "lora_" in k}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.save_loras()
+
+    def on_train_end(self) -> None:
+        self.save_loras()
+
+    def glance_metadata(self, phase: str) -> dict[str, Any]:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return {
+            "family": self.family,
+            "base_model": self.hparams.pretrained_model,
+            "phase": phase,
+            "timesteps": self.glance_timesteps.as_timesteps()[phase],
+            "schedule": self.glance_timesteps.as_timesteps(),
+            "rank": self.lora_settings.rank,
+            "alpha": self.lora_settings.alpha,
+            "resolution": getattr(datamodule, "resolution", None),
+            "trained_steps": min(max(self.global_step - (0 if phase == "slow" else self.phase_steps["slow"]), 0),
+                                 self.phase_steps[phase]),
+        }
+
+    def save_loras(self, directory: str | os.PathLike | None = None) -> list[Path]:
+        """Write both adapters as ``<dir>/slow`` and ``<dir>/fast`` in the diffusers LoRA format (rank 0)."""
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return []
+        root = Path(directory) if directory is not None else self.lora_dir
+        config = self.lora_config().to_dict()
+        paths = []
+        for phase in PHASES:
+            state = get_peft_model_state_dict(self.transformer, adapter_name=phase)
+            paths.append(save_lora(root / phase, state, config, self.glance_metadata(phase)))
+        return paths
+
+    # ------------------------------------------------------------------ sampling
+    def initial_noise(self, height: int, width: int, seed: int, batch_size: int = 1) -> torch.Tensor:
+        shape = (batch_size, *self.latent_shape(height, width))
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    @torch.no_grad()
+    def generate_latents(
+        self, prompt: str, seed: int, height: int, width: int, guidance_scale: float = 1.0,
+        negative_prompt: str | None = None, cond: Conditioning | None = None,
+    ) -> torch.Tensor:
+        """The exact Slow->Fast chain from seeded noise; returns normalised latents [1, C, h, w]."""
+        cond = cond if cond is not None else self.encode_prompts_cached([prompt])[0]
+        negative = self.encode_prompts_cached([negative_prompt])[0] if negative_prompt is not None else None
+        previous = self._active_adapter
+        was_training = self.transformer.training
+        self.transformer.eval()
+        try:
+            def velocity(x: torch.Tensor, sigma: float, phase: str) -> torch.Tensor:
+                self.set_phase(phase)
+                s = torch.full((x.shape[0],), sigma, device=self.device)
+                return self.guided_velocity(x, s, cond, negative, guidance_scale)
+
+            x = self.initial_noise(height, width, seed)
+            t = self.glance_timesteps
+            return sample_chained(velocity, x, t.slow, t.fast)
+        finally:
+            self.transformer.train(was_training)
+            if previous is not None:
+                self.set_phase(previous)
+
+    @torch.no_grad()
+    def decode_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images [B, 3, H, W] in [0, 1] (float32, on the CPU)."""
+        with self.encoders_on_device():
+            pixels = self.decode_latents(latents.to(self.device, self.pipe.vae.dtype))
+        return ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
+

@@ -1,0 +1,31 @@
+"""Shared fixtures: offline hub, a per-session cache of tiny models, the repo root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny models are built once per test session into a private cache (never the user's)."""
+    cache = tmp_path_factory.mktemp("glance_cache")
+    previous = os.environ.get("GLANCE_LIGHTNING_CACHE")
+    os.environ["GLANCE_LIGHTNING_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("GLANCE_LIGHTNING_CACHE", None)
+    else:
+        os.environ["GLANCE_LIGHTNING_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
