@@ -57,7 +57,8 @@ class ChainedSampleCallback(L.Callback):
         """
         Args:
             every_n_steps: render every N optimizer steps (0: only at the end).
-            prompts: prompts to render; default the training captions.
+            prompts: prompts to render; default the training captions (with their control images for edit
+                families; configured prompts use the first training sample's control images).
             seeds: one image per seed and prompt (default [0]).
             height: sample height in pixels; default that of the first training image.
             width: sample width in pixels; default that of the first training image.
@@ -81,10 +82,13 @@ class ChainedSampleCallback(L.Callback):
             extra.append(self.negative_prompt)
         pl_module.register_prompts(extra)
 
-    def _prompts(self, trainer: L.Trainer) -> list[str]:
+    def _requests(self, trainer: L.Trainer) -> list[tuple[str, tuple]]:
+        """(prompt, control images) pairs: the configured prompts, else each training sample's caption
+        with its own control images (so edit families render edits of the training controls)."""
+        samples = trainer.datamodule.train_samples
         if self.prompts:
-            return list(self.prompts)
-        return list(dict.fromkeys(s.caption for s in trainer.datamodule.train_samples))
+            return [(p, samples[0].controls) for p in self.prompts]
+        return list({s.caption + str(s.image): (s.caption, s.controls) for s in samples}.values())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -103,10 +107,10 @@ class ChainedSampleCallback(L.Callback):
         height, width = self.height or first.shape[-2], self.width or first.shape[-1]
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
         images, captions, paths = [], [], []
-        for p_index, prompt in enumerate(self._prompts(trainer)):
+        for p_index, (prompt, controls) in enumerate(self._requests(trainer)):
             for seed in self.seeds:
                 latents = pl_module.generate_latents(
-                    prompt, seed, height, width, self.guidance_scale, self.negative_prompt
+                    prompt, seed, height, width, self.guidance_scale, self.negative_prompt, controls
                 )
                 image = to_pil(pl_module.decode_to_images(latents)[0])
                 path = out_dir / f"step{trainer.global_step:06d}_p{p_index}_s{seed}.png"

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from glance_lightning.datamodules.validation import validate_dataset
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-
-from glance_lightning.datamodules.validation import validate_dataset
 
 
 @dataclass

@@ -40,12 +40,13 @@ def phase_losses(module: Any, sample_index: int = 0, seeds: tuple[int, ...] = (0
 
 
 @torch.no_grad()
-def chain_fidelity(module: Any, sample: Any, seed: int = 0, **generate: Any) -> dict[str, float]:
+def chain_fidelity(
+    module: Any, sample: Any, sample_index: int = 0, seed: int = 0, **generate: Any
+) -> dict[str, float]:
     """PSNR/SSIM of the chained sample against the training image and against its VAE reconstruction."""
     height, width = sample.pixels.shape[-2:]
-    index = [s.image for s in module.trainer.datamodule.train_samples].index(sample.image) \
-        if module._trainer is not None else 0
-    latents = module.generate_latents(sample.caption, seed, height, width, cond=module.cond_cache[index], **generate)
+    index = sample_index
+    latents = module.generate_latents(sample.caption, seed, height, width, controls=sample.controls, **generate)
     image = module.decode_to_images(latents)
     target = ((sample.pixels.unsqueeze(0) + 1) / 2).clamp(0, 1)
     recon = module.decode_to_images(module.latent_cache[index])

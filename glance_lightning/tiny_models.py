@@ -55,7 +55,6 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
-
 from transformers.utils import is_torchvision_available
 
 from glance_lightning.scheduler_configs import scheduler_config
@@ -174,7 +173,9 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
 
 def _qwen_processor(tokenizer: Qwen2Tokenizer) -> Qwen2VLProcessor:
     """Qwen2-VL processor: the tokenizer plus the Qwen2-VL image processor with a tiny pixel budget."""
-    from transformers import Qwen2VLImageProcessorPil  # the torchvision-free backend; saved under the real name
+    from transformers import (
+        Qwen2VLImageProcessorPil,  # the torchvision-free backend; saved under the real name
+    )
 
     allow_qwen2vl_processor_without_torchvision()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)

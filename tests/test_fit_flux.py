@@ -57,8 +57,8 @@ def test_checkpoint_holds_only_trainable_weights(quickstart_run: Path):
 def test_adapters_were_trained_only_in_their_phase(quickstart_run: Path):
     for phase in ("slow", "fast"):
         with safe_open(str(quickstart_run / phase / "pytorch_lora_weights.safetensors"), "pt") as f:
-            b_norm = sum(f.get_tensor(k).norm().item() for k in f.keys() if "lora_B" in k)
-            assert all(k.startswith("transformer.") for k in f.keys())
+            b_norm = sum(f.get_tensor(k).norm().item() for k in f.keys() if "lora_B" in k)  # noqa: SIM118
+            assert all(k.startswith("transformer.") for k in f.keys())  # noqa: SIM118
             adapter_meta = json.loads(f.metadata()["lora_adapter_metadata"])
         assert b_norm > 0, f"{phase} LoRA B matrices are still zero: it was never trained"
         assert adapter_meta["transformer.r"] == 8 and adapter_meta["transformer.lora_alpha"] == 32

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-
 from glance_lightning.datamodules.glance import GlanceDataModule
+
 from glance_lightning.evaluation import chain_fidelity, phase_losses
 from glance_lightning.families.flux import FluxGlance
 from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings

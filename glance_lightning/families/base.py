@@ -103,6 +103,7 @@ class GlanceModule(L.LightningModule):
         self._active_adapter: str | None = None
         self.latent_cache: list[torch.Tensor] = []
         self.cond_cache: list[Conditioning] = []
+        self.dropout_cache: list[Conditioning] = []
         self.prompt_cache: dict[str, Conditioning] = {}
         self._requested_prompts: list[str] = []
         self.lora_dir: Path | None = Path(output_dir) if output_dir else None
@@ -283,17 +284,22 @@ class GlanceModule(L.LightningModule):
         """Encode every training sample and requested prompt once, then move the encoders off the device."""
         with self.encoders_on_device():
             self.latent_cache = [self.encode_sample_latents(s).to(self.device) for s in samples]
-            prompts = [s.caption for s in samples] + [self.hparams.dropout_prompt] + self._requested_prompts
-            self.encode_prompts_cached(prompts)
-            self.cond_cache = [self.sample_conditioning(s) for s in samples]
+            self.encode_prompts_cached(self._requested_prompts)
+            self.cond_cache = [self.conditioning_for(s.caption, s.controls) for s in samples]
+            self.dropout_cache = [
+                self.conditioning_for(self.hparams.dropout_prompt, s.controls) for s in samples
+            ] if self.hparams.caption_dropout > 0 else []
 
     def encode_sample_latents(self, sample: Any) -> torch.Tensor:
         pixels = sample.pixels.unsqueeze(0).to(self.device, self.pipe.vae.dtype)
         return self.encode_images(pixels).float()
 
-    def sample_conditioning(self, sample: Any) -> Conditioning:
-        """Conditioning of one training sample; edit families add the control latents here."""
-        return self.prompt_cache[sample.caption]
+    def conditioning_for(self, prompt: str, controls: Sequence[torch.Tensor] = ()) -> Conditioning:
+        """Conditioning of a prompt, cached. Edit families override this to add their control images
+        (pixels [3, H, W] in [-1, 1]); text-to-image families refuse control images."""
+        if controls:
+            raise ValueError(f"{self.family} takes no control images; use an edit family for image/ + control/")
+        return self.encode_prompts_cached([prompt])[0]
 
     def encode_prompts_cached(self, prompts: Sequence[str]) -> list[Conditioning]:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.prompt_cache]
@@ -326,7 +332,7 @@ class GlanceModule(L.LightningModule):
         self.set_phase(phase)
         indices = batch["index"].tolist()
         x0 = torch.cat([self.latent_cache[i] for i in indices])
-        cond = self.collate_conditions([self._maybe_drop_caption(self.cond_cache[i]) for i in indices])
+        cond = self.collate_conditions([self._maybe_drop_caption(i) for i in indices])
         sigma = draw_sigmas(self.glance_timesteps.phase(phase), len(indices), device=self.device)
         noise = torch.randn_like(x0)
         s = sigma.view(-1, *([1] * (x0.dim() - 1)))
@@ -337,11 +343,11 @@ class GlanceModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, batch_size=len(indices))
         return loss
 
-    def _maybe_drop_caption(self, cond: Conditioning) -> Conditioning:
+    def _maybe_drop_caption(self, index: int) -> Conditioning:
         p = self.hparams.caption_dropout
         if p > 0 and torch.rand(()).item() < p:
-            return self.prompt_cache[self.hparams.dropout_prompt]
-        return cond
+            return self.dropout_cache[index]
+        return self.cond_cache[index]
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim_settings
@@ -412,11 +418,11 @@ class GlanceModule(L.LightningModule):
     @torch.no_grad()
     def generate_latents(
         self, prompt: str, seed: int, height: int, width: int, guidance_scale: float = 1.0,
-        negative_prompt: str | None = None, cond: Conditioning | None = None,
+        negative_prompt: str | None = None, controls: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
         """The exact Slow->Fast chain from seeded noise; returns normalised latents [1, C, h, w]."""
-        cond = cond if cond is not None else self.encode_prompts_cached([prompt])[0]
-        negative = self.encode_prompts_cached([negative_prompt])[0] if negative_prompt is not None else None
+        cond = self.conditioning_for(prompt, controls)
+        negative = self.conditioning_for(negative_prompt, controls) if negative_prompt is not None else None
         previous = self._active_adapter
         was_training = self.transformer.training
         self.transformer.eval()
