@@ -18,6 +18,7 @@ commands:
   fit             train both LoRAs (LightningCLI: --config FILE, --print_config, --help, overrides)
   validate-data   check a dataset folder without loading any model (--path DIR)
   schedule        derive Slow/Fast timestep lists from a family's scheduler (--family, --resolution)
+  sample          generate with a Slow/Fast LoRA pair over the exact chain (--model, --slow, --fast, --prompt)
   validate, test, predict   other LightningCLI subcommands
 
 Run `python -m glance_lightning COMMAND --help` for a command's options.
@@ -45,9 +46,14 @@ def run_lightning_cli(args: list[str], run: bool = True) -> object:
 
 def _extra_commands() -> dict[str, Callable[[list[str]], int]]:
     from glance_lightning.datamodules.validation import run_validate_data_command
+    from glance_lightning.generate import run_sample_command
     from glance_lightning.schedules import run_schedule_command
 
-    return {"validate-data": run_validate_data_command, "schedule": run_schedule_command}
+    return {
+        "validate-data": run_validate_data_command,
+        "schedule": run_schedule_command,
+        "sample": run_sample_command,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

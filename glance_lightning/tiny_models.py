@@ -1,17 +1,20 @@
 """Tiny random-weight models of every supported family, in real diffusers on-disk format.
 
-This module owns building them: each family gets the same pipeline class and component classes as its real
-checkpoint (FLUX.1-dev, SD3/3.5, Qwen-Image, Qwen-Image-Edit, Qwen-Image-Edit-2509/2511), the real published
-scheduler config, and locally generated tokenizers, so ``<Pipeline>.from_pretrained(path)`` loads one exactly
-as it loads a real checkpoint, with no model hub involved. Weights are random (seeded) and every dimension is
-tiny, so a build takes a second or two and a 2-step 64x64 generation a fraction of a second on a CPU.
+This module owns building them and finding them again. Each family gets the pipeline class and component
+classes of its real checkpoint (FLUX.1-dev, SD3/3.5, Qwen-Image, Qwen-Image-Edit, Qwen-Image-Edit-2509/2511),
+the real published scheduler config and tokenizers generated here, so ``<Pipeline>.from_pretrained(path)``
+loads one exactly as it loads the real checkpoint, with no model hub involved. Weights are random (seeded)
+and every dimension is tiny: a build takes about a second, a 2-step 64x64 text-to-image generation a small
+fraction of one on a CPU (the edit pipelines also VAE-encode each control image at ~1 megapixel, whatever
+the output size; that costs about a second per image even with the tiny VAE).
 
-``resolve_model_path("tiny:<family>")`` builds a family once into a cache directory and reuses it; the
-quick start and the test suite use those names wherever a real model id would go.
+``resolve_model_path("tiny:<family>")`` builds a family once into the cache and reuses it; the quick start
+and the test suite pass such names wherever a real model id would go.
 
-Shared tiny dimensions: every VAE downsamples 8x like the real ones (``vae_scale_factor == 8``), with 4
-latent channels; transformers have 2 heads of 16 dims; text encoders have 32-dim hidden states (64 for the
-SD3 T5, which must hold both CLIP embeddings side by side).
+Shared tiny dimensions: every VAE downsamples 8x like the real ones (``vae_scale_factor == 8``) into 4 latent
+channels; transformers have 2 heads of 16 dims (width 32); text encoders are 32 wide, except SD3's T5 (64,
+to hold the two CLIP embeddings side by side). Prompts: CLIP 77 tokens, T5 up to 512, Qwen up to 1024 after
+the system prompt, which the tiny Qwen tokenizer splits into exactly the 34/64 tokens the pipelines drop.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from diffusers import (
@@ -46,10 +50,10 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
     Qwen2VLProcessor,
     T5Config,
     T5EncoderModel,
@@ -59,32 +63,35 @@ from transformers.utils import is_torchvision_available
 
 from glance_lightning.scheduler_configs import scheduler_config
 
+__all__ = ["TINY_FAMILIES", "allow_qwen2vl_processor_without_torchvision", "build_tiny_model", "resolve_model_path"]
+
 TINY_FAMILIES = ("flux", "sd3", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 TINY_PREFIX = "tiny:"
-TINY_VERSION = "v1"  # bump when the tiny architectures change, so stale cached builds are not reused
+TINY_VERSION = "v1"  # bump whenever what gets built changes, so stale cached builds are not reused
 CACHE_ENV = "GLANCE_LIGHTNING_CACHE"
 
 LATENT_CHANNELS = 4
 HEAD_DIM = 16
 NUM_HEADS = 2
 TEXT_DIM = 32
-CLIP_MAX_LENGTH = 77  # what the FLUX/SD3 pipelines pad CLIP prompts to (tokenizer.model_max_length)
-T5_MAX_LENGTH = 512  # the pipelines' max_sequence_length upper bound
-QWEN_MIN_PIXELS = 56 * 56  # the real Qwen2-VL processor minimum
-QWEN_MAX_PIXELS = 112 * 112  # tiny: any control image becomes at most 8x8 patches = 16 vision tokens
+CLIP_MAX_LENGTH = 77  # the FLUX/SD3 pipelines pad CLIP prompts to tokenizer.model_max_length
+T5_MAX_LENGTH = 512  # the pipelines' upper bound for max_sequence_length
+QWEN_MIN_PIXELS = 56 * 56  # the real Qwen2-VL image processor minimum
+QWEN_MAX_PIXELS = 112 * 112  # tiny budget: a control image becomes at most 8x8 patches = 16 vision tokens
 
-# The system prompts of the Qwen-Image pipelines (diffusers 0.42). The tiny Qwen tokenizer gets one token per
-# word of these, like the real one, so the pipelines' `prompt_template_encode_start_idx` (34 and 64 tokens)
-# drops exactly the system prompt, as with the real checkpoint.
+# The system prompts of the Qwen-Image pipelines (diffusers 0.42). The tiny tokenizer has one token per word
+# of these, like the real one, so `prompt_template_encode_start_idx` (34 for Qwen-Image, 64 for the edit
+# pipelines) drops exactly the system prompt, as with the real checkpoints.
 _QWEN_TEMPLATE_TEXTS = (
     "system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
     "relationships of the objects and background:",
-    "system\nDescribe the key features of the input image (color, shape, size, texture, objects, background), "
-    "then explain how the user's text instruction should alter or modify the image. Generate a new image that "
-    "meets the user's requirements while maintaining consistency with the original input where appropriate.",
+    "system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a "
+    "new image that meets the user's requirements while maintaining consistency with the original input "
+    "where appropriate.",
     "\nuser\nPicture 1: \nassistant\n",
 )
-_QWEN_SPECIAL_TOKENS = (
+_QWEN_SPECIAL_TOKENS = (  # Qwen2-VL's added tokens, in their real order
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -101,22 +108,19 @@ _QWEN_SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
+T = TypeVar("T")
+
 
 # ---------------------------------------------------------------------------------------------- tokenizers
 
 
 @lru_cache(maxsize=1)
 def _byte_symbols() -> tuple[str, ...]:
-    """The 256 printable stand-ins byte-level BPE uses for the bytes 0..255 (GPT-2's ``bytes_to_unicode``)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes = printable + [256 + n for n in range(256 - len(printable))]
-    by_byte = dict(zip(printable + [b for b in range(256) if b not in printable], codes, strict=True))
+    """The printable characters byte-level BPE uses for the bytes 0..255 (GPT-2's ``bytes_to_unicode``)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    by_byte = {b: b for b in printable} | {b: 256 + i for i, b in enumerate(others)}
     return tuple(chr(by_byte[b]) for b in range(256))
-
-
-def _byte_level(text: str) -> str:
-    symbols = _byte_symbols()
-    return "".join(symbols[b] for b in text.encode("utf-8"))
 
 
 def _clip_tokenizer() -> CLIPTokenizer:
@@ -128,7 +132,7 @@ def _clip_tokenizer() -> CLIPTokenizer:
 
 
 def _t5_tokenizer() -> T5TokenizerFast:
-    """T5 Unigram over printable ASCII, each character alone and after the word-start marker."""
+    """T5 Unigram over printable ASCII: each character alone and after the word-start marker."""
     chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
@@ -136,20 +140,20 @@ def _t5_tokenizer() -> T5TokenizerFast:
 
 
 def _train_bpe(words: Iterable[str]) -> list[tuple[str, str]]:
-    """Deterministic BPE merges that turn each of ``words`` (byte-level symbols) into a single token."""
+    """Deterministic BPE merges after which each of ``words`` (byte-level symbols) is a single token."""
     counts = Counter(words)
-    split = {word: list(word) for word in counts}
+    splits = {word: list(word) for word in counts}
     merges: list[tuple[str, str]] = []
     while True:
         pairs: Counter[tuple[str, str]] = Counter()
-        for word, parts in split.items():
-            for pair in zip(parts, parts[1:]):
+        for word, parts in splits.items():
+            for pair in zip(parts, parts[1:], strict=False):
                 pairs[pair] += counts[word]
         if not pairs:
             return merges
         best = min(pairs, key=lambda pair: (-pairs[pair], pair))
         merges.append(best)
-        for parts in split.values():
+        for parts in splits.values():
             i = 0
             while i < len(parts) - 1:
                 if (parts[i], parts[i + 1]) == best:
@@ -158,55 +162,32 @@ def _train_bpe(words: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def _qwen_tokenizer() -> Qwen2Tokenizer:
-    """Qwen2 byte-level BPE: byte symbols, one merged token per word of the pipelines' prompt templates, and
-    the Qwen2-VL special tokens in their real order (so ``<|image_pad|>`` etc. are single tokens)."""
+    """Qwen2 byte-level BPE: byte symbols, a token per word of the pipelines' system prompts, then the
+    Qwen2-VL special tokens (so ``<|image_pad|>`` etc. are single tokens the processor can expand)."""
     pretokenizer = Qwen2Tokenizer().backend_tokenizer.pre_tokenizer
     words = [word for text in _QWEN_TEMPLATE_TEXTS for word, _ in pretokenizer.pre_tokenize_str(text)]
     merges = _train_bpe(words)
-    tokens = list(_byte_symbols()) + [left + right for left, right in merges]
+    tokens = [*_byte_symbols(), *(left + right for left, right in merges), *_QWEN_SPECIAL_TOKENS]
     vocab = {token: i for i, token in enumerate(tokens)}
-    vocab.update({token: len(tokens) + i for i, token in enumerate(_QWEN_SPECIAL_TOKENS)})
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768, errors="replace")
-    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in _QWEN_SPECIAL_TOKENS])
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", model_max_length=32768)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIAL_TOKENS])
     return tokenizer
 
 
 def _qwen_processor(tokenizer: Qwen2Tokenizer) -> Qwen2VLProcessor:
-    """Qwen2-VL processor: the tokenizer plus the Qwen2-VL image processor with a tiny pixel budget."""
-    from transformers import (
-        Qwen2VLImageProcessorPil,  # the torchvision-free backend; saved under the real name
-    )
-
+    """Qwen2-VL processor: the tokenizer plus the (torchvision-free) Qwen2-VL image processor."""
     allow_qwen2vl_processor_without_torchvision()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
     return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def _add_video_processor_config(processor_dir: Path) -> None:
-    """Give the saved processor the video processor entry real checkpoints have, so it also loads where
-    torchvision is installed (transformers then requires one); the edit pipelines never pass videos."""
-    config_file = processor_dir / "processor_config.json"
-    config = json.loads(config_file.read_text())
-    config.setdefault(
-        "video_processor",
-        {
-            "video_processor_type": "Qwen2VLVideoProcessor",
-            "size": {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
-            "patch_size": 14,
-            "temporal_patch_size": 2,
-            "merge_size": 2,
-        },
-    )
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def allow_qwen2vl_processor_without_torchvision() -> None:
-    """Let ``Qwen2VLProcessor`` be built and loaded without its video processor when torchvision is missing.
+    """Let ``Qwen2VLProcessor`` be built and loaded without a video processor when torchvision is missing.
 
-    transformers 5 makes the video processor a required part of ``Qwen2VLProcessor`` and that class needs
-    torchvision, so without torchvision no Qwen2-VL processor (tiny or real) can be constructed or loaded,
-    although the Qwen-Image-Edit pipelines only ever pass images. This drops ``video_processor`` from the
-    processor's sub-processor list in that case only; idempotent, and a no-op when torchvision is available.
+    transformers 5 makes the video processor a required part of ``Qwen2VLProcessor``, and the video
+    processor needs torchvision; so without torchvision no Qwen2-VL processor, tiny or real, can be built or
+    loaded, although the Qwen-Image-Edit pipelines only pass images. This drops ``video_processor`` from the
+    processor's sub-processors in that case only. Idempotent; a no-op when torchvision is installed.
     """
     if is_torchvision_available() or getattr(Qwen2VLProcessor, "_glance_without_video", False):
         return
@@ -222,7 +203,7 @@ def allow_qwen2vl_processor_without_torchvision() -> None:
 # -------------------------------------------------------------------------------------------- text encoders
 
 
-def _clip_text_model(tokenizer: CLIPTokenizer, with_projection: bool) -> PreTrainedModel:
+def _clip_text_model(tokenizer: CLIPTokenizer, projection: bool) -> CLIPTextModel | CLIPTextModelWithProjection:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_DIM,
@@ -236,7 +217,7 @@ def _clip_text_model(tokenizer: CLIPTokenizer, with_projection: bool) -> PreTrai
         eos_token_id=tokenizer.eos_token_id,  # the pooled output is taken at the first EOS
         pad_token_id=tokenizer.pad_token_id,
     )
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def _t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
@@ -248,9 +229,7 @@ def _t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
         num_layers=2,
         num_heads=NUM_HEADS,
         relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",  # T5 v1.1, as in FLUX/SD3's T5-XXL
-        is_encoder_decoder=False,
-        use_cache=False,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, like FLUX's and SD3's T5-XXL
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
@@ -259,7 +238,7 @@ def _t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
 
 
 def _qwen_vl(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
-    """Qwen2.5-VL with a 2-layer text model of width TEXT_DIM and a 2-block vision tower."""
+    """Qwen2.5-VL: 2-layer text model TEXT_DIM wide (multimodal RoPE), 2-block vision tower 16 wide."""
     ids = tokenizer.convert_tokens_to_ids
     text_config = {
         "vocab_size": len(tokenizer),
@@ -297,10 +276,8 @@ def _qwen_vl(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
 
 
 def _autoencoder_kl(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
-    """Four-level (8x) KL VAE with 4 latent channels and the real family's scaling/shift factors."""
+    """Four-level (8x) KL VAE with 4 latent channels and the real family's scaling and shift factors."""
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 16, 16),
@@ -310,18 +287,19 @@ def _autoencoder_kl(scaling_factor: float, shift_factor: float) -> AutoencoderKL
         sample_size=64,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
-        use_quant_conv=False,
+        use_quant_conv=False,  # as FLUX.1 and SD3
         use_post_quant_conv=False,
     )
 
 
 def _autoencoder_qwen() -> AutoencoderKLQwenImage:
-    """Qwen-Image causal 3D VAE, 8x spatial like the real one, with the first real latent statistics."""
+    """Qwen-Image causal 3D VAE, 8x like the real one, with its first 4 latent statistics. No residual blocks
+    outside the middle one: the edit pipelines encode every control image at ~1 megapixel."""
     return AutoencoderKLQwenImage(
-        base_dim=4,
+        base_dim=8,
         z_dim=LATENT_CHANNELS,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=1,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=0,
         temperal_downsample=[False, True, True],
         latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075],
         latents_std=[2.8184, 1.4541, 2.3275, 2.6558],
@@ -334,7 +312,7 @@ def _autoencoder_qwen() -> AutoencoderKLQwenImage:
 def _flux_transformer(text_dim: int, pooled_dim: int) -> FluxTransformer2DModel:
     return FluxTransformer2DModel(
         patch_size=1,
-        in_channels=4 * LATENT_CHANNELS,  # 2x2-packed latents
+        in_channels=4 * LATENT_CHANNELS,  # latents are packed in 2x2 patches
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=HEAD_DIM,
@@ -348,17 +326,17 @@ def _flux_transformer(text_dim: int, pooled_dim: int) -> FluxTransformer2DModel:
 
 def _sd3_transformer(text_dim: int, pooled_dim: int) -> SD3Transformer2DModel:
     return SD3Transformer2DModel(
-        sample_size=32,
+        sample_size=32,  # default generation size 256x256
         patch_size=2,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        num_layers=2,
+        num_layers=2,  # the last block is context_pre_only
         attention_head_dim=HEAD_DIM,
         num_attention_heads=NUM_HEADS,
         joint_attention_dim=text_dim,
         caption_projection_dim=HEAD_DIM * NUM_HEADS,
         pooled_projection_dim=pooled_dim,
-        pos_embed_max_size=64,  # up to 1024x1024 images
+        pos_embed_max_size=64,  # images up to 1024x1024
         qk_norm="rms_norm",  # as SD3.5
     )
 
@@ -366,7 +344,7 @@ def _sd3_transformer(text_dim: int, pooled_dim: int) -> SD3Transformer2DModel:
 def _qwen_transformer() -> QwenImageTransformer2DModel:
     return QwenImageTransformer2DModel(
         patch_size=2,
-        in_channels=4 * LATENT_CHANNELS,
+        in_channels=4 * LATENT_CHANNELS,  # latents are packed in 2x2 patches
         out_channels=LATENT_CHANNELS,
         num_layers=1,
         attention_head_dim=HEAD_DIM,
@@ -379,13 +357,13 @@ def _qwen_transformer() -> QwenImageTransformer2DModel:
 # --------------------------------------------------------------------------------------------- families
 
 
-def _scheduler(family: str) -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(family))
-
-
-def _seeded(seed: int, make: Callable[[], object]) -> object:
+def _seeded(seed: int, make: Callable[[], T]) -> T:
     torch.manual_seed(seed)
     return make()
+
+
+def _scheduler(family: str) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(family))
 
 
 def _flux(seed: int) -> DiffusionPipeline:
@@ -393,35 +371,35 @@ def _flux(seed: int) -> DiffusionPipeline:
     return FluxPipeline(
         scheduler=_scheduler("flux"),
         vae=_seeded(seed, lambda: _autoencoder_kl(scaling_factor=0.3611, shift_factor=0.1159)),
-        text_encoder=_seeded(seed, lambda: _clip_text_model(clip_tokenizer, with_projection=False)),
+        text_encoder=_seeded(seed, lambda: _clip_text_model(clip_tokenizer, projection=False)),
         tokenizer=clip_tokenizer,
         text_encoder_2=_seeded(seed, lambda: _t5_encoder(t5_tokenizer, d_model=TEXT_DIM)),
         tokenizer_2=t5_tokenizer,
+        # pooled prompt embedding = CLIP pooler output; prompt tokens = T5 hidden states
         transformer=_seeded(seed, lambda: _flux_transformer(text_dim=TEXT_DIM, pooled_dim=TEXT_DIM)),
     )
 
 
 def _sd3(seed: int) -> DiffusionPipeline:
     clip_tokenizer, t5_tokenizer = _clip_tokenizer(), _t5_tokenizer()
-    # Prompt embeddings are [CLIP-L ; CLIP-G] (zero-padded to the T5 width) followed by T5 tokens, and the
-    # pooled embedding is the two CLIP projections side by side.
     return StableDiffusion3Pipeline(
         scheduler=_scheduler("sd3"),
         vae=_seeded(seed, lambda: _autoencoder_kl(scaling_factor=1.5305, shift_factor=0.0609)),
-        text_encoder=_seeded(seed, lambda: _clip_text_model(clip_tokenizer, with_projection=True)),
+        text_encoder=_seeded(seed, lambda: _clip_text_model(clip_tokenizer, projection=True)),
         tokenizer=clip_tokenizer,
-        text_encoder_2=_seeded(seed + 1, lambda: _clip_text_model(clip_tokenizer, with_projection=True)),
+        text_encoder_2=_seeded(seed + 1, lambda: _clip_text_model(clip_tokenizer, projection=True)),
         tokenizer_2=_clip_tokenizer(),
         text_encoder_3=_seeded(seed, lambda: _t5_encoder(t5_tokenizer, d_model=2 * TEXT_DIM)),
         tokenizer_3=t5_tokenizer,
+        # prompt tokens = [CLIP-L ; CLIP-G] hidden states (as wide as T5), then T5's; pooled = both projections
         transformer=_seeded(seed, lambda: _sd3_transformer(text_dim=2 * TEXT_DIM, pooled_dim=2 * TEXT_DIM)),
     )
 
 
-def _qwen_components(seed: int) -> dict[str, object]:
+def _qwen_components(seed: int, scheduler_family: str) -> dict[str, Any]:
     tokenizer = _qwen_tokenizer()
     return {
-        "scheduler": _scheduler("qwen-image"),
+        "scheduler": _scheduler(scheduler_family),
         "vae": _seeded(seed, _autoencoder_qwen),
         "text_encoder": _seeded(seed, lambda: _qwen_vl(tokenizer)),
         "tokenizer": tokenizer,
@@ -430,18 +408,16 @@ def _qwen_components(seed: int) -> dict[str, object]:
 
 
 def _qwen_image(seed: int) -> DiffusionPipeline:
-    return QwenImagePipeline(**_qwen_components(seed))
+    return QwenImagePipeline(**_qwen_components(seed, "qwen-image"))
 
 
 def _qwen_image_edit(seed: int) -> DiffusionPipeline:
-    components = _qwen_components(seed)
-    components["scheduler"] = _scheduler("qwen-image-edit")
+    components = _qwen_components(seed, "qwen-image-edit")
     return QwenImageEditPipeline(**components, processor=_qwen_processor(components["tokenizer"]))
 
 
 def _qwen_image_edit_plus(seed: int) -> DiffusionPipeline:
-    components = _qwen_components(seed)
-    components["scheduler"] = _scheduler("qwen-image-edit")
+    components = _qwen_components(seed, "qwen-image-edit")
     return QwenImageEditPlusPipeline(**components, processor=_qwen_processor(components["tokenizer"]))
 
 
@@ -454,12 +430,41 @@ _BUILDERS: dict[str, Callable[[int], DiffusionPipeline]] = {
 }
 
 
-# ------------------------------------------------------------------------------------------------ public
+# ------------------------------------------------------------------------------------------------- saving
+
+
+def _use_real_class_names(path: Path) -> None:
+    """transformers 5 saves ``T5TokenizerFast`` under its alias ``T5Tokenizer``, a sentencepiece class in
+    transformers 4; record the name the real checkpoints' model_index.json uses."""
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text())
+    for name, entry in index.items():
+        if entry == ["transformers", "T5Tokenizer"]:
+            index[name] = ["transformers", "T5TokenizerFast"]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _add_video_processor_config(processor_dir: Path) -> None:
+    """Give the saved processor the video processor entry real ones have: where torchvision is installed,
+    transformers requires one to load a Qwen2-VL processor (the edit pipelines never pass videos)."""
+    config_file = processor_dir / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    config["video_processor"] = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "size": {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- public
 
 
 def _check_family(family: str) -> None:
     if family not in _BUILDERS:
-        raise ValueError(f"unknown tiny model family {family!r}; expected one of {', '.join(TINY_FAMILIES)}")
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of: {', '.join(TINY_FAMILIES)}")
 
 
 def build_tiny_model(family: str, path: str | os.PathLike, seed: int = 0) -> Path:
@@ -467,19 +472,20 @@ def build_tiny_model(family: str, path: str | os.PathLike, seed: int = 0) -> Pat
     _check_family(family)
     path = Path(path)
     if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty")
+        raise FileExistsError(f"cannot build a tiny {family} model into non-empty {path}")
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         pipeline = _BUILDERS[family](seed)
     pipeline.save_pretrained(path, safe_serialization=True)
+    _use_real_class_names(path)
     if (path / "processor").is_dir():
         _add_video_processor_config(path / "processor")
     return path
 
 
 def cache_dir() -> Path:
-    """Root of glance_lightning's cache: ``$GLANCE_LIGHTNING_CACHE``, else ``~/.cache/glance_lightning``."""
+    """glance_lightning's cache root: ``$GLANCE_LIGHTNING_CACHE``, else ``~/.cache/glance_lightning``."""
     root = os.environ.get(CACHE_ENV)
-    return Path(root) if root else Path.home() / ".cache" / "glance_lightning"
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "glance_lightning"
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -490,22 +496,25 @@ def resolve_model_path(name_or_path: str) -> str:
     family = name_or_path[len(TINY_PREFIX) :]
     _check_family(family)
     target = cache_dir() / "tiny" / f"{family}-{TINY_VERSION}"
-    if (target / "model_index.json").is_file():
-        return str(target)
+    if not (target / "model_index.json").is_file():
+        _build_into_place(family, target)
+    return str(target)
+
+
+def _build_into_place(family: str, target: Path) -> None:
+    """Build into a private sibling directory, then rename it to `target` in one step, so readers never see
+    a partial model; if a concurrent builder got there first, keep theirs and discard ours."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build_tiny_model(family, staging)
         try:
-            os.rename(staging, target)  # atomic; fails if another builder got there first
+            os.rename(staging, target)
         except OSError:
             if not (target / "model_index.json").is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
 
 
-__all__ = ["TINY_FAMILIES", "build_tiny_model", "resolve_model_path"]
-
-allow_qwen2vl_processor_without_torchvision()  # so the tiny (and real) edit pipelines load here too
+allow_qwen2vl_processor_without_torchvision()  # the edit pipelines, tiny or real, load without torchvision

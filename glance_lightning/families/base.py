@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +28,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from glance_lightning.lora_io import save_lora
-from glance_lightning.sampling import sample_chained
+from glance_lightning.sampling import sample, sample_chained
 from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings
 from glance_lightning.timesteps import GlanceTimesteps, draw_sigmas
 from glance_lightning.tiny_models import resolve_model_path
@@ -36,6 +36,7 @@ from glance_lightning.tiny_models import resolve_model_path
 log = logging.getLogger(__name__)
 
 PHASES = ("slow", "fast")
+SAMPLING_MODES = ("exact", "official-qwen")
 Conditioning = dict[str, torch.Tensor]
 
 
@@ -125,6 +126,10 @@ class GlanceModule(L.LightningModule):
         """Velocity prediction [B, C, h, w] at noise levels ``sigma`` [B] in [0, 1]."""
         raise NotImplementedError
 
+    def family_options(self) -> dict[str, Any]:
+        """The family's own init options that sampling must repeat (written into the LoRA metadata)."""
+        return {}
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Latent (C, h, w) of an image of ``height`` x ``width`` pixels."""
         factor = self.pipe.vae_scale_factor
@@ -182,8 +187,9 @@ class GlanceModule(L.LightningModule):
         )
 
     # ------------------------------------------------------------------ loading
-    def load_base_model(self) -> None:
-        """One ``from_pretrained`` of the whole pipeline; adds the two adapters to the frozen transformer."""
+    def load_base_model(self, with_adapters: bool = True) -> None:
+        """One ``from_pretrained`` of the whole pipeline; adds the two adapters to the frozen transformer
+        (``with_adapters=False`` for sampling with LoRA files loaded by ``load_glance_loras``)."""
         if self._pipe is not None:
             return
         path = resolve_model_path(self.hparams.pretrained_model)
@@ -200,6 +206,9 @@ class GlanceModule(L.LightningModule):
                 module.requires_grad_(False).eval()
         transformer = pipe.transformer
         transformer.requires_grad_(False)
+        self._pipe, self.transformer = pipe, transformer
+        if not with_adapters:
+            return
         config = self.lora_config()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -208,8 +217,6 @@ class GlanceModule(L.LightningModule):
         transformer.train()
         if self.hparams.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        self._pipe = pipe
-        self.transformer = transformer
         self.set_phase("slow" if self.phase_steps["slow"] else "fast")
 
     def set_phase(self, phase: str) -> None:
@@ -263,16 +270,16 @@ class GlanceModule(L.LightningModule):
     def check_samples(self, samples: Sequence[Any]) -> None:
         """What this family needs of the loaded data, checked before the model is loaded."""
         low, high = self.control_images
-        for sample in samples:
-            if sample.pixels.shape[-1] % self.size_multiple or sample.pixels.shape[-2] % self.size_multiple:
+        for item in samples:
+            if item.pixels.shape[-1] % self.size_multiple or item.pixels.shape[-2] % self.size_multiple:
                 raise ValueError(
-                    f"{sample.image}: size {tuple(sample.pixels.shape[-2:])} is not a multiple of "
+                    f"{item.image}: size {tuple(item.pixels.shape[-2:])} is not a multiple of "
                     f"{self.size_multiple} as {self.family} needs; set data.size_multiple to a multiple of it"
                 )
-            if not low <= len(sample.controls) <= high:
+            if not low <= len(item.controls) <= high:
                 wanted = "no control images" if high == 0 else f"{low} to {high} control image(s)"
                 raise ValueError(
-                    f"{sample.image}: has {len(sample.controls)} control image(s) but {self.family} takes "
+                    f"{item.image}: has {len(item.controls)} control image(s) but {self.family} takes "
                     f"{wanted}; use a family that matches the dataset layout (flat vs image/ + control/)"
                 )
 
@@ -290,8 +297,8 @@ class GlanceModule(L.LightningModule):
                 self.conditioning_for(self.hparams.dropout_prompt, s.controls) for s in samples
             ] if self.hparams.caption_dropout > 0 else []
 
-    def encode_sample_latents(self, sample: Any) -> torch.Tensor:
-        pixels = sample.pixels.unsqueeze(0).to(self.device, self.pipe.vae.dtype)
+    def encode_sample_latents(self, item: Any) -> torch.Tensor:
+        pixels = item.pixels.unsqueeze(0).to(self.device, self.pipe.vae.dtype)
         return self.encode_images(pixels).float()
 
     def conditioning_for(self, prompt: str, controls: Sequence[torch.Tensor] = ()) -> Conditioning:
@@ -393,6 +400,7 @@ class GlanceModule(L.LightningModule):
             "rank": self.lora_settings.rank,
             "alpha": self.lora_settings.alpha,
             "resolution": getattr(datamodule, "resolution", None),
+            "family_options": self.family_options(),
             "trained_steps": min(max(self.global_step - (0 if phase == "slow" else self.phase_steps["slow"]), 0),
                                  self.phase_steps[phase]),
         }
@@ -418,27 +426,59 @@ class GlanceModule(L.LightningModule):
     @torch.no_grad()
     def generate_latents(
         self, prompt: str, seed: int, height: int, width: int, guidance_scale: float = 1.0,
-        negative_prompt: str | None = None, controls: Sequence[torch.Tensor] = (),
+        negative_prompt: str | None = None, controls: Sequence[torch.Tensor] = (), mode: str = "exact",
+        on_step: Callable[[int, float, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """The exact Slow->Fast chain from seeded noise; returns normalised latents [1, C, h, w]."""
+        """Slow->Fast generation from seeded noise; returns normalised latents [1, C, h, w].
+
+        ``mode="exact"``: the exact chain. ``mode="official-qwen"``: what the official Qwen Glance pipelines
+        compute (two shifted tables, the model conditioned on the trained timesteps), for their released LoRAs.
+        """
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"mode={mode!r}; expected one of {', '.join(SAMPLING_MODES)}")
+        if mode == "official-qwen" and not self.family.startswith("qwen-image"):
+            raise ValueError(f"mode 'official-qwen' reproduces the official Qwen pipelines; not for {self.family}")
         cond = self.conditioning_for(prompt, controls)
         negative = self.conditioning_for(negative_prompt, controls) if negative_prompt is not None else None
-        previous = self._active_adapter
-        was_training = self.transformer.training
+        previous, was_training = self._active_adapter, self.transformer.training
         self.transformer.eval()
-        try:
-            def velocity(x: torch.Tensor, sigma: float, phase: str) -> torch.Tensor:
-                self.set_phase(phase)
-                s = torch.full((x.shape[0],), sigma, device=self.device)
-                return self.guided_velocity(x, s, cond, negative, guidance_scale)
 
+        def velocity(x: torch.Tensor, sigma: float, phase: str) -> torch.Tensor:
+            self.set_phase(phase)
+            s = torch.full((x.shape[0],), sigma, device=self.device)
+            return self.guided_velocity(x, s, cond, negative, guidance_scale)
+
+        try:
             x = self.initial_noise(height, width, seed)
             t = self.glance_timesteps
-            return sample_chained(velocity, x, t.slow, t.fast)
+            if mode == "exact":
+                return sample_chained(velocity, x, t.slow, t.fast, on_step=on_step)
+            return self._official_qwen_chain(velocity, x, (width, height), on_step)
         finally:
             self.transformer.train(was_training)
             if previous is not None:
                 self.set_phase(previous)
+
+    def _official_qwen_chain(self, velocity: Callable, x: torch.Tensor, size: tuple[int, int],
+                             on_step: Callable | None) -> torch.Tensor:
+        from glance_lightning.schedules import official_qwen_compat_plan
+
+        lists = self.glance_timesteps.as_timesteps()
+        plan = official_qwen_compat_plan(lists["slow"], lists["fast"], resolution=size)
+        offset = 0
+        for phase, phase_plan in (("slow", plan.slow), ("fast", plan.fast)):
+            conditioning = [t / 1000.0 for t in phase_plan.condition_timesteps]
+
+            def phase_velocity(x: torch.Tensor, sigma: float, i: int, phase=phase, conditioning=conditioning):
+                return velocity(x, conditioning[i], phase)
+
+            def shifted_on_step(i: int, s: float, x: torch.Tensor, offset=offset) -> None:
+                if on_step is not None:
+                    on_step(i + offset, s, x)
+
+            x = sample(phase_velocity, x, phase_plan.step_sigmas, on_step=shifted_on_step)
+            offset += len(conditioning)
+        return x
 
     @torch.no_grad()
     def decode_to_images(self, latents: torch.Tensor) -> torch.Tensor:

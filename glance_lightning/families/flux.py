@@ -34,6 +34,9 @@ class FluxGlance(GlanceModule):
         self.guidance = guidance
         self.max_sequence_length = max_sequence_length
 
+    def family_options(self) -> dict[str, Any]:
+        return {"guidance": self.guidance, "max_sequence_length": self.max_sequence_length}
+
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         embeds, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length

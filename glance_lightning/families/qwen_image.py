@@ -1,0 +1,157 @@
+"""Qwen-Image (QwenImagePipeline): Qwen2.5-VL text embeddings + mask, 2x2-packed latents, timestep t/1000, true CFG.
+
+Everything reuses the pipeline's own helpers: ``encode_prompt``, ``_pack_latents`` and ``_unpack_latents``; latents
+are normalised with the VAE's per-channel ``latents_mean``/``latents_std`` exactly as the pipelines do. The Qwen VAE
+is a causal video VAE with a frame axis ([B, C, 1, h, w]); that axis is added and dropped inside
+``encode_images``/``decode_latents``, so the shared latent representation stays [B, C, h, w].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import QwenImagePipeline
+
+from glance_lightning.families.base import Conditioning, GlanceModule
+
+# The LoRA targets of the official Glance Qwen-Image runs.
+QWEN_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+    "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1",
+)
+
+
+class QwenImageGlance(GlanceModule):
+    """Glance for Qwen-Image. Defaults follow the official Glance Qwen recipe (see configs/qwen-image.yaml)."""
+
+    family = "qwen-image"
+    pipeline_class = QwenImagePipeline
+    default_lora_targets = QWEN_LORA_TARGETS
+    size_multiple = 16  # 8x VAE, then 2x2 packing (the pipeline's image_processor uses vae_scale_factor * 2)
+    timestep_scale = 1.0  # QwenImagePipeline calls the transformer with timestep / 1000 = sigma
+
+    def __init__(self, *args: Any, max_sequence_length: int = 512, **kwargs: Any) -> None:
+        """
+        Args:
+            max_sequence_length: text tokens kept per prompt (after the system prompt is dropped), as the
+                pipeline's ``max_sequence_length`` (at most 1024).
+        """
+        super().__init__(*args, **kwargs)
+        if not 0 < max_sequence_length <= 1024:
+            raise ValueError(f"model.max_sequence_length={max_sequence_length} must be in 1..1024")
+        self.max_sequence_length = max_sequence_length
+
+    # ------------------------------------------------------------------ text
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds, mask = self.pipe.encode_prompt(
+            prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return self._text_conditioning(embeds, mask)
+
+    @staticmethod
+    def _text_conditioning(embeds: torch.Tensor, mask: torch.Tensor | None) -> Conditioning:
+        """The pipelines return ``mask=None`` when no token is padding; the cache always keeps an explicit mask."""
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask.to(embeds.device, torch.long)}
+
+    def collate_conditions(self, conds: Sequence[Conditioning]) -> Conditioning:
+        """Prompts have different token counts: right-pad embeddings with zeros and masks with 0, as the
+        pipeline's own batched ``encode_prompt`` does."""
+        length = max(c["prompt_embeds"].shape[1] for c in conds)
+        batch: Conditioning = {}
+        for key in conds[0]:
+            parts = [c[key] for c in conds]
+            if key in ("prompt_embeds", "prompt_embeds_mask"):
+                parts = [self._pad_tokens(p, length) for p in parts]
+            batch[key] = torch.cat(parts)
+        return batch
+
+    @staticmethod
+    def _pad_tokens(tensor: torch.Tensor, length: int) -> torch.Tensor:
+        missing = length - tensor.shape[1]
+        if missing == 0:
+            return tensor
+        pad = (0, 0, 0, missing) if tensor.dim() == 3 else (0, missing)
+        return F.pad(tensor, pad)
+
+    # ------------------------------------------------------------------ latents
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        factor = self.pipe.vae_scale_factor
+        return (self.pipe.vae.config.z_dim, height // factor, width // factor)
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.pipe.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, std
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """As QwenImageEditPipeline._encode_vae_image: the distribution's mode ("argmax"), then (z - mean) / std."""
+        latents = self.pipe.vae.encode(pixels.unsqueeze(2)).latent_dist.mode()
+        mean, std = self._latent_stats(latents)
+        return ((latents - mean) / std).squeeze(2)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """As the end of QwenImagePipeline.__call__: z * std + mean, decode, first frame."""
+        latents = latents.unsqueeze(2)
+        mean, std = self._latent_stats(latents)
+        return self.pipe.vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+
+    # ------------------------------------------------------------------ transformer
+    def _pack(self, latents: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = latents.shape
+        return self.pipe._pack_latents(latents, b, c, h, w)
+
+    def _unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        factor = self.pipe.vae_scale_factor
+        return self.pipe._unpack_latents(tokens, h * factor, w * factor, factor).squeeze(2)
+
+    def _image_inputs(
+        self, packed: torch.Tensor, cond: Conditioning, h: int, w: int
+    ) -> tuple[torch.Tensor, list[list[tuple[int, int, int]]]]:
+        """Image tokens given to the transformer and their ``img_shapes`` (the edit families append controls)."""
+        return packed, [[(1, h // 2, w // 2)]] * packed.shape[0]
+
+    def predict_tokens(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The transformer's packed prediction [B, h*w/4, 4C] of the target tokens only."""
+        _, _, h, w = noisy.shape
+        dtype = self.transformer.dtype
+        packed = self._pack(noisy.to(dtype))
+        hidden, img_shapes = self._image_inputs(packed, cond, h, w)
+        mask = cond["prompt_embeds_mask"]
+        out = self.transformer(
+            hidden_states=hidden,
+            timestep=(sigma * self.timestep_scale).to(dtype),
+            guidance=None,  # Qwen-Image has no guidance embedding (true CFG instead)
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            # no mask when nothing is padding, as the pipeline does (same result, cheaper attention)
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            img_shapes=img_shapes,
+            return_dict=False,
+        )[0]
+        return out[:, : packed.shape[1]]
+
+    def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        _, _, h, w = noisy.shape
+        return self._unpack(self.predict_tokens(noisy, sigma, cond), h, w)
+
+    def guided_velocity(
+        self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, negative: Conditioning | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """True CFG exactly as the Qwen pipelines (``true_cfg_scale``): two model calls, the combination
+        neg + s * (pos - neg), then rescaled per token to the norm of the conditional prediction."""
+        if negative is None or guidance_scale <= 1.0:
+            return self.predict_velocity(noisy, sigma, cond)
+        _, _, h, w = noisy.shape
+        pos = self.predict_tokens(noisy, sigma, cond)
+        neg = self.predict_tokens(noisy, sigma, negative)
+        combined = neg + guidance_scale * (pos - neg)
+        cond_norm = torch.norm(pos, dim=-1, keepdim=True)
+        combined_norm = torch.norm(combined, dim=-1, keepdim=True)
+        return self._unpack(combined * (cond_norm / combined_norm), h, w)

@@ -1,0 +1,100 @@
+"""SD3 / SD3.5 (StableDiffusion3Pipeline): two CLIPs + T5, pooled projections, unpacked latents, timestep t.
+
+Everything reuses the pipeline's own helpers: ``encode_prompt`` builds ``[CLIP-L ; CLIP-G | T5]`` token
+embeddings and the pooled ``[CLIP-L ; CLIP-G]`` projection; latents are normalised with the VAE's shift and
+scaling factors and are not packed (the transformer patchifies 2x2 itself).
+
+The transformer is called exactly as ``StableDiffusion3Pipeline.__call__`` calls it: ``timestep`` is the
+scheduler timestep in 0-1000 (``1000 * sigma``, float32 whatever the weights' dtype, as the scheduler's
+``timesteps`` are), ``hidden_states`` the latents, ``encoder_hidden_states`` / ``pooled_projections`` the
+prompt embeddings. Classifier-free guidance at sampling time is the pipeline's ordinary CFG:
+``v = v_neg + scale * (v_pos - v_neg)`` from one batched call of two.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from glance_lightning.families.base import Conditioning, GlanceModule
+
+
+class SD3Glance(GlanceModule):
+    """Glance for Stable Diffusion 3 / 3.5 (Medium, Large, Large Turbo).
+
+    Default LoRA targets are the image-stream attention projections ``to_q, to_k, to_v, to_out.0``: the
+    same set as the official FLUX recipe and diffusers' SD3 DreamBooth-LoRA default. They leave the text
+    stream (``add_*_proj``, ``to_add_out``) and the MLPs frozen, which keeps each LoRA small; widen
+    ``lora.targets`` if a sample is not learnt well enough.
+    """
+
+    family = "sd3"
+    pipeline_class = StableDiffusion3Pipeline
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    size_multiple = 16  # VAE factor 8 x transformer patch size 2
+    timestep_scale = 1000.0  # StableDiffusion3Pipeline calls the transformer with the 0-1000 timestep
+
+    def __init__(self, *args: Any, max_sequence_length: int = 256, **kwargs: Any) -> None:
+        """
+        Args:
+            max_sequence_length: T5 tokens per prompt (the pipeline's default is 256, the maximum 512); the
+                transformer sees 77 CLIP tokens followed by these.
+        """
+        super().__init__(*args, **kwargs)
+        self.max_sequence_length = max_sequence_length
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,  # negatives are encoded as prompts of their own when sampling
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = vae.encode(pixels).latent_dist.mode()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+
+    def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        batch = noisy.shape[0]
+        dtype = self.transformer.dtype
+        cond = _expand(cond, batch)
+        return self.transformer(
+            hidden_states=noisy.to(dtype),
+            # float32 like the scheduler's timesteps: in bfloat16 986.06 would become 986.0 and 939.14 940.0
+            timestep=(sigma.float() * self.timestep_scale).expand(batch),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+            return_dict=False,
+        )[0]
+
+    def guided_velocity(
+        self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, negative: Conditioning | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """Ordinary CFG as in the pipeline: no guidance at scale <= 1; otherwise one batched call of
+        [negative, positive]. Without a negative prompt the pipeline's default, the empty prompt, is used."""
+        if guidance_scale <= 1.0:
+            return self.predict_velocity(noisy, sigma, cond)
+        if negative is None:
+            negative = self.conditioning_for("")
+        batch = noisy.shape[0]
+        neg, pos = _expand(negative, batch), _expand(cond, batch)
+        both = {k: torch.cat([neg[k], pos[k]]) for k in pos}
+        v_neg, v_pos = self.predict_velocity(torch.cat([noisy, noisy]), sigma.expand(batch).repeat(2), both).chunk(2)
+        return v_neg + guidance_scale * (v_pos - v_neg)
+
+
+def _expand(cond: Conditioning, batch: int) -> Conditioning:
+    """Broadcast a one-prompt conditioning to ``batch`` samples (batched conditioning is left as it is)."""
+    return {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 and batch > 1 else v for k, v in cond.items()}

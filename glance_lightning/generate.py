@@ -1,0 +1,156 @@
+"""The ``sample`` command: base model + Slow LoRA + Fast LoRA -> images, over the exact chain.
+
+One model load, both adapters loaded once (as named adapters through the pipeline's own
+``load_lora_weights``, so files from other tools and the official releases load too), the adapter switched
+at the boundary, PNGs written atomically with their settings in the PNG text, time per phase reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glance_lightning.settings import TimestepSettings
+from glance_lightning.timesteps import GlanceTimesteps
+
+FAMILIES = ("flux", "sd3", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m glance_lightning sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="diffusers model folder, or tiny:<family>")
+    p.add_argument("--slow", required=True, help="Slow LoRA: our output folder or a .safetensors file")
+    p.add_argument("--fast", required=True, help="Fast LoRA: our output folder or a .safetensors file")
+    p.add_argument("--family", choices=FAMILIES, help="needed only for LoRAs without Glance metadata")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--negative-prompt", default=None, help="for families with classifier-free guidance")
+    p.add_argument("--seed", type=int, action="append", help="repeat for several seeds (default 0)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG scale (SD3, Qwen true CFG); FLUX.1-dev uses its guidance embedding (--guidance)")
+    p.add_argument("--guidance", type=float, default=None, help="FLUX.1-dev guidance embedding (default: as trained)")
+    p.add_argument("--control", action="append", default=[], help="control image(s) for edit families")
+    p.add_argument("--mode", choices=("exact", "official-qwen"), default="exact",
+                   help="exact chain (default) or the official Qwen Glance pipelines' arithmetic")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", required=True, help="output folder (existing files are never overwritten)")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"sample: error: {message}", file=sys.stderr)
+    return 2
+
+
+def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
+    """Build the family module around one ``from_pretrained`` and load both LoRAs into it."""
+    from glance_lightning.families import family_class
+    from glance_lightning.inference import load_glance_loras, pair_timesteps, read_pair_metadata
+    from glance_lightning.schedules import derive_timesteps
+
+    slow_meta, fast_meta = read_pair_metadata(args.slow, args.fast)
+    family = (slow_meta or {}).get("family") or args.family
+    if family is None:
+        raise ValueError("--family is required: these LoRAs carry no Glance metadata naming their family")
+    if slow_meta and args.family and args.family != family:
+        raise ValueError(f"--family {args.family} but the LoRAs were trained for {family}")
+    fallback = None
+    if not (slow_meta and fast_meta):
+        lists = derive_timesteps("qwen-image" if family.startswith("qwen-image") else family)
+        fallback = GlanceTimesteps.from_lists(lists["slow"], lists["fast"], "timesteps")
+    chain = pair_timesteps(slow_meta, fast_meta, fallback)
+    lists = chain.as_timesteps()
+    kwargs: dict[str, Any] = dict((slow_meta or {}).get("family_options") or {})
+    if args.guidance is not None:
+        if family != "flux":
+            raise ValueError(f"--guidance is FLUX.1-dev's guidance embedding; {family} uses --guidance-scale")
+        kwargs["guidance"] = args.guidance
+    module = family_class(family)(
+        pretrained_model=args.model, timesteps=TimestepSettings(slow=lists["slow"], fast=lists["fast"]),
+        torch_dtype=args.dtype, **kwargs,
+    )
+    module.load_base_model(with_adapters=False)
+    module.to(args.device)
+    load_glance_loras(module.pipe, args.slow, args.fast, chain)
+    info = {"family": family, "schedule": lists, "from_metadata": bool(slow_meta and fast_meta)}
+    return module, info
+
+
+def run_sample_command(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        return _fail(f"--output {out_dir} exists and is not a folder")
+    missing = [c for c in args.control if not Path(c).is_file()]
+    if missing:
+        return _fail(f"--control: no such file(s): {', '.join(missing)}")
+    try:
+        module, info = load_sampler(args)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err))
+    print(f"family {info['family']}; chain {json.dumps(info['schedule'])} "
+          f"({'from the LoRA metadata' if info['from_metadata'] else 'derived: the LoRAs carry no schedule'})")
+    written = generate_images(module, args, info)
+    for path, timing in written:
+        print(f"{path}  slow {timing['slow']:.3f}s  fast {timing['fast']:.3f}s")
+    return 0
+
+
+def generate_images(module: Any, args: argparse.Namespace, info: dict) -> list[tuple[Path, dict]]:
+    from glance_lightning.callbacks.samples import save_png_atomic, to_pil
+    from glance_lightning.datamodules.glance import load_pixels
+
+    controls = tuple(load_pixels(Path(c), (args.width, args.height)) for c in args.control)
+    scale = args.guidance_scale if args.guidance_scale is not None else 1.0
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for p_index, prompt in enumerate(args.prompt):
+        for seed in args.seed or [0]:
+            timing = {"slow": 0.0, "fast": 0.0}
+            latents = _timed_generate(module, prompt, seed, args, scale, controls, timing)
+            image = to_pil(module.decode_to_images(latents)[0])
+            path = _free_path(out_dir, f"p{p_index}_s{seed}")
+            text = {"prompt": prompt, "seed": seed, "height": args.height, "width": args.width, "mode": args.mode,
+                    "guidance_scale": scale, "negative_prompt": args.negative_prompt, "model": args.model,
+                    "slow": args.slow, "fast": args.fast, "controls": args.control, **info, "seconds": timing}
+            save_png_atomic(image, path, {"glance": json.dumps(text)})
+            written.append((path, timing))
+    return written
+
+
+def _timed_generate(module: Any, prompt: str, seed: int, args: argparse.Namespace, scale: float,
+                    controls: tuple, timing: dict) -> torch.Tensor:
+    num_slow = len(module.glance_timesteps.slow)
+    clock = {"t": time.perf_counter()}
+
+    def on_step(i: int, sigma: float, x: torch.Tensor) -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        timing["slow" if i < num_slow else "fast"] += now - clock["t"]
+        clock["t"] = now
+
+    return module.generate_latents(prompt, seed, args.height, args.width, scale, args.negative_prompt, controls,
+                                   mode=args.mode, on_step=on_step)
+
+
+def _free_path(folder: Path, stem: str) -> Path:
+    """``stem.png``, or ``stem-1.png``, ... : an existing image is never overwritten."""
+    path, n = folder / f"{stem}.png", 0
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.png"
+    return path

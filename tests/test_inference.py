@@ -1,0 +1,142 @@
+"""Exact chained generation: our sampler, a stock FluxPipeline on the chain, the seeds' defect, `sample`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from diffusers import FluxPipeline
+from glance_lightning.datamodules.glance import GlanceDataModule
+from PIL import Image
+
+from glance_lightning.families.flux import FluxGlance
+from glance_lightning.generate import load_sampler, run_sample_command
+from glance_lightning.inference import chained_call, load_glance_loras
+from glance_lightning.lora_io import read_glance_metadata, save_lora
+from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings
+from glance_lightning.tiny_models import resolve_model_path
+
+SLOW = [1000.0, 986.9786, 973.2042, 958.6094, 943.1188]
+FAST = [926.6473, 825.7017, 677.9868, 441.1997, 60.5503]
+PROMPT = "a red ball on green grass under a blue sky with a yellow sun"
+
+
+@pytest.fixture(scope="module")
+def trained(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("trained")
+    module = FluxGlance(
+        pretrained_model="tiny:flux", timesteps=TimestepSettings(slow=SLOW, fast=FAST), slow_steps=4, fast_steps=4,
+        lora=LoraSettings(rank=4, alpha=8), optimizer=OptimizerSettings(lr=5e-2, warmup_steps=1),
+        max_sequence_length=32, output_dir=str(out),
+    )
+    data = GlanceDataModule(path=str(repo / "glance_lightning/assets/samples/t2i"), resolution=64)
+    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=out).fit(module, data)
+    return out
+
+
+def stock_pipe() -> FluxPipeline:
+    pipe = FluxPipeline.from_pretrained(resolve_model_path("tiny:flux"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def record_timesteps(pipe: FluxPipeline) -> list[tuple[float, list[str]]]:
+    seen: list[tuple[float, list[str]]] = []
+
+    def hook(module, args, kwargs):
+        seen.append((float(kwargs["timestep"][0]), list(pipe.get_active_adapters())))
+
+    pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def sampler_args(trained: Path, **overrides) -> argparse.Namespace:
+    values = dict(model="tiny:flux", slow=str(trained / "slow"), fast=str(trained / "fast"), family=None,
+                  guidance=None, dtype="float32", device="cpu")
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_our_sampler_and_a_stock_pipeline_on_the_chain_give_the_same_latents(trained: Path):
+    module, info = load_sampler(sampler_args(trained))
+    assert info["from_metadata"] and info["family"] == "flux"
+    ours = module.generate_latents(PROMPT, seed=3, height=64, width=64)
+
+    pipe = stock_pipe()
+    loras = load_glance_loras(pipe, trained / "slow", trained / "fast")
+    packed = chained_call(pipe, loras, prompt=PROMPT, height=64, width=64, guidance_scale=1.0,
+                          max_sequence_length=32, generator=torch.Generator().manual_seed(3),
+                          output_type="latent").images
+    theirs = FluxPipeline._unpack_latents(packed, 64, 64, pipe.vae_scale_factor)
+    torch.testing.assert_close(ours, theirs.float(), atol=2e-4, rtol=1e-4)
+
+
+def test_stock_pipeline_on_the_chain_steps_through_exactly_the_trained_sigmas(trained: Path):
+    pipe = stock_pipe()
+    loras = load_glance_loras(pipe, trained / "slow", trained / "fast")
+    seen = record_timesteps(pipe)
+    chained_call(pipe, loras, prompt=PROMPT, height=64, width=64, max_sequence_length=32, output_type="latent",
+                 generator=torch.Generator().manual_seed(0))
+    chain = [t / 1000 for t in SLOW + FAST]
+    assert [t for t, _ in seen] == pytest.approx(chain, abs=1e-6)
+    assert pipe.scheduler.sigmas.tolist() == pytest.approx(chain + [0.0], abs=1e-6)
+    assert [a for _, a in seen] == [["slow"]] * 5 + [["fast"]] * 5
+
+
+def test_the_seeds_two_call_recipe_steps_through_other_sigmas(trained: Path):
+    """Documents the defect we fix: stock set_timesteps re-shifts the given sigmas and ends the Slow call at 0."""
+    pipe = stock_pipe()
+    pipe.load_lora_weights(str(trained / "slow"), adapter_name="slow")
+    pipe.load_lora_weights(str(trained / "fast"), adapter_name="fast")
+    seen = record_timesteps(pipe)
+    common = dict(prompt=PROMPT, height=1024 // 16, width=1024 // 16, max_sequence_length=32, guidance_scale=1.0)
+    pipe.set_adapters("slow")
+    latents = pipe(**common, sigmas=[t / 1000 for t in SLOW], num_inference_steps=5, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    slow_call_end = float(pipe.scheduler.sigmas[-1])
+    pipe.set_adapters("fast")
+    pipe(**common, sigmas=[t / 1000 for t in FAST], num_inference_steps=5, latents=latents, output_type="latent")
+    stepped = [t for t, _ in seen]
+    trained_sigmas = [t / 1000 for t in SLOW + FAST]
+    assert max(abs(a - b) for a, b in zip(stepped, trained_sigmas)) > 1e-2  # shifted again
+    assert slow_call_end == 0.0  # the Slow call denoises fully before Fast starts at f1
+
+
+def test_sample_command_writes_images_with_settings_and_never_overwrites(trained: Path, tmp_path: Path, capsys):
+    argv = ["--model", "tiny:flux", "--slow", str(trained / "slow"), "--fast", str(trained / "fast"),
+            "--prompt", PROMPT, "--seed", "0", "--seed", "1", "--height", "64", "--width", "64",
+            "--output", str(tmp_path / "out")]
+    assert run_sample_command(argv) == 0
+    out = capsys.readouterr().out
+    assert "from the LoRA metadata" in out and "slow" in out and "fast" in out
+    images = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name for p in images] == ["p0_s0.png", "p0_s1.png"]
+    text = json.loads(Image.open(images[0]).text["glance"])
+    assert text["schedule"]["slow"] == pytest.approx(SLOW) and text["seed"] == 0 and text["prompt"] == PROMPT
+    assert run_sample_command(argv) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 4
+
+
+def test_sample_refuses_loras_from_different_runs(trained: Path, tmp_path: Path, capsys):
+    from safetensors.torch import load_file
+
+    saved = load_file(trained / "fast" / "pytorch_lora_weights.safetensors")
+    state = {k.removeprefix("transformer."): v for k, v in saved.items()}
+    meta = read_glance_metadata(trained / "fast")
+    meta["base_model"] = "some/other-model"
+    save_lora(tmp_path / "other_fast", state, {"r": 4, "lora_alpha": 8}, meta)
+    code = run_sample_command(["--model", "tiny:flux", "--slow", str(trained / "slow"), "--fast",
+                               str(tmp_path / "other_fast"), "--prompt", "x", "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert "base_model" in capsys.readouterr().err
+
+
+def test_official_qwen_mode_is_refused_for_flux(trained: Path):
+    module, _ = load_sampler(sampler_args(trained))
+    with pytest.raises(ValueError, match="official-qwen"):
+        module.generate_latents(PROMPT, 0, 64, 64, mode="official-qwen")
