@@ -61,3 +61,27 @@ def test_draw_is_uniform_over_the_list_and_never_off_it():
     values, counts = torch.unique(draws, return_counts=True)
     assert sorted(values.tolist()) == pytest.approx(sorted(sigmas))
     assert (counts.float() / 30_000 - 1 / 3).abs().max() < 0.02
+
+
+def test_a_module_with_no_lists_derives_its_family_schedule():
+    from glance_lightning.families.flux import FluxGlance
+    from glance_lightning.settings import ScheduleDerivation, TimestepSettings
+
+    derived = FluxGlance(pretrained_model="tiny:flux").glance_timesteps.as_timesteps()
+    assert derived["slow"] == pytest.approx([1000.0, 986.9786, 973.2042, 958.6094, 943.1188], abs=1e-3)
+    assert derived["fast"] == pytest.approx([926.6473, 825.7017, 677.9868, 441.1997, 60.5503], abs=1e-3)
+    other = FluxGlance(pretrained_model="tiny:flux", timesteps=TimestepSettings(
+        derive=ScheduleDerivation(resolution=512, num_steps=20, slow_indices=[0, 1], fast_indices=[5, 19])))
+    lists = other.glance_timesteps.as_timesteps()
+    assert len(lists["slow"]) == 2 and len(lists["fast"]) == 2 and lists["slow"][1] != derived["slow"][1]
+
+
+def test_lists_and_derive_together_are_refused():
+    from glance_lightning.families.flux import FluxGlance
+    from glance_lightning.settings import ScheduleDerivation, TimestepSettings
+
+    with pytest.raises(ValueError, match="not both"):
+        FluxGlance(pretrained_model="tiny:flux",
+                   timesteps=TimestepSettings(slow=[1000], fast=[500], derive=ScheduleDerivation()))
+    with pytest.raises(ValueError, match="both `slow` and `fast`"):
+        FluxGlance(pretrained_model="tiny:flux", timesteps=TimestepSettings(slow=[1000]))
