@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 TOP_HELP = """usage: python -m glance_lightning COMMAND [options]
 
@@ -32,7 +33,15 @@ def run_lightning_cli(args: list[str], run: bool = True) -> object:
 
     from glance_lightning.families.base import GlanceModule
 
-    return LightningCLI(
+    class GlanceCLI(LightningCLI):
+        def before_fit(self) -> None:
+            # Before any model is loaded: refuse to write over the LoRAs of an earlier run.
+            module = self.model
+            if module.lora_dir is None:
+                module.lora_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            module.refuse_overwrite(resuming=self.config_init[self.subcommand].get("ckpt_path") is not None)
+
+    return GlanceCLI(
         GlanceModule,
         LightningDataModule,
         subclass_mode_model=True,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,19 +24,36 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from torchmetrics import MeanMetric
 
 from glance_lightning.lora_io import save_lora
 from glance_lightning.sampling import sample, sample_chained
-from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings
-from glance_lightning.timesteps import GlanceTimesteps, draw_sigmas
+from glance_lightning.settings import LoraSettings, OptimizerSettings, ScheduleDerivation, TimestepSettings
+from glance_lightning.timesteps import GlanceTimesteps
 from glance_lightning.tiny_models import resolve_model_path
 
 log = logging.getLogger(__name__)
 
 PHASES = ("slow", "fast")
+
+
+def _settings(kind: type, value: Any) -> Any:
+    """A settings dataclass from None (defaults), a dict (as stored in checkpoints) or an instance."""
+    if value is None:
+        return kind()
+    if isinstance(value, dict):
+        if kind is TimestepSettings and isinstance(value.get("derive"), dict):
+            value = {**value, "derive": ScheduleDerivation(**value["derive"])}
+        return kind(**value)
+    return value
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf: training stops before the bad step touches the adapters."""
+
+
 SAMPLING_MODES = ("exact", "official-qwen")
 Conditioning = dict[str, torch.Tensor]
 
@@ -84,6 +102,9 @@ class GlanceModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        for key, value in list(self.hparams.items()):  # plain data, so checkpoints load with weights_only
+            if dataclasses.is_dataclass(value):
+                self.hparams[key] = dataclasses.asdict(value)
         if slow_steps < 0 or fast_steps < 0 or slow_steps + fast_steps == 0:
             raise ValueError(
                 f"model.slow_steps={slow_steps}, model.fast_steps={fast_steps}: both must be >= 0 and at "
@@ -95,9 +116,9 @@ class GlanceModule(L.LightningModule):
         if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
             raise ValueError(f"model.torch_dtype={torch_dtype!r} is not a torch dtype; use float32 or bfloat16")
         self.phase_steps = {"slow": slow_steps, "fast": fast_steps}
-        self.lora_settings = lora or LoraSettings()
-        self.optim_settings = optimizer or OptimizerSettings()
-        self.glance_timesteps = self._resolve_timesteps(timesteps or TimestepSettings())
+        self.lora_settings = _settings(LoraSettings, lora)
+        self.optim_settings = _settings(OptimizerSettings, optimizer)
+        self.glance_timesteps = self._resolve_timesteps(_settings(TimestepSettings, timesteps))
         self.strict_loading = False  # checkpoints hold only the LoRA weights
         self.transformer: torch.nn.Module | None = None
         self._pipe: Any = None
@@ -108,6 +129,8 @@ class GlanceModule(L.LightningModule):
         self.prompt_cache: dict[str, Conditioning] = {}
         self._requested_prompts: list[str] = []
         self.lora_dir: Path | None = Path(output_dir) if output_dir else None
+        self.seed = 0
+        self.loss_means = torch.nn.ModuleDict({p: MeanMetric() for p in PHASES})
 
     # ------------------------------------------------------------------ family hooks
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -217,7 +240,12 @@ class GlanceModule(L.LightningModule):
         transformer.train()
         if self.hparams.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        self.set_phase("slow" if self.phase_steps["slow"] else "fast")
+        # Both adapters stay trainable until the first step so that DDP registers (and all-reduces) both;
+        # set_phase then lets peft freeze the inactive one.
+        for phase in PHASES:
+            for param in self.adapter_parameters(phase):
+                param.requires_grad_(True)
+        self._active_adapter = None
 
     def set_phase(self, phase: str) -> None:
         """Activate one adapter (peft also makes only it trainable)."""
@@ -235,8 +263,11 @@ class GlanceModule(L.LightningModule):
             return
         self._check_output_dir()
         self._set_max_steps()
+        self._check_strategy()
         self.check_samples(self.trainer.datamodule.train_samples)
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % (2**31)
         self.load_base_model()
+        self._check_free_space()
 
     def _set_max_steps(self) -> None:
         trainer = self.trainer
@@ -248,20 +279,49 @@ class GlanceModule(L.LightningModule):
                 f"{self.total_steps}; leave trainer.max_steps unset (the phases decide it)"
             )
 
+    def refuse_overwrite(self, resuming: bool) -> None:
+        """A new (not resumed) run never writes over LoRAs that already exist in its output directory."""
+        if self.lora_dir is None or resuming:
+            return
+        existing = [self.lora_dir / p for p in PHASES if (self.lora_dir / p).exists()]
+        if existing:
+            raise FileExistsError(
+                f"model.output_dir: {', '.join(map(str, existing))} already exist(s) and would be "
+                "overwritten; choose another output_dir, move them away, or resume with --ckpt_path"
+            )
+
+    def _check_strategy(self) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+            raise ValueError(
+                "trainer.strategy: DDP must be told that the inactive adapter gets no gradient; use "
+                "strategy: ddp_find_unused_parameters_true (or ddp_spawn_find_unused_parameters_true)"
+            )
+
+    def _check_free_space(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        need = 2 * sum(p.numel() * 4 for phase in PHASES for p in self.adapter_parameters(phase))
+        free = shutil.disk_usage(self.lora_dir).free
+        if free < need:
+            raise OSError(
+                f"model.output_dir: {self.lora_dir} has {free / 2**20:.1f} MiB free but saving both LoRAs needs "
+                f"about {need / 2**20:.1f} MiB; free some space or choose another output_dir"
+            )
+
     def _check_output_dir(self) -> None:
         if self.lora_dir is None:
             self.lora_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        if self.trainer.ckpt_path is None:
-            existing = [self.lora_dir / p for p in PHASES if (self.lora_dir / p).exists()]
-            if existing:
-                raise FileExistsError(
-                    f"model.output_dir: {', '.join(map(str, existing))} already exist(s) and would be "
-                    "overwritten; choose another output_dir, move them away, or resume with --ckpt_path"
-                )
         if self.trainer.is_global_zero:
-            self.lora_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.lora_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise OSError(f"model.output_dir: cannot create {self.lora_dir} ({err}); choose a writable folder") \
+                    from err
             if not os.access(self.lora_dir, os.W_OK):
-                raise PermissionError(f"model.output_dir: {self.lora_dir} is not writable")
+                raise PermissionError(f"model.output_dir: {self.lora_dir} is not writable; choose another folder")
 
     def register_prompts(self, prompts: Sequence[str]) -> None:
         """Ask for prompts to be encoded together with the training captions (before encoders go off-device)."""
@@ -283,7 +343,13 @@ class GlanceModule(L.LightningModule):
                     f"{wanted}; use a family that matches the dataset layout (flat vs image/ + control/)"
                 )
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        from glance_lightning.callbacks.safety import KeepLorasOnFailure
+
+        return [KeepLorasOnFailure()]
+
     def on_fit_start(self) -> None:
+        self.refuse_overwrite(resuming=self.trainer.ckpt_path is not None)
         self.build_cache(self.trainer.datamodule.train_samples)
 
     @torch.no_grad()
@@ -334,27 +400,62 @@ class GlanceModule(L.LightningModule):
                     module.to("cpu")
                 torch.cuda.empty_cache() if self.device.type == "cuda" else None
 
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Randomness of one micro-batch, a pure function of (seed, optimizer step, micro-batch, rank): a
+        resumed run draws exactly what the uninterrupted run drew, and DDP ranks draw differently."""
+        micro = batch_idx % max(1, self.trainer.accumulate_grad_batches) if self._trainer is not None else 0
+        rank = self.global_rank if self._trainer is not None else 0
+        key = (self.seed * 1_000_003 + self.global_step) * 4099 + micro * 131 + rank
+        return torch.Generator(device="cpu").manual_seed(key % (2**63 - 1))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         phase = self.phase_at(self.global_step)
         self.set_phase(phase)
-        indices = batch["index"].tolist()
+        gen = self.step_generator(batch_idx)
+        size = len(batch["index"])
+        indices = torch.randint(len(self.latent_cache), (size,), generator=gen).tolist()
+        drop = (torch.rand(size, generator=gen) < self.hparams.caption_dropout).tolist()
+        sigmas = self.glance_timesteps.phase(phase)
+        choice = torch.randint(len(sigmas), (size,), generator=gen)
+        sigma = torch.tensor(sigmas)[choice].to(self.device, non_blocking=True)
         x0 = torch.cat([self.latent_cache[i] for i in indices])
-        cond = self.collate_conditions([self._maybe_drop_caption(i) for i in indices])
-        sigma = draw_sigmas(self.glance_timesteps.phase(phase), len(indices), device=self.device)
-        noise = torch.randn_like(x0)
+        noise = torch.randn(x0.shape, generator=gen).to(self.device, non_blocking=True)
+        cond = self.collate_conditions(
+            [self.dropout_cache[i] if d else self.cond_cache[i] for i, d in zip(indices, drop)]
+        )
         s = sigma.view(-1, *([1] * (x0.dim() - 1)))
         noisy = (1.0 - s) * x0 + s * noise
         pred = self.predict_velocity(noisy, sigma, cond)
-        loss = F.mse_loss(pred.float(), (noise - x0).float())
-        self.log(f"train/loss_{phase}", loss, prog_bar=True, on_step=True, batch_size=len(indices))
-        self.log("train/loss", loss, on_step=True, batch_size=len(indices))
+        per_sample = (pred.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+        loss = per_sample.mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.global_step} ({phase} phase, sigmas "
+                f"{[round(sigmas[c], 4) for c in choice.tolist()]}); training stopped and the last good LoRAs kept "
+                f"in {self.lora_dir}. Lower model.optimizer.lr, or use float32/bf16-mixed instead of float16"
+            )
+        self._log_losses(phase, loss, per_sample, choice.tolist())
         return loss
 
-    def _maybe_drop_caption(self, index: int) -> Conditioning:
-        p = self.hparams.caption_dropout
-        if p > 0 and torch.rand(()).item() < p:
-            return self.dropout_cache[index]
-        return self.cond_cache[index]
+    def _log_losses(self, phase: str, loss: torch.Tensor, per_sample: torch.Tensor, choice: list[int]) -> None:
+        size = len(choice)
+        self.loss_means[phase].update(loss.detach())
+        self.log(f"train/loss_{phase}", loss, prog_bar=True, on_step=True, batch_size=size)
+        self.log("train/loss", loss, on_step=True, batch_size=size)
+        self.log(f"train/loss_{phase}_mean", self.loss_means[phase], on_step=False, on_epoch=True, batch_size=size)
+        self.log("train/phase", float(PHASES.index(phase)), on_step=True, batch_size=size)
+        timesteps = self.glance_timesteps.as_timesteps()[phase]
+        for c in sorted(set(choice)):
+            mask = torch.tensor([x == c for x in choice], device=per_sample.device)
+            self.log(f"train/loss_{phase}/t{timesteps[c]:07.2f}", per_sample[mask].mean(), on_step=True,
+                     batch_size=int(mask.sum()))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.adapter_parameters(self._active_adapter) if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log(f"train/grad_norm_{self._active_adapter}", norm, on_step=True)
+            self.log("train/lr", optimizer.param_groups[PHASES.index(self._active_adapter)]["lr"], on_step=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim_settings
@@ -384,7 +485,11 @@ class GlanceModule(L.LightningModule):
         return {k: v for k, v in full.items() if "lora_" in k}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["glance_seed"] = self.seed
         self.save_loras()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.seed = checkpoint.get("glance_seed", self.seed)
 
     def on_train_end(self) -> None:
         self.save_loras()

@@ -1,0 +1,39 @@
+"""Keep what the user trained when a run ends badly (Ctrl-C, NaN loss, any error after training started).
+
+On an exception the current adapters are written next to the run's LoRAs when every weight is finite (they
+are then the last good ones: a non-finite loss is caught before its backward pass); otherwise the files
+already on disk are left untouched. Errors raised before training starts (bad config, existing output
+directory) never write anything.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class KeepLorasOnFailure(L.Callback):
+    """Always attached by GlanceModule.configure_callbacks."""
+
+    def __init__(self) -> None:
+        self.training_started = False
+        self.outcome: str | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.training_started = True
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not self.training_started or pl_module.transformer is None:
+            return
+        params = [p for phase in ("slow", "fast") for p in pl_module.adapter_parameters(phase)]
+        if not all(torch.isfinite(p).all() for p in params):
+            self.outcome = f"adapters are not finite; kept the LoRAs already saved in {pl_module.lora_dir}"
+        else:
+            paths = pl_module.save_loras()
+            self.outcome = f"saved the LoRAs of step {trainer.global_step} to {', '.join(map(str, paths))}"
+        log.warning("%s: %s", type(exception).__name__, self.outcome)
+        print(f"glance_lightning: {type(exception).__name__}: {self.outcome}", flush=True)

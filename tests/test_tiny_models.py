@@ -1,0 +1,142 @@
+"""Tiny models: each family loads through its stock diffusers pipeline and generates; builds are
+deterministic; 'tiny:<family>' names resolve to a cached build made once, atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from glance_lightning import tiny_models
+from glance_lightning.tiny_models import TINY_FAMILIES, build_tiny_model, resolve_model_path
+
+PIPELINES = {
+    "flux": diffusers.FluxPipeline,
+    "sd3": diffusers.StableDiffusion3Pipeline,
+    "qwen-image": diffusers.QwenImagePipeline,
+    "qwen-image-edit": diffusers.QwenImageEditPipeline,
+    "qwen-image-edit-plus": diffusers.QwenImageEditPlusPipeline,
+}
+CONTROL_IMAGES = {"qwen-image-edit": 1, "qwen-image-edit-plus": 2}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _generation_kwargs(family: str) -> dict:
+    kwargs = {
+        "prompt": "a red ball on green grass",
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 2,
+        "max_sequence_length": 16,
+        "output_type": "pt",
+        "generator": torch.Generator().manual_seed(0),
+    }
+    if family.startswith("qwen"):
+        kwargs["true_cfg_scale"] = 1.0
+    if family in CONTROL_IMAGES:
+        images = [Image.new("RGB", (48, 40), color) for color in ((200, 40, 40), (40, 40, 200))]
+        count = CONTROL_IMAGES[family]
+        kwargs["image"] = images[0] if count == 1 else images[:count]
+    return kwargs
+
+
+def test_families_match_pipelines() -> None:
+    assert set(TINY_FAMILIES) == set(PIPELINES)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_stock_pipeline_loads_and_generates(family: str, tmp_path: Path) -> None:
+    path = build_tiny_model(family, tmp_path / family)
+    assert json.loads((path / "model_index.json").read_text())["_class_name"] == PIPELINES[family].__name__
+
+    pipe = PIPELINES[family].from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe) is PIPELINES[family]
+    assert pipe.vae_scale_factor == 8
+    if family.startswith("qwen"):  # the system prompt is exactly the tokens the pipeline drops
+        user_turn = "<|im_start|>user\n"
+        system_prompt = pipe.prompt_template_encode.split(user_turn)[0] + user_turn
+        assert len(pipe.tokenizer(system_prompt).input_ids) == pipe.prompt_template_encode_start_idx
+
+    images = pipe(**_generation_kwargs(family)).images
+    assert images.shape == (1, 3, 64, 64)
+    assert torch.isfinite(images).all()
+
+
+def test_build_is_deterministic(tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    first = build_tiny_model("flux", tmp_path / "a", seed=0)
+    assert torch.equal(torch.rand(3), expected_draw)  # the caller's RNG is untouched
+    second = build_tiny_model("flux", tmp_path / "b", seed=0)
+    other = build_tiny_model("flux", tmp_path / "c", seed=1)
+
+    files = sorted(f.relative_to(first) for f in first.rglob("*") if f.is_file())
+    assert Path("transformer/diffusion_pytorch_model.safetensors") in files
+    assert files == sorted(f.relative_to(second) for f in second.rglob("*") if f.is_file())
+    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)  # byte-identical
+
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    seed0, seed1 = load_file(first / weights), load_file(other / weights)
+    assert seed0.keys() == seed1.keys()
+    assert not all(torch.equal(tensor, seed1[key]) for key, tensor in seed0.items())
+
+
+def test_build_refuses_non_empty_dir(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        build_tiny_model("flux", tmp_path)
+
+
+def test_unknown_family_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="qwen-image-edit-plus"):
+        build_tiny_model("sdxl", tmp_path / "m")
+    with pytest.raises(ValueError, match="flux"):
+        resolve_model_path("tiny:sdxl")
+
+
+@pytest.mark.parametrize("name", ["black-forest-labs/FLUX.1-dev", "/models/qwen-image", "tiny", "flux"])
+def test_other_names_pass_through(name: str) -> None:
+    assert resolve_model_path(name) == name
+
+
+def test_resolve_builds_once_into_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLANCE_LIGHTNING_CACHE", str(tmp_path))
+    path = resolve_model_path("tiny:flux")
+    assert Path(path) == tmp_path / "tiny" / "flux-v1"
+    assert (Path(path) / "model_index.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["flux-v1"]  # no staging left behind
+
+    def must_not_build(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("rebuilt a cached tiny model")
+
+    monkeypatch.setattr(tiny_models, "build_tiny_model", must_not_build)
+    assert resolve_model_path("tiny:flux") == path
+
+
+def test_resolve_keeps_a_concurrent_builders_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLANCE_LIGHTNING_CACHE", str(tmp_path))
+    target = tmp_path / "tiny" / "sd3-v1"
+    real_build = tiny_models.build_tiny_model
+
+    def racing_build(family: str, path: Path, seed: int = 0) -> Path:
+        built = real_build(family, path, seed)
+        shutil.copytree(built, target)  # another process finishes first
+        (target / "winner").write_text("other process")
+        return built
+
+    monkeypatch.setattr(tiny_models, "build_tiny_model", racing_build)
+    assert resolve_model_path("tiny:sd3") == str(target)
+    assert (target / "winner").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["sd3-v1"]
