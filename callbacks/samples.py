@@ -74,6 +74,8 @@ class ChainedSampleCallback(L.Callback):
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt
         self.at_end, self.dirname = at_end, dirname
         self.rendered: list[Path] = []
+        self.last_metrics: dict[str, float] = {}
+        self._base_cache: dict[tuple, Image.Image] = {}
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -82,13 +84,14 @@ class ChainedSampleCallback(L.Callback):
             extra.append(self.negative_prompt)
         pl_module.register_prompts(extra)
 
-    def _requests(self, trainer: L.Trainer) -> list[tuple[str, tuple]]:
-        """(prompt, control images) pairs: the configured prompts, else each training sample's caption
-        with its own control images (so edit families render edits of the training controls)."""
+    def _requests(self, trainer: L.Trainer) -> list[tuple[str, tuple, torch.Tensor | None]]:
+        """(prompt, control images, training image) triples: the configured prompts, else each training
+        sample's caption with its own control images (edit families render edits of the training controls)
+        and its image, against which PSNR/SSIM are measured."""
         samples = trainer.datamodule.train_samples
         if self.prompts:
-            return [(p, samples[0].controls) for p in self.prompts]
-        return list({s.caption + str(s.image): (s.caption, s.controls) for s in samples}.values())
+            return [(p, samples[0].controls, None) for p in self.prompts]
+        return [(s.caption, s.controls, s.pixels) for s in samples]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -103,24 +106,55 @@ class ChainedSampleCallback(L.Callback):
         self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return []
-        first = trainer.datamodule.train_samples[0].pixels
+        samples = trainer.datamodule.train_samples
+        first = samples[0].pixels
         height, width = self.height or first.shape[-2], self.width or first.shape[-1]
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
-        images, captions, paths = [], [], []
-        for p_index, (prompt, controls) in enumerate(self._requests(trainer)):
+        panels: list[tuple[str, Image.Image, str]] = []
+        paths, fidelity = [], []
+        schedule = pl_module.glance_timesteps.as_timesteps()
+        for p_index, (prompt, controls, target) in enumerate(self._requests(trainer)):
             for seed in self.seeds:
                 latents = pl_module.generate_latents(
                     prompt, seed, height, width, self.guidance_scale, self.negative_prompt, controls
                 )
-                image = to_pil(pl_module.decode_to_images(latents)[0])
+                pixels = pl_module.decode_to_images(latents)
+                image = to_pil(pixels[0])
                 path = out_dir / f"step{trainer.global_step:06d}_p{p_index}_s{seed}.png"
                 save_png_atomic(image, path, self._png_text(pl_module, prompt, seed, trainer.global_step))
-                images.append(image)
-                captions.append(f"step {trainer.global_step} seed {seed}: {prompt}")
                 paths.append(path)
-        self._log_images(trainer, images, captions)
+                caption = (f"step {trainer.global_step} | seed {seed} | {prompt} | slow "
+                           f"{[round(t, 1) for t in schedule['slow']]} fast {[round(t, 1) for t in schedule['fast']]}")
+                panels.append(("samples/chained", image, caption))
+                if target is not None and tuple(target.shape[-2:]) == (height, width):
+                    reference = ((target.unsqueeze(0) + 1) / 2).clamp(0, 1)
+                    fidelity.append(image_fidelity(pixels, reference))
+                    panels.append(("samples/training_image", to_pil(reference[0]), prompt))
+                panels.append(("samples/base_model", self._base_sample(pl_module, prompt, seed, height, width,
+                                                                       controls), f"base model, same steps | {prompt}"))
+        self._log_metrics(pl_module, fidelity, trainer.global_step)
+        self._log_images(trainer, panels)
         self.rendered.extend(paths)
         return paths
+
+    def _base_sample(self, pl_module: L.LightningModule, prompt: str, seed: int, height: int, width: int,
+                     controls: tuple) -> Image.Image:
+        """The base model's own sample at the same number of model calls; it never changes, so it is cached."""
+        key = (prompt, seed, height, width, len(controls))
+        if key not in self._base_cache:
+            steps = len(pl_module.glance_timesteps.slow) + len(pl_module.glance_timesteps.fast)
+            latents = pl_module.generate_base_latents(prompt, seed, height, width, steps, self.guidance_scale,
+                                                      self.negative_prompt, controls)
+            self._base_cache[key] = to_pil(pl_module.decode_to_images(latents)[0])
+        return self._base_cache[key]
+
+    def _log_metrics(self, pl_module: L.LightningModule, fidelity: list[dict[str, float]], step: int) -> None:
+        if not fidelity:
+            return
+        means = {f"samples/{k}": sum(f[k] for f in fidelity) / len(fidelity) for k in fidelity[0]}
+        self.last_metrics = means
+        for logger in pl_module.trainer.loggers:
+            logger.log_metrics(means, step=step)
 
     def _png_text(self, pl_module: L.LightningModule, prompt: str, seed: int, step: int) -> dict[str, str]:
         import json
@@ -135,14 +169,26 @@ class ChainedSampleCallback(L.Callback):
             )
         }
 
-    def _log_images(self, trainer: L.Trainer, images: list[Image.Image], captions: list[str]) -> None:
+    def _log_images(self, trainer: L.Trainer, panels: list[tuple[str, Image.Image, str]]) -> None:
         import numpy as np
 
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples/chained", images=images, caption=captions, step=trainer.global_step)
+                for key in dict.fromkeys(k for k, _, _ in panels):
+                    chosen = [(img, cap) for k, img, cap in panels if k == key]
+                    logger.log_image(key=key, images=[i for i, _ in chosen], caption=[c for _, c in chosen],
+                                     step=trainer.global_step)
             elif isinstance(logger, TensorBoardLogger):
-                for i, image in enumerate(images):
-                    logger.experiment.add_image(
-                        f"samples/chained_{i}", np.asarray(image), trainer.global_step, dataformats="HWC"
-                    )
+                for i, (key, image, _) in enumerate(panels):
+                    logger.experiment.add_image(f"{key}_{i}", np.asarray(image), trainer.global_step,
+                                                dataformats="HWC")
+
+
+def image_fidelity(image: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """PSNR and SSIM (torchmetrics) of images in [0, 1]."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    return {
+        "psnr": peak_signal_noise_ratio(image, reference, data_range=1.0).item(),
+        "ssim": structural_similarity_index_measure(image, reference, data_range=1.0).item(),
+    }

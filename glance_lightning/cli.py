@@ -29,9 +29,19 @@ Run `python -m glance_lightning COMMAND --help` for a command's options.
 def run_lightning_cli(args: list[str], run: bool = True) -> object:
     """LightningCLI over any GlanceModule family and any LightningDataModule (imported only here)."""
     from lightning import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from glance_lightning.families.base import GlanceModule
+
+    class SaveConfigToLoggers(SaveConfigCallback):
+        """config.yaml in the run directory (never overwritten) and the full resolved config in every logger."""
+
+        def save_config(self, trainer, pl_module, stage: str) -> None:
+            resolved = self.parser.dump(self.config, skip_none=False, format="yaml")
+            import yaml
+
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": yaml.safe_load(resolved)})
 
     class GlanceCLI(LightningCLI):
         def before_fit(self) -> None:
@@ -50,6 +60,8 @@ def run_lightning_cli(args: list[str], run: bool = True) -> object:
         args=args,
         run=run,
         auto_configure_optimizers=False,
+        save_config_callback=SaveConfigToLoggers,
+        save_config_kwargs={"save_to_log_dir": True},
     )
 
 

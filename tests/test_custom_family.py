@@ -7,8 +7,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from diffusers import FluxPipeline
-
 from glance_lightning.datamodules.glance import GlanceDataModule
+
 from glance_lightning.families.base import Conditioning, GlanceModule
 from glance_lightning.lora_io import read_glance_metadata
 from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings

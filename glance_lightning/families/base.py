@@ -344,9 +344,10 @@ class GlanceModule(L.LightningModule):
                 )
 
     def configure_callbacks(self) -> list[L.Callback]:
+        from glance_lightning.callbacks.monitor import TrainingMonitor
         from glance_lightning.callbacks.safety import KeepLorasOnFailure
 
-        return [KeepLorasOnFailure()]
+        return [KeepLorasOnFailure(), TrainingMonitor()]
 
     def on_fit_start(self) -> None:
         self.refuse_overwrite(resuming=self.trainer.ckpt_path is not None)
@@ -563,6 +564,33 @@ class GlanceModule(L.LightningModule):
             self.transformer.train(was_training)
             if previous is not None:
                 self.set_phase(previous)
+
+    @torch.no_grad()
+    def generate_base_latents(
+        self, prompt: str, seed: int, height: int, width: int, num_steps: int, guidance_scale: float = 1.0,
+        negative_prompt: str | None = None, controls: Sequence[torch.Tensor] = (),
+    ) -> torch.Tensor:
+        """The base model without adapters on its own shifted ``num_steps`` schedule (for comparison)."""
+        from glance_lightning.schedules import full_schedule_sigmas
+
+        sigmas = full_schedule_sigmas(self.family.removesuffix("-plus"), resolution=(width, height),
+                                      num_steps=num_steps)
+        cond = self.conditioning_for(prompt, controls)
+        negative = self.conditioning_for(negative_prompt, controls) if negative_prompt is not None else None
+        was_training = self.transformer.training
+        self.transformer.eval()
+        self.transformer.disable_adapters()
+        try:
+            def velocity(x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
+                s = torch.full((x.shape[0],), sigma, device=self.device)
+                return self.guided_velocity(x, s, cond, negative, guidance_scale)
+
+            return sample(velocity, self.initial_noise(height, width, seed), sigmas)
+        finally:
+            self.transformer.enable_adapters()
+            if self._active_adapter is not None:
+                self.transformer.set_adapter(self._active_adapter)
+            self.transformer.train(was_training)
 
     def _official_qwen_chain(self, velocity: Callable, x: torch.Tensor, size: tuple[int, int],
                              on_step: Callable | None) -> torch.Tensor:

@@ -1,0 +1,52 @@
+"""Run telemetry: throughput, accelerator memory, the step within the phase, and the LoRA pair as a W&B artifact.
+
+Attached to every run by GlanceModule.configure_callbacks. Host timings are taken at the end of a step,
+after the loss has been read for the progress bar, so they include the accelerator's work.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+
+class TrainingMonitor(L.Callback):
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self._times: list[float] = []
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self._start is None:
+            return
+        self._times = (self._times + [time.perf_counter() - self._start])[-self.window:]
+        seconds = statistics.median(self._times)
+        size = len(batch["index"])
+        phase = pl_module.phase_at(max(trainer.global_step - 1, 0))
+        step_in_phase = trainer.global_step - (0 if phase == "slow" else pl_module.phase_steps["slow"])
+        pl_module.log("perf/s_per_step", seconds, on_step=True, batch_size=size)
+        pl_module.log("perf/samples_per_s", size * trainer.world_size / seconds, on_step=True, batch_size=size)
+        pl_module.log(f"{phase}_step", float(step_in_phase), prog_bar=True, on_step=True, batch_size=size)
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            pl_module.log("perf/gpu_max_mem_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True,
+                          batch_size=size)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                artifact = wandb.Artifact(f"glance-loras-{pl_module.family}", type="model",
+                                          metadata={p: pl_module.glance_metadata(p) for p in ("slow", "fast")})
+                for phase in ("slow", "fast"):
+                    artifact.add_dir(str(pl_module.lora_dir / phase), name=phase)
+                logger.experiment.log_artifact(artifact)
