@@ -153,3 +153,28 @@ def test_plain_ddp_without_find_unused_parameters_is_refused(repo: Path, tmp_pat
 
     with pytest.raises((ValueError, ProcessRaisedException), match="ddp_find_unused_parameters_true"):
         trainer(tmp_path, devices=2, strategy="ddp_spawn").fit(make(tmp_path / "out"), data(repo))
+
+
+def test_missing_model_path_names_the_setting(repo: Path, tmp_path: Path):
+    module = FluxGlance(pretrained_model=str(tmp_path / "no-such-model"),
+                        timesteps=TimestepSettings(slow=SLOW, fast=FAST), output_dir=str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="model.pretrained_model"):
+        trainer(tmp_path).fit(module, data(repo))
+
+
+def test_a_resolution_the_family_cannot_take_names_the_setting(repo: Path, tmp_path: Path):
+    odd = GlanceDataModule(path=str(repo / "glance_lightning/assets/samples/t2i"), resolution=72, size_multiple=8)
+    with pytest.raises(ValueError, match="data.size_multiple"):
+        trainer(tmp_path).fit(make(tmp_path / "out"), odd)
+
+
+def test_wrong_types_and_unknown_keys_are_clear_cli_errors(repo: Path, monkeypatch, capsys):
+    from glance_lightning.cli import main
+
+    monkeypatch.chdir(repo)
+    for override, needle in ((["--model.init_args.slow_steps", "many"], "slow_steps"),
+                             (["--data.init_args.bogus", "1"], "bogus")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", "configs/quickstart.yaml", *override])
+        assert exit_info.value.code != 0
+        assert needle in capsys.readouterr().err

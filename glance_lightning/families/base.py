@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torchmetrics import MeanMetric
@@ -215,6 +217,8 @@ class GlanceModule(L.LightningModule):
         (``with_adapters=False`` for sampling with LoRA files loaded by ``load_glance_loras``)."""
         if self._pipe is not None:
             return
+        started = time.perf_counter()
+        rank_zero_info(f"glance_lightning: loading {self.hparams.pretrained_model} ...")
         path = resolve_model_path(self.hparams.pretrained_model)
         if not Path(path).is_dir():
             raise FileNotFoundError(
@@ -230,6 +234,7 @@ class GlanceModule(L.LightningModule):
         transformer = pipe.transformer
         transformer.requires_grad_(False)
         self._pipe, self.transformer = pipe, transformer
+        rank_zero_info(f"glance_lightning: loaded {type(pipe).__name__} in {time.perf_counter() - started:.1f}s")
         if not with_adapters:
             return
         config = self.lora_config()
@@ -356,6 +361,9 @@ class GlanceModule(L.LightningModule):
     @torch.no_grad()
     def build_cache(self, samples: Sequence[Any]) -> None:
         """Encode every training sample and requested prompt once, then move the encoders off the device."""
+        started = time.perf_counter()
+        rank_zero_info(f"glance_lightning: encoding {len(samples)} sample(s) and "
+                       f"{len(self._requested_prompts)} sampling prompt(s) once ...")
         with self.encoders_on_device():
             self.latent_cache = [self.encode_sample_latents(s).to(self.device) for s in samples]
             self.encode_prompts_cached(self._requested_prompts)
@@ -363,6 +371,9 @@ class GlanceModule(L.LightningModule):
             self.dropout_cache = [
                 self.conditioning_for(self.hparams.dropout_prompt, s.controls) for s in samples
             ] if self.hparams.caption_dropout > 0 else []
+        rank_zero_info(f"glance_lightning: encoded in {time.perf_counter() - started:.1f}s; "
+                       f"training {self.phase_steps['slow']} slow + {self.phase_steps['fast']} fast steps, "
+                       f"{self.glance_timesteps.describe()}")
 
     def encode_sample_latents(self, item: Any) -> torch.Tensor:
         pixels = item.pixels.unsqueeze(0).to(self.device, self.pipe.vae.dtype)
