@@ -45,11 +45,16 @@ def run_lightning_cli(args: list[str], run: bool = True) -> object:
 
     class GlanceCLI(LightningCLI):
         def before_fit(self) -> None:
-            # Before any model is loaded: refuse to write over the LoRAs of an earlier run.
-            module = self.model
+            # Before any model is loaded: resolve `--ckpt_path last` across run versions, and refuse to
+            # write over the LoRAs of an earlier run.
+            module, kwargs = self.model, self.config_init[self.subcommand]
+            if kwargs.get("ckpt_path") == "last":
+                kwargs["ckpt_path"] = str(find_last_checkpoint(Path(self.trainer.default_root_dir)))
+            resuming = kwargs.get("ckpt_path") is not None
             if module.lora_dir is None:
-                module.lora_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            module.refuse_overwrite(resuming=self.config_init[self.subcommand].get("ckpt_path") is not None)
+                run_dir = Path(kwargs["ckpt_path"]).parent.parent if resuming else None
+                module.lora_dir = run_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            module.refuse_overwrite(resuming=resuming)
 
     return GlanceCLI(
         GlanceModule,
@@ -63,6 +68,17 @@ def run_lightning_cli(args: list[str], run: bool = True) -> object:
         save_config_callback=SaveConfigToLoggers,
         save_config_kwargs={"save_to_log_dir": True},
     )
+
+
+def find_last_checkpoint(root: Path) -> Path:
+    """The newest ``last.ckpt`` of any run under ``root`` (trainer.default_root_dir)."""
+    candidates = sorted(root.glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no checkpoints/last.ckpt under {root}; pass a checkpoint path, or train with a "
+            "ModelCheckpoint that has save_last: true (the shipped configs do)"
+        )
+    return candidates[-1]
 
 
 def _extra_commands() -> dict[str, Callable[[list[str]], int]]:

@@ -46,7 +46,7 @@ def test_quickstart_trains_both_loras_and_renders_a_chained_sample(quickstart_ru
 
 
 def test_checkpoint_holds_only_trainable_weights(quickstart_run: Path):
-    (ckpt,) = (quickstart_run / "checkpoints").glob("*.ckpt")
+    ckpt = quickstart_run / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     keys = list(state["state_dict"])
     assert keys and all("lora_" in k for k in keys)
@@ -86,6 +86,21 @@ def test_saved_loras_load_into_stock_flux_pipeline_and_change_its_output(quickst
     with_fast = run()
     assert (with_slow - base).abs().max() > 1e-4
     assert (with_fast - with_slow).abs().max() > 1e-4
+
+
+def test_fit_ckpt_path_last_continues_the_newest_run_in_place(repo: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(repo)
+    common = ["fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path),
+              "--model.init_args.slow_steps", "2", "--trainer.callbacks.init_args.every_n_steps", "0"]
+    assert main([*common, "--model.init_args.fast_steps", "2"]) == 0
+    assert main([*common, "--model.init_args.fast_steps", "4", "--ckpt_path", "last"]) == 0
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert read_glance_metadata(run / "fast")["trained_steps"] == 4
+    assert not (tmp_path / "lightning_logs" / "version_1" / "fast").exists()
+    from glance_lightning.cli import find_last_checkpoint
+
+    state = torch.load(find_last_checkpoint(tmp_path), map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6  # a further `--ckpt_path last` continues from here
 
 
 def test_existing_run_directory_is_not_overwritten(repo: Path, quickstart_run: Path, monkeypatch):
