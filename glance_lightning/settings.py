@@ -48,3 +48,4 @@ class OptimizerSettings:
     weight_decay: float = 0.01
     eps: float = 1e-8
     warmup_steps: int = 10
+    fused: bool | None = None  # None: the fused CUDA kernel on GPUs, the default implementation elsewhere

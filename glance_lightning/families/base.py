@@ -225,6 +225,10 @@ class GlanceModule(L.LightningModule):
                 f"model.pretrained_model={self.hparams.pretrained_model!r}: no such directory; give a local "
                 "diffusers model folder (with model_index.json) or tiny:<family>"
             )
+        if torch.cuda.is_available():
+            # cuDNN's SDPA backward fails for FLUX-sized shapes on H100 (mha_graph.execute / CUBLAS errors);
+            # flash / memory-efficient SDPA are as fast there, so it is never selected.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         pipe = self.pipeline_class.from_pretrained(path, dtype=getattr(torch, self.dtype_name))
         pipe.set_progress_bar_config(disable=True)
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
@@ -472,7 +476,10 @@ class GlanceModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim_settings
         groups = [{"params": self.adapter_parameters(p), "name": p} for p in PHASES]
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        fused = self.device.type == "cuda" if o.fused is None else o.fused
+        optimizer = torch.optim.AdamW(
+            groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, fused=fused or None
+        )
         lambdas = [self._phase_lr_lambda(p) for p in PHASES]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
