@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 
-FAMILIES = ("flux", "sd3", "qwen-image", "qwen-image-edit")
+FAMILIES = ("flux", "sd3", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 
 _FLUX = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -44,7 +44,13 @@ _QWEN_IMAGE = {
     "use_karras_sigmas": False,
 }
 
-_CONFIGS = {"flux": _FLUX, "sd3": _SD3, "qwen-image": _QWEN_IMAGE, "qwen-image-edit": _QWEN_IMAGE}
+_CONFIGS = {
+    "flux": _FLUX,
+    "sd3": _SD3,
+    "qwen-image": _QWEN_IMAGE,
+    "qwen-image-edit": _QWEN_IMAGE,
+    "qwen-image-edit-plus": _QWEN_IMAGE,
+}
 
 
 def scheduler_config(family: str) -> dict:

@@ -65,6 +65,7 @@ _LAYOUTS = {
     "sd3": _FamilyLayout("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3", False),
     "qwen-image": _FamilyLayout("diffusers.pipelines.qwenimage.pipeline_qwenimage", True),
     "qwen-image-edit": _FamilyLayout("diffusers.pipelines.qwenimage.pipeline_qwenimage_edit", True),
+    "qwen-image-edit-plus": _FamilyLayout("diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus", True),
 }
 
 

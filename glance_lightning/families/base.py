@@ -130,6 +130,7 @@ class GlanceModule(L.LightningModule):
         self.dropout_cache: list[Conditioning] = []
         self.prompt_cache: dict[str, Conditioning] = {}
         self._requested_prompts: list[str] = []
+        self._encoder_depth = 0
         self.lora_dir: Path | None = Path(output_dir) if output_dir else None
         self.seed = 0
         self.loss_means = torch.nn.ModuleDict({p: MeanMetric() for p in PHASES})
@@ -157,8 +158,9 @@ class GlanceModule(L.LightningModule):
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """Latent (C, h, w) of an image of ``height`` x ``width`` pixels."""
-        factor = self.pipe.vae_scale_factor
-        return (self.pipe.vae.config.latent_channels, height // factor, width // factor)
+        factor, config = self.pipe.vae_scale_factor, self.pipe.vae.config
+        channels = getattr(config, "latent_channels", None) or config.z_dim
+        return (channels, height // factor, width // factor)
 
     def guided_velocity(
         self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, negative: Conditioning | None,
@@ -370,7 +372,9 @@ class GlanceModule(L.LightningModule):
                        f"{len(self._requested_prompts)} sampling prompt(s) once ...")
         with self.encoders_on_device():
             self.latent_cache = [self.encode_sample_latents(s).to(self.device) for s in samples]
-            self.encode_prompts_cached(self._requested_prompts)
+            for prompt in self._requested_prompts:  # edit families encode a prompt with each sample's controls
+                for item in samples:
+                    self.conditioning_for(prompt, item.controls)
             self.cond_cache = [self.conditioning_for(s.caption, s.controls) for s in samples]
             self.dropout_cache = [
                 self.conditioning_for(self.hparams.dropout_prompt, s.controls) for s in samples
@@ -405,13 +409,16 @@ class GlanceModule(L.LightningModule):
 
     @contextmanager
     def encoders_on_device(self) -> Iterator[None]:
-        """Bring text encoders and VAE to the training device for the duration of the block."""
-        for module in self._encoders():
-            module.to(self.device)
+        """Bring text encoders and VAE to the training device for the duration of the block (re-entrant)."""
+        self._encoder_depth += 1
+        if self._encoder_depth == 1:
+            for module in self._encoders():
+                module.to(self.device)
         try:
             yield
         finally:
-            if self.hparams.offload_encoders and self.device.type != "cpu":
+            self._encoder_depth -= 1
+            if self._encoder_depth == 0 and self.hparams.offload_encoders and self.device.type != "cpu":
                 for module in self._encoders():
                     module.to("cpu")
                 torch.cuda.empty_cache() if self.device.type == "cuda" else None

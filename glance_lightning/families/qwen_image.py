@@ -44,6 +44,9 @@ class QwenImageGlance(GlanceModule):
             raise ValueError(f"model.max_sequence_length={max_sequence_length} must be in 1..1024")
         self.max_sequence_length = max_sequence_length
 
+    def family_options(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_sequence_length}
+
     # ------------------------------------------------------------------ text
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         embeds, mask = self.pipe.encode_prompt(
@@ -79,10 +82,6 @@ class QwenImageGlance(GlanceModule):
         return F.pad(tensor, pad)
 
     # ------------------------------------------------------------------ latents
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        factor = self.pipe.vae_scale_factor
-        return (self.pipe.vae.config.z_dim, height // factor, width // factor)
-
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.pipe.vae.config
         shape = (1, config.z_dim, 1, 1, 1)

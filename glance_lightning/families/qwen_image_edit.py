@@ -18,8 +18,8 @@ size), e.g. to keep a tiny CPU run small; the defaults are what the stock pipeli
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,8 @@ from PIL import Image
 
 from glance_lightning.families.base import Conditioning
 from glance_lightning.families.qwen_image import QwenImageGlance
+
+log = logging.getLogger(__name__)
 
 
 def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
@@ -65,23 +67,16 @@ class QwenImageEditGlance(QwenImageGlance):
         self.condition_resolution = condition_resolution
         self.edit_cache: dict[tuple[str, tuple[str, ...]], Conditioning] = {}
 
+    def family_options(self) -> dict[str, Any]:
+        return {
+            **super().family_options(),
+            "control_resolution": self.control_resolution,
+            "condition_resolution": self.condition_resolution,
+        }
+
     # ------------------------------------------------------------------ conditioning
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise ValueError(f"{self.family} encodes a prompt together with its control image(s): use conditioning_for")
-
-    def build_cache(self, samples: Sequence[Any]) -> None:
-        """Requested prompts (sample prompts, the negative prompt) are encoded with each sample's controls,
-        because the edit models see the control image together with the text."""
-        requested, self._requested_prompts = self._requested_prompts, []
-        try:
-            super().build_cache(samples)
-        finally:
-            self._requested_prompts = requested
-        if requested:
-            with self.encoders_on_device(), torch.no_grad():
-                for prompt in requested:
-                    for sample in samples:
-                        self.conditioning_for(prompt, sample.controls)
 
     def conditioning_for(self, prompt: str, controls: Sequence[torch.Tensor] = ()) -> Conditioning:
         """Text + control conditioning, cached by prompt and control content (pixels [3, H, W] in [-1, 1])."""
@@ -90,7 +85,7 @@ class QwenImageEditGlance(QwenImageGlance):
             raise ValueError(f"{self.family} takes {low} to {high} control image(s), got {len(controls)}")
         key = (prompt, tuple(self._digest(c) for c in controls))
         if key not in self.edit_cache:
-            with self._encoders_ready(), torch.no_grad():
+            with self.encoders_on_device(), torch.no_grad():
                 cond = self.encode_edit(prompt, controls)
             self.edit_cache[key] = {k: v.detach() for k, v in cond.items()}
         return self.edit_cache[key]
@@ -99,14 +94,6 @@ class QwenImageEditGlance(QwenImageGlance):
     def _digest(control: torch.Tensor) -> str:
         data = control.detach().float().cpu().contiguous()
         return f"{tuple(data.shape)}:{hashlib.sha1(data.numpy().tobytes()).hexdigest()}"
-
-    @contextmanager
-    def _encoders_ready(self) -> Iterator[None]:
-        """Encoders on the device for a cache miss, without moving them if they already are (nested use)."""
-        encoder = self.pipe.text_encoder
-        on_device = next(encoder.parameters()).device == self.device
-        with nullcontext() if on_device else self.encoders_on_device():
-            yield
 
     def control_images_for(self, controls: Sequence[torch.Tensor]) -> tuple[list[Image.Image], list[torch.Tensor]]:
         """(images for the VL encoder, VAE pixels [1, 3, H, W]) of the controls, resized as the pipeline does."""
@@ -193,3 +180,4 @@ class QwenImageEditPlusGlance(QwenImageEditGlance):
     def _vl_image_argument(self, images: list[Image.Image]) -> Image.Image | list[Image.Image]:
         """QwenImageEditPlusPipeline always passes a list ("Picture 1: ... Picture n:")."""
         return images
+
