@@ -62,6 +62,10 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
         raise ValueError("--family is required: these LoRAs carry no Glance metadata naming their family")
     if slow_meta and args.family and args.family != family:
         raise ValueError(f"--family {args.family} but the LoRAs were trained for {family}")
+    low, high = family_class(family).control_images
+    if not low <= len(args.control) <= high:
+        wanted = "no --control images" if high == 0 else f"{low} to {high} --control image(s)"
+        raise ValueError(f"{family} takes {wanted}, got {len(args.control)}")
     fallback = None
     if not (slow_meta and fast_meta):
         lists = derive_timesteps("qwen-image" if family.startswith("qwen-image") else family)

@@ -57,7 +57,7 @@ def record_timesteps(pipe: FluxPipeline) -> list[tuple[float, list[str]]]:
 
 def sampler_args(trained: Path, **overrides) -> argparse.Namespace:
     values = dict(model="tiny:flux", slow=str(trained / "slow"), fast=str(trained / "fast"), family=None,
-                  guidance=None, dtype="float32", device="cpu")
+                  guidance=None, dtype="float32", device="cpu", control=[])
     values.update(overrides)
     return argparse.Namespace(**values)
 
