@@ -45,6 +45,9 @@ class SD3Glance(GlanceModule):
         super().__init__(*args, **kwargs)
         self.max_sequence_length = max_sequence_length
 
+    def family_options(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_sequence_length}
+
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts,
