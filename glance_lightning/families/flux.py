@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from diffusers import FluxPipeline
 
-from glance_lightning.families.base import Conditioning, GlanceModule
+from glance_lightning.families.base import Conditioning, GlanceModule, ShiftScaleLatents
 
 
-class FluxGlance(GlanceModule):
+class FluxGlance(ShiftScaleLatents, GlanceModule):
     """Glance for FLUX.1-dev/schnell. Defaults follow the official FLUX.1-dev recipe."""
 
     family = "flux"
@@ -42,15 +42,6 @@ class FluxGlance(GlanceModule):
             prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        latents = vae.encode(pixels).latent_dist.mode()
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
 
     def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         b, c, h, w = noisy.shape

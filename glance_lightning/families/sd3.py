@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from glance_lightning.families.base import Conditioning, GlanceModule
+from glance_lightning.families.base import Conditioning, GlanceModule, ShiftScaleLatents
 
 
-class SD3Glance(GlanceModule):
+class SD3Glance(ShiftScaleLatents, GlanceModule):
     """Glance for Stable Diffusion 3 / 3.5 (Medium, Large, Large Turbo).
 
     Default LoRA targets are the image-stream attention projections ``to_q, to_k, to_v, to_out.0``: the
@@ -58,15 +58,6 @@ class SD3Glance(GlanceModule):
             max_sequence_length=self.max_sequence_length,
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        latents = vae.encode(pixels).latent_dist.mode()
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
 
     def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         batch = noisy.shape[0]
