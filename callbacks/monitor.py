@@ -38,8 +38,9 @@ class TrainingMonitor(L.Callback):
             pl_module.log("perf/gpu_max_mem_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True,
                           batch_size=size)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the module's on_train_end has written the final LoRAs
+        if not trainer.is_global_zero or trainer.state.status.value != "running":
             return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
