@@ -100,16 +100,21 @@ class GlanceDataModule(L.LightningDataModule):
         samples = validate_dataset(self.path, self.layout)
         loaded = []
         for s in samples:
-            with Image.open(s.image) as img:
-                size = target_size(img.width, img.height, self.resolution, self.size_multiple)
-            controls = tuple(load_pixels(c, size) for c in s.controls)
+            # each control keeps its own aspect ratio (as the edit pipelines resize it), at about the same area
+            size, *control_sizes = (self._size_of(p) for p in (s.image, *s.controls))
+            controls = tuple(load_pixels(c, c_size) for c, c_size in zip(s.controls, control_sizes))
             loaded.append(TrainSample(s.image, s.caption, load_pixels(s.image, size), controls))
-        if self.batch_size > 1 and len({tuple(s.pixels.shape) for s in loaded}) > 1:
+        shapes = {(tuple(s.pixels.shape), *(tuple(c.shape) for c in s.controls)) for s in loaded}
+        if self.batch_size > 1 and len(shapes) > 1:
             raise ValueError(
                 f"data.batch_size={self.batch_size} needs all images of {self.path} at one size after resizing; "
                 "use batch_size 1 or images of one aspect ratio"
             )
         self.train_samples = loaded
+
+    def _size_of(self, path: Path) -> tuple[int, int]:
+        with Image.open(path) as img:
+            return target_size(img.width, img.height, self.resolution, self.size_multiple)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

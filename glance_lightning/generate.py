@@ -116,7 +116,8 @@ def generate_images(module: Any, args: argparse.Namespace, info: dict) -> list[t
     from glance_lightning.callbacks.samples import save_png_atomic, to_pil
     from glance_lightning.datamodules.glance import load_pixels
 
-    controls = tuple(load_pixels(Path(c), (args.width, args.height)) for c in args.control)
+    area = round((args.width * args.height) ** 0.5)
+    controls = tuple(load_pixels(Path(c), _control_size(Path(c), area)) for c in args.control)
     scale = args.guidance_scale if args.guidance_scale is not None else 1.0
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,16 @@ def generate_images(module: Any, args: argparse.Namespace, info: dict) -> list[t
             save_png_atomic(image, path, {"glance": json.dumps(text)})
             written.append((path, timing))
     return written
+
+
+def _control_size(path: Path, area: int) -> tuple[int, int]:
+    """A control image keeps its own aspect ratio at about the output's area (the family resizes it further)."""
+    from PIL import Image
+
+    from glance_lightning.datamodules.glance import target_size
+
+    with Image.open(path) as img:
+        return target_size(img.width, img.height, area, 16)
 
 
 def _timed_generate(module: Any, prompt: str, seed: int, args: argparse.Namespace, scale: float,
