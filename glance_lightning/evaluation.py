@@ -45,14 +45,13 @@ def chain_fidelity(
 ) -> dict[str, float]:
     """PSNR/SSIM of the chained sample against the training image and against its VAE reconstruction."""
     height, width = sample.pixels.shape[-2:]
-    index = sample_index
     latents = module.generate_latents(sample.caption, seed, height, width, controls=sample.controls, **generate)
     image = module.decode_to_images(latents)
     target = ((sample.pixels.unsqueeze(0) + 1) / 2).clamp(0, 1)
-    recon = module.decode_to_images(module.latent_cache[index])
+    recon = module.decode_to_images(module.latent_cache[sample_index])
     return {
         "psnr": peak_signal_noise_ratio(image, target, data_range=1.0).item(),
         "ssim": structural_similarity_index_measure(image, target, data_range=1.0).item(),
         "psnr_vs_vae": peak_signal_noise_ratio(image, recon, data_range=1.0).item(),
-        "latent_mse": F.mse_loss(latents.float().cpu(), module.latent_cache[index].float().cpu()).item(),
+        "latent_mse": F.mse_loss(latents.float().cpu(), module.latent_cache[sample_index].float().cpu()).item(),
     }
