@@ -178,3 +178,23 @@ def test_wrong_types_and_unknown_keys_are_clear_cli_errors(repo: Path, monkeypat
             main(["fit", "--config", "configs/quickstart.yaml", *override])
         assert exit_info.value.code != 0
         assert needle in capsys.readouterr().err
+
+
+class RecordingModule:
+    def __init__(self) -> None:
+        self.moves: list[str] = []
+
+    def to(self, device) -> RecordingModule:
+        self.moves.append(str(device))
+        return self
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_encoders_visit_the_accelerator_once_and_leave_it(tmp_path: Path, monkeypatch, offload: bool):
+    module = make(tmp_path / "out", offload_encoders=offload)
+    encoders = [RecordingModule(), RecordingModule()]
+    monkeypatch.setattr(module, "_encoders", lambda: encoders)
+    module._device = torch.device("cuda", 0)  # the placement logic only; nothing is allocated
+    with module.encoders_on_device(), module.encoders_on_device():  # nested use (cache miss inside a build)
+        assert all(e.moves == ["cuda:0"] for e in encoders)
+    assert all(e.moves == (["cuda:0", "cpu"] if offload else ["cuda:0"]) for e in encoders)
