@@ -104,7 +104,8 @@ def run_sample_command(argv: list[str] | None = None) -> int:
         module, info = load_sampler(args)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
-    print(f"family {info['family']}; chain {json.dumps(info['schedule'])} "
+    rounded = {phase: [round(t, 4) for t in lists] for phase, lists in info["schedule"].items()}
+    print(f"family {info['family']}; chain {json.dumps(rounded)} "
           f"({'from the LoRA metadata' if info['from_metadata'] else 'derived: the LoRAs carry no schedule'})")
     written = generate_images(module, args, info)
     for path, timing in written:

@@ -12,6 +12,7 @@ import torch
 from diffusers import FluxPipeline
 from glance_lightning.datamodules.glance import GlanceDataModule
 from PIL import Image
+from safetensors.torch import load_file
 
 from glance_lightning.families.flux import FluxGlance
 from glance_lightning.generate import load_sampler, run_sample_command
@@ -123,8 +124,6 @@ def test_sample_command_writes_images_with_settings_and_never_overwrites(trained
 
 
 def test_sample_refuses_loras_from_different_runs(trained: Path, tmp_path: Path, capsys):
-    from safetensors.torch import load_file
-
     saved = load_file(trained / "fast" / "pytorch_lora_weights.safetensors")
     state = {k.removeprefix("transformer."): v for k, v in saved.items()}
     meta = read_glance_metadata(trained / "fast")
@@ -140,3 +139,20 @@ def test_official_qwen_mode_is_refused_for_flux(trained: Path):
     module, _ = load_sampler(sampler_args(trained))
     with pytest.raises(ValueError, match="official-qwen"):
         module.generate_latents(PROMPT, 0, 64, 64, mode="official-qwen")
+
+
+def test_single_files_without_glance_metadata_need_family_and_get_the_derived_chain(trained: Path, tmp_path: Path,
+                                                                                     capsys):
+    from safetensors.torch import save_file
+
+    for phase in ("slow", "fast"):  # like the official releases: bare .safetensors, no Glance metadata
+        tensors = load_file(trained / phase / "pytorch_lora_weights.safetensors")
+        save_file(tensors, tmp_path / f"glance_{phase}.safetensors", metadata={"format": "pt"})
+    argv = ["--model", "tiny:flux", "--slow", str(tmp_path / "glance_slow.safetensors"), "--fast",
+            str(tmp_path / "glance_fast.safetensors"), "--prompt", "x", "--height", "64", "--width", "64",
+            "--output", str(tmp_path / "out")]
+    assert run_sample_command(argv) == 2
+    assert "--family" in capsys.readouterr().err
+    assert run_sample_command([*argv, "--family", "flux"]) == 0
+    out = capsys.readouterr().out
+    assert "derived: the LoRAs carry no schedule" in out and "986.9786" in out
