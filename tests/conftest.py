@@ -29,3 +29,19 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+def _fit_config(config: str, root: Path, *overrides: str) -> Path:
+    """`python -m glance_lightning fit --config CONFIG` from the repo root, as a user runs it; the run dir."""
+    from glance_lightning.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        assert main(["fit", "--config", config, "--trainer.default_root_dir", str(root), *overrides]) == 0
+    (run,) = sorted((root / "lightning_logs").iterdir())
+    return run
+
+
+@pytest.fixture(scope="session")
+def fit_config():
+    return _fit_config

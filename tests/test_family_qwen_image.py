@@ -13,7 +13,6 @@ import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 from glance_lightning.datamodules.glance import GlanceDataModule
 
-from glance_lightning.cli import main
 from glance_lightning.evaluation import chain_fidelity, phase_losses
 from glance_lightning.families.qwen_image import QWEN_LORA_TARGETS, QwenImageGlance
 from glance_lightning.lora_io import read_glance_metadata
@@ -26,20 +25,10 @@ FAST = [886.7053, 745.0728, 562.9505, 320.0802, 20.0]
 T2I = "glance_lightning/assets/samples/t2i"
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
 
 @pytest.fixture(scope="module")
-def quickstart_run(repo: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module) -> Path:
-    root = tmp_path_factory.mktemp("quickstart_qwen")
-    monkeypatch_module.chdir(repo)
-    assert main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(root)]) == 0
-    (run,) = sorted((root / "lightning_logs").iterdir())
-    return run
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory, fit_config) -> Path:
+    return fit_config(CONFIG, tmp_path_factory.mktemp("quickstart_qwen"))
 
 
 def quickstart_module(repo: Path, tmp_path: Path) -> QwenImageGlance:

@@ -14,7 +14,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, Qw
 from glance_lightning.datamodules.glance import GlanceDataModule, TrainSample, load_pixels
 from PIL import Image
 
-from glance_lightning.cli import main
 from glance_lightning.evaluation import chain_fidelity, phase_losses
 from glance_lightning.families.qwen_image_edit import QwenImageEditGlance, QwenImageEditPlusGlance
 from glance_lightning.lora_io import read_glance_metadata
@@ -29,20 +28,10 @@ OTHER = Path(__file__).resolve().parents[1] / "glance_lightning/assets/samples/t
 PROMPT = "Make the ball red"
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
 
 @pytest.fixture(scope="module")
-def quickstart_run(repo: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module) -> Path:
-    root = tmp_path_factory.mktemp("quickstart_qwen_edit")
-    monkeypatch_module.chdir(repo)
-    assert main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(root)]) == 0
-    (run,) = sorted((root / "lightning_logs").iterdir())
-    return run
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory, fit_config) -> Path:
+    return fit_config(CONFIG, tmp_path_factory.mktemp("quickstart_qwen_edit"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from glance_lightning.datamodules.glance import GlanceDataModule
 
-from glance_lightning.cli import main
 from glance_lightning.evaluation import chain_fidelity, phase_losses
 from glance_lightning.families.sd3 import SD3Glance
 from glance_lightning.lora_io import read_glance_metadata
@@ -51,20 +50,10 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> SD3Glance:
     return module
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
 
 @pytest.fixture(scope="module")
-def quickstart_run(repo: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module) -> Path:
-    root = tmp_path_factory.mktemp("quickstart_sd3")
-    monkeypatch_module.chdir(repo)
-    assert main(["fit", "--config", "configs/quickstart-sd3.yaml", "--trainer.default_root_dir", str(root)]) == 0
-    (run,) = sorted((root / "lightning_logs").iterdir())
-    return run
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory, fit_config) -> Path:
+    return fit_config("configs/quickstart-sd3.yaml", tmp_path_factory.mktemp("quickstart_sd3"))
 
 
 # ------------------------------------------------------------------------------------------ training step

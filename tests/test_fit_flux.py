@@ -16,19 +16,9 @@ from glance_lightning.tiny_models import resolve_model_path
 
 
 @pytest.fixture(scope="module")
-def quickstart_run(repo: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module) -> Path:
-    root = tmp_path_factory.mktemp("quickstart")
-    monkeypatch_module.chdir(repo)
-    assert main(["fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(root)]) == 0
-    (run,) = sorted((root / "lightning_logs").iterdir())
-    return run
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory, fit_config) -> Path:
+    return fit_config("configs/quickstart.yaml", tmp_path_factory.mktemp("quickstart"))
 
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 def test_quickstart_trains_both_loras_and_renders_a_chained_sample(quickstart_run: Path):
