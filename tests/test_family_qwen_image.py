@@ -92,11 +92,11 @@ def test_quickstart_trains_both_loras_and_renders_a_chained_sample(quickstart_ru
         meta = read_glance_metadata(quickstart_run / phase)
         assert meta["family"] == "qwen-image" and meta["phase"] == phase
         assert meta["rank"] == 8 and meta["alpha"] == 32 and meta["resolution"] == 64
-        assert meta["trained_steps"] == 60
+        assert meta["trained_steps"] == 150
         assert meta["timesteps"] == pytest.approx(SLOW if phase == "slow" else FAST)
         assert meta.get("family_options", {}).get("max_sequence_length", 512) == 512
     samples = sorted((quickstart_run / "samples").glob("*.png"))
-    assert [p.name for p in samples] == ["step000060_p0_s0.png", "step000120_p0_s0.png"]
+    assert [p.name for p in samples] == ["step000150_p0_s0.png", "step000300_p0_s0.png"]
 
 
 def test_saved_loras_load_into_stock_qwen_pipeline_and_change_its_output(quickstart_run: Path):
@@ -235,5 +235,7 @@ def test_training_lowers_loss_and_pulls_the_chain_to_the_sample(repo: Path, quic
 
     for phase in ("slow", "fast"):
         assert after_loss[phase] < 0.6 * before_loss[phase], (phase, before_loss, after_loss)
-    assert after["latent_mse"] < 0.3 * before["latent_mse"], (before, after)
+    # the exact Slow->Fast chain from pure noise lands near the training latents and, decoded, near the image
+    assert after["latent_mse"] < 0.3 * before["latent_mse"], (before, after)  # measured 0.06-0.08 (seeds 0-3)
+    assert after["psnr"] > before["psnr"] + 4.0, (before, after)  # 9.1 dB before, +8.9 to +10.3 dB
     assert np.isfinite(after["psnr"])

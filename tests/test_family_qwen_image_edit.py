@@ -180,12 +180,12 @@ def test_quickstart_trains_both_loras_and_renders_a_chained_edit(quickstart_run:
         meta = read_glance_metadata(quickstart_run / phase)
         assert meta["family"] == "qwen-image-edit" and meta["phase"] == phase
         assert meta["rank"] == 8 and meta["alpha"] == 32 and meta["resolution"] == 64
-        assert meta["trained_steps"] == 60
+        assert meta["trained_steps"] == 150
         assert meta["timesteps"] == pytest.approx(SLOW if phase == "slow" else FAST)
         options = meta.get("family_options")
         assert options is None or options["control_resolution"] == 64
     samples = sorted((quickstart_run / "samples").glob("*.png"))
-    assert [p.name for p in samples] == ["step000060_p0_s0.png", "step000120_p0_s0.png"]
+    assert [p.name for p in samples] == ["step000150_p0_s0.png", "step000300_p0_s0.png"]
 
 
 def test_saved_loras_load_into_stock_edit_pipeline_and_change_its_output(quickstart_run: Path):
@@ -230,7 +230,9 @@ def test_training_lowers_loss_and_pulls_the_chained_edit_to_the_sample(repo: Pat
     after_loss, after = phase_losses(module), chain_fidelity(module, data.train_samples[0])
     for phase in ("slow", "fast"):
         assert after_loss[phase] < 0.6 * before_loss[phase], (phase, before_loss, after_loss)
-    assert after["latent_mse"] < 0.3 * before["latent_mse"], (before, after)
+    # the exact Slow->Fast chained edit lands near the training latents and, decoded, near the target image
+    assert after["latent_mse"] < 0.3 * before["latent_mse"], (before, after)  # measured 0.06-0.07 (seeds 0-3)
+    assert after["psnr"] > before["psnr"] + 4.0, (before, after)  # 9.1 dB before, +9.4 to +10.3 dB
 
 
 # -------------------------------------------------------------------------------- Qwen-Image-Edit-2509/2511

@@ -30,8 +30,8 @@ def _module(tmp_path: Path, **kwargs) -> SD3Glance:
     return SD3Glance(pretrained_model="tiny:sd3", max_sequence_length=32, output_dir=str(tmp_path / "out"), **kwargs)
 
 
-def _data(repo: Path) -> GlanceDataModule:
-    return GlanceDataModule(path=str(repo / SAMPLES), resolution=64, size_multiple=16)
+def _data(repo: Path, batch_size: int = 1) -> GlanceDataModule:
+    return GlanceDataModule(path=str(repo / SAMPLES), resolution=64, size_multiple=16, batch_size=batch_size)
 
 
 def _trainer(tmp_path: Path) -> L.Trainer:
@@ -85,13 +85,13 @@ def test_quickstart_trains_both_loras_and_renders_a_chained_sample(quickstart_ru
         meta = read_glance_metadata(quickstart_run / phase)
         assert meta["family"] == "sd3" and meta["phase"] == phase
         assert meta["rank"] == 8 and meta["alpha"] == 32 and meta["resolution"] == 64
-        assert meta["trained_steps"] == 60
+        assert meta["trained_steps"] == 150
         assert meta["family_options"] == {"max_sequence_length": 32}  # what sampling must repeat
     slow_meta = read_glance_metadata(quickstart_run / "slow")
     assert slow_meta["timesteps"] == pytest.approx(SLOW)
     assert slow_meta["schedule"]["fast"] == pytest.approx(FAST)
     samples = sorted((quickstart_run / "samples").glob("*.png"))
-    assert any(p.name.startswith("step000120") for p in samples)
+    assert any(p.name.startswith("step000300") for p in samples)
     from PIL import Image
 
     with Image.open(samples[-1]) as image:
@@ -187,10 +187,11 @@ def test_guided_velocity_is_ordinary_cfg(loaded: SD3Glance):
 
 def test_sd3_training_lowers_loss_and_pulls_the_chain_to_the_sample(repo: Path, tmp_path: Path):
     L.seed_everything(0)
-    module = _module(
-        tmp_path, lora=LoraSettings(rank=8, alpha=32, targets=TARGETS), optimizer=OptimizerSettings(lr=5e-3),
+    module = _module(  # the quick start's settings (configs/quickstart-sd3.yaml)
+        tmp_path, slow_steps=150, fast_steps=150, lora=LoraSettings(rank=8, alpha=32, targets=TARGETS),
+        optimizer=OptimizerSettings(lr=1e-2),
     )
-    data = _data(repo)
+    data = _data(repo, batch_size=8)
     data.setup()
     module.load_base_model()
     module.build_cache(data.train_samples)
@@ -201,7 +202,10 @@ def test_sd3_training_lowers_loss_and_pulls_the_chain_to_the_sample(repo: Path, 
 
     for phase in ("slow", "fast"):
         assert after_loss[phase] < 0.6 * before_loss[phase], (phase, before_loss, after_loss)
-    # the exact Slow->Fast chain from pure noise lands near the training latents (measured 0.26-0.34 of the
-    # untrained distance over seeds 0-3; the tiny VAE is random, so pixel PSNR says nothing here)
+    # The exact Slow->Fast chain from pure noise lands nearer the training latents (measured 0.22-0.35 of the
+    # untrained distance over seeds 0-3: the tiny SD3 transformer learns the sample more slowly than the FLUX and
+    # Qwen ones) and its decoded image nearer the training image: PSNR from 8.7 dB up by 3.7-5.6 dB over those
+    # seeds.
     assert after["latent_mse"] < 0.45 * before["latent_mse"], (before, after)
+    assert after["psnr"] > before["psnr"] + 2.0, (before, after)
     assert (tmp_path / "out" / "slow" / "pytorch_lora_weights.safetensors").is_file()

@@ -1,4 +1,5 @@
-"""Training must learn: lower loss at the trained timesteps and a chained sample closer to the training data."""
+"""Training must learn: lower loss at the trained timesteps and a chained sample closer to the training data, in
+latent space and, since the tiny VAE is a trained autoencoder, in pixels."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.2
 
 
 def test_flux_training_lowers_loss_and_pulls_the_chain_to_the_sample(repo: Path, tmp_path: Path):
-    module = FluxGlance(
-        pretrained_model="tiny:flux", timesteps=TimestepSettings(slow=SLOW, fast=FAST),
-        lora=LoraSettings(rank=8, alpha=32, targets=TARGETS), optimizer=OptimizerSettings(lr=5e-3),
+    L.seed_everything(0)  # the LoRA init and the training draws; else they depend on the tests run before
+    module = FluxGlance(  # the quick start's settings (configs/quickstart.yaml)
+        pretrained_model="tiny:flux", timesteps=TimestepSettings(slow=SLOW, fast=FAST), slow_steps=150,
+        fast_steps=150, lora=LoraSettings(rank=8, alpha=32, targets=TARGETS), optimizer=OptimizerSettings(lr=1e-2),
         max_sequence_length=32, output_dir=str(tmp_path / "out"),
     )
-    data = GlanceDataModule(path=str(repo / "glance_lightning/assets/samples/t2i"), resolution=64)
+    data = GlanceDataModule(path=str(repo / "glance_lightning/assets/samples/t2i"), resolution=64, batch_size=8)
     data.setup()
     module.load_base_model()
     module.build_cache(data.train_samples)
@@ -38,8 +40,11 @@ def test_flux_training_lowers_loss_and_pulls_the_chain_to_the_sample(repo: Path,
 
     for phase in ("slow", "fast"):
         assert after_loss[phase] < 0.6 * before_loss[phase], (phase, before_loss, after_loss)
-    # the exact Slow->Fast chain from pure noise now lands near the training latents
+    # The exact Slow->Fast chain from pure noise now lands near the training latents (measured 0.09-0.13 of the
+    # untrained distance over seeds 0-3) and its decoded image near the training image: PSNR from 9.4 dB up by
+    # 7.5-9.0 dB over those seeds (the VAE's own reconstruction of the image: ~22 dB).
     assert after["latent_mse"] < 0.3 * before["latent_mse"], (before, after)
+    assert after["psnr"] > before["psnr"] + 4.0, (before, after)
     assert (tmp_path / "out" / "slow" / "pytorch_lora_weights.safetensors").is_file()
 
 

@@ -1,5 +1,6 @@
-"""Tiny models: each family loads through its stock diffusers pipeline and generates; builds are
-deterministic; 'tiny:<family>' names resolve to a cached build made once, atomically."""
+"""Tiny models: each family loads through its stock diffusers pipeline and generates; its VAE reconstructs a
+real image into well-scaled latents; builds are deterministic; 'tiny:<family>' names resolve to a cached build
+made once, atomically."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import shutil
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from glance_lightning import tiny_models
-from glance_lightning.tiny_models import TINY_FAMILIES, build_tiny_model, resolve_model_path
+from glance_lightning.tiny_models import TINY_FAMILIES, TINY_VERSION, build_tiny_model, resolve_model_path
 
 PIPELINES = {
     "flux": diffusers.FluxPipeline,
@@ -24,6 +26,11 @@ PIPELINES = {
     "qwen-image-edit-plus": diffusers.QwenImageEditPlusPipeline,
 }
 CONTROL_IMAGES = {"qwen-image-edit": 1, "qwen-image-edit-plus": 2}
+RED_BALL = Path(__file__).resolve().parents[1] / "glance_lightning/assets/samples/t2i/red_ball.png"
+# The tiny VAEs reach about 22 dB on red_ball at 64x64. A random VAE gives 10-12 dB, and the hand-set linear
+# skeleton they train from 18-19.5 dB (repeating each 8x8 patch's mean colour: 19.3 dB): above 20 dB, training
+# made a real autoencoder, with margin left for numerical differences between machines.
+MIN_PSNR = 20.0
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +80,57 @@ def test_stock_pipeline_loads_and_generates(family: str, tmp_path: Path) -> None
     assert torch.isfinite(images).all()
 
 
-def test_build_is_deterministic(tmp_path: Path) -> None:
+def _red_ball() -> torch.Tensor:
+    """The bundled sample at 64x64 (resized as the data module does), as a (1, 3, 64, 64) batch in [-1, 1]."""
+    image = Image.open(RED_BALL).convert("RGB").resize((64, 64), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen-image"])
+def test_vae_reconstructs_an_image_into_normalised_latents(family: str) -> None:
+    vae = PIPELINES[family].from_pretrained(resolve_model_path(f"tiny:{family}")).vae
+    pixels = _red_ball()
+    with torch.no_grad():
+        if family.startswith("qwen"):  # a one-frame video; latents normalised per channel, as the pipelines do
+            latents = vae.encode(pixels.unsqueeze(2)).latent_dist.mode()
+            decoded = vae.decode(latents).sample[:, :, 0]
+            shape = (1, -1, 1, 1, 1)
+            mean, std = (
+                torch.tensor(vae.config.latents_mean).view(shape),
+                torch.tensor(vae.config.latents_std).view(shape),
+            )
+            normalised = (latents - mean) / std
+        else:
+            latents = vae.encode(pixels).latent_dist.mode()
+            decoded = vae.decode(latents).sample
+            normalised = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    assert decoded.shape == pixels.shape
+    mse = ((decoded.clamp(-1, 1) - pixels) / 2).pow(2).mean()  # on the [0, 1] scale
+    assert 10 * torch.log10(1 / mse) > MIN_PSNR
+    assert abs(normalised.mean()) < 0.5  # roughly zero mean, unit std: what flow matching assumes
+    assert 0.5 < normalised.std() < 2
+
+
+def test_vae_training_is_deterministic() -> None:
+    """Same seed, same bytes, whatever the caller's thread count (training runs on one thread, then restores it)."""
+    train = tiny_models._trained_vae.__wrapped__  # not the per-process memo
+    threads = torch.get_num_threads()
+    try:
+        for kind in ("kl", "qwen"):
+            torch.set_num_threads(2)
+            config, state = train(kind, 0, 3)
+            assert torch.get_num_threads() == 2
+            torch.set_num_threads(1)
+            again, state_again = train(kind, 0, 3)
+            assert config == again
+            assert state.keys() == state_again.keys()
+            assert all(torch.equal(tensor, state_again[name]) for name, tensor in state.items())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_build_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tiny_models, "VAE_TRAINING_STEPS", {"kl": 3, "qwen": 3})  # VAE training: test above
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
     torch.manual_seed(123)
@@ -87,10 +144,10 @@ def test_build_is_deterministic(tmp_path: Path) -> None:
     assert files == sorted(f.relative_to(second) for f in second.rglob("*") if f.is_file())
     assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)  # byte-identical
 
-    weights = "transformer/diffusion_pytorch_model.safetensors"
-    seed0, seed1 = load_file(first / weights), load_file(other / weights)
-    assert seed0.keys() == seed1.keys()
-    assert not all(torch.equal(tensor, seed1[key]) for key, tensor in seed0.items())
+    for weights in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        seed0, seed1 = load_file(first / weights), load_file(other / weights)
+        assert seed0.keys() == seed1.keys()
+        assert not all(torch.equal(tensor, seed1[key]) for key, tensor in seed0.items())
 
 
 def test_build_refuses_non_empty_dir(tmp_path: Path) -> None:
@@ -114,9 +171,9 @@ def test_other_names_pass_through(name: str) -> None:
 def test_resolve_builds_once_into_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GLANCE_LIGHTNING_CACHE", str(tmp_path))
     path = resolve_model_path("tiny:flux")
-    assert Path(path) == tmp_path / "tiny" / "flux-v1"
+    assert Path(path) == tmp_path / "tiny" / f"flux-{TINY_VERSION}"
     assert (Path(path) / "model_index.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["flux-v1"]  # no staging left behind
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [f"flux-{TINY_VERSION}"]  # no staging left
 
     def must_not_build(*args: object, **kwargs: object) -> Path:
         raise AssertionError("rebuilt a cached tiny model")
@@ -127,7 +184,7 @@ def test_resolve_builds_once_into_cache(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_resolve_keeps_a_concurrent_builders_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GLANCE_LIGHTNING_CACHE", str(tmp_path))
-    target = tmp_path / "tiny" / "sd3-v1"
+    target = tmp_path / "tiny" / f"sd3-{TINY_VERSION}"
     real_build = tiny_models.build_tiny_model
 
     def racing_build(family: str, path: Path, seed: int = 0) -> Path:
@@ -139,4 +196,4 @@ def test_resolve_keeps_a_concurrent_builders_model(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(tiny_models, "build_tiny_model", racing_build)
     assert resolve_model_path("tiny:sd3") == str(target)
     assert (target / "winner").is_file()
-    assert sorted(p.name for p in target.parent.iterdir()) == ["sd3-v1"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [f"sd3-{TINY_VERSION}"]
