@@ -4,7 +4,10 @@ All three run in ONE process on the same pipeline weights, so ratios are measure
 - glance-chain: one pipeline load, both LoRAs loaded once, one call over the exact chain (our API);
 - base-50: the stock pipeline at its default 50-step schedule, no LoRA;
 - seeds-recipe: what the public snippets do: load the pipeline + Slow LoRA, call, load the pipeline again
-  + Fast LoRA, call with the latents (two loads per image, counted in its time).
+  + Fast LoRA, call with the latents (two loads per image, counted in its time);
+- glance-chain, prompt pre-encoded: the same chain given the prompt embeddings (what remains is sampling);
+- 10-transformer-calls: the floor: the chain's transformer called 10 times on inputs captured from one chain
+  call (LoRAs active), with no prompt encoding, scheduler or adapter switching.
 
     python benchmarks/bench_sampling.py                      # tiny FLUX on CPU (default)
     python benchmarks/bench_sampling.py --full-size --device cuda --dtype bfloat16 --size 1024   # GPU
@@ -73,7 +76,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full-size", action="store_true", help="FLUX.1-dev-sized random transformer")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (0: torch's default); 1 keeps CPU timings stable on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,8 +105,30 @@ def main() -> None:
         def glance_chain() -> None:
             chained_call(chain_pipe, chain, generator=torch.Generator().manual_seed(0), **common)
 
+        embeds, pooled, _ = chain_pipe.encode_prompt(prompt=common["prompt"], prompt_2=None,
+                                                     max_sequence_length=common["max_sequence_length"])
+        encoded = {k: v for k, v in common.items() if k not in ("prompt", "max_sequence_length")}
+
+        def glance_chain_encoded() -> None:
+            chained_call(chain_pipe, chain, generator=torch.Generator().manual_seed(0), prompt_embeds=embeds,
+                         pooled_prompt_embeds=pooled, **encoded)
+
         def base_50() -> None:
             base_pipe(num_inference_steps=50, generator=torch.Generator().manual_seed(0), **common)
+
+        captured: dict = {}
+
+        def capture(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.setdefault("kwargs", kwargs)
+
+        hook = chain_pipe.transformer.register_forward_pre_hook(capture, with_kwargs=True)
+        glance_chain()
+        hook.remove()
+
+        @torch.no_grad()
+        def transformer_calls() -> None:
+            for _ in range(10):
+                chain_pipe.transformer(**captured["kwargs"])
 
         def seeds_recipe() -> None:
             slow_pipe = load()
@@ -113,7 +142,9 @@ def main() -> None:
 
         rows = [(name, median_time(fn, args.repeats, sync))
                 for name, fn in (("glance-chain (5+5, one load)", glance_chain), ("base-50", base_50),
-                                 ("seeds-recipe (5+5, two loads)", seeds_recipe))]
+                                 ("seeds-recipe (5+5, two loads)", seeds_recipe),
+                                 ("glance-chain, prompt pre-encoded", glance_chain_encoded),
+                                 ("10-transformer-calls (floor)", transformer_calls))]
     reference = rows[1][1]
     print(f"FLUX {'full-size random' if args.full_size else 'tiny'}, {args.size}x{args.size}, {args.device}, "
           f"{args.dtype}, median of {args.repeats}")

@@ -12,12 +12,26 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def fit_breakdown(started: float | None, parts: dict[str, float], step_times: list[float]) -> str:
+    """One line: where a fit's wall time went (the rest is the training steps and Lightning around them)."""
+    if started is None:
+        return "fit timings unavailable"
+    total = time.perf_counter() - started
+    median = f", median {statistics.median(step_times):.3f} s/step" if step_times else ""
+    shown = " + ".join(f"{name} {seconds:.1f}" for name, seconds in parts.items())
+    rest = total - sum(parts.values())
+    return f"fit took {total:.1f} s = {shown} + {len(step_times)} training steps and the rest {rest:.1f}{median}"
 
 
 class TrainingMonitor(L.Callback):
     def __init__(self, window: int = 10) -> None:
         self.window = window
         self._times: list[float] = []
+        self.step_times: list[float] = []
+        self.summary = ""
         self._start: float | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
@@ -26,14 +40,17 @@ class TrainingMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self._start is None:
             return
-        self._times = (self._times + [time.perf_counter() - self._start])[-self.window:]
+        self.step_times.append(time.perf_counter() - self._start)
+        self._times = self.step_times[-self.window:]
         seconds = statistics.median(self._times)
         size = len(batch["index"])
         phase = pl_module.phase_at(max(trainer.global_step - 1, 0))
         step_in_phase = trainer.global_step - (0 if phase == "slow" else pl_module.phase_steps["slow"])
+        pl_module.log(f"{phase}_step", float(step_in_phase), prog_bar=True, on_step=True, batch_size=size)
+        if not pl_module.diagnostics_due():
+            return
         pl_module.log("perf/s_per_step", seconds, on_step=True, batch_size=size)
         pl_module.log("perf/samples_per_s", size * trainer.world_size / seconds, on_step=True, batch_size=size)
-        pl_module.log(f"{phase}_step", float(step_in_phase), prog_bar=True, on_step=True, batch_size=size)
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             pl_module.log("perf/gpu_max_mem_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True,
                           batch_size=size)
@@ -42,6 +59,8 @@ class TrainingMonitor(L.Callback):
         # after the module's on_train_end has written the final LoRAs
         if not trainer.is_global_zero or trainer.state.status.value != "running":
             return
+        self.summary = fit_breakdown(pl_module.fit_started, pl_module.fit_timings, self.step_times)
+        rank_zero_info(f"glance_lightning: {self.summary}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb

@@ -106,6 +106,10 @@ class ChainedSampleCallback(L.Callback):
         self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return []
+        with pl_module.timed("samples"):
+            return self._render(trainer, pl_module)
+
+    def _render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
         samples = trainer.datamodule.train_samples
         first = samples[0].pixels
         height, width = self.height or first.shape[-2], self.width or first.shape[-1]

@@ -29,7 +29,8 @@ def phase_losses(module: Any, sample_index: int = 0, seeds: tuple[int, ...] = (0
                 for sigma in module.glance_timesteps.phase(phase):
                     noisy = (1 - sigma) * x0 + sigma * noise
                     s = torch.full((x0.shape[0],), sigma, device=x0.device)
-                    pred = module.predict_velocity(noisy, s, cond)
+                    with module.attention():
+                        pred = module.predict_velocity(noisy, s, cond)
                     losses.append(F.mse_loss(pred.float(), noise - x0).item())
             result[phase] = sum(losses) / len(losses)
     finally:

@@ -41,11 +41,27 @@ class LoraSettings:
 
 @dataclass
 class OptimizerSettings:
-    """AdamW with a constant learning rate after a linear warm-up that restarts for each phase."""
+    """AdamW with a constant learning rate after a linear warm-up that restarts for each phase.
 
+    ``name="adamw8bit"`` keeps the moment estimates in 8 bits (bitsandbytes), a quarter of AdamW's state.
+    """
+
+    name: Literal["adamw", "adamw8bit"] = "adamw"
     lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     eps: float = 1e-8
     warmup_steps: int = 10
     fused: bool | None = None  # None: the fused CUDA kernel on GPUs, the default implementation elsewhere
+
+
+@dataclass
+class PerformanceSettings:
+    """Speed/memory switches of the training step (see ``glance_lightning.performance``)."""
+
+    attention_backend: str = "sdpa"  # sdpa[-flash|-efficient|-math] or a diffusers dispatcher backend
+    compile_blocks: bool = False  # regional torch.compile of the repeated transformer blocks
+    compile_backend: str = "inductor"
+    gradient_checkpointing: bool | float = False  # share of repeated blocks recomputed in backward; true = 1, false = 0
+    checkpoint_policy: Literal["full", "save-matmuls"] = "full"
+    base_quantization: Literal["none", "int8-weight-only", "float8-weight-only", "float8-dynamic", "nf4"] = "none"

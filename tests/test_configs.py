@@ -48,3 +48,24 @@ def test_unknown_config_key_is_an_error(repo: Path, monkeypatch, capsys):
         main(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.lora.rnak", "4", "--print_config"])
     assert exit_info.value.code != 0
     assert "rnak" in capsys.readouterr().err
+
+
+OVERLAYS = sorted((Path(__file__).resolve().parents[1] / "configs" / "performance").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[p.name for p in OVERLAYS])
+@pytest.mark.parametrize("config", ["flux-dev.yaml", "qwen-image.yaml", "sd35-large.yaml"])
+def test_performance_overlays_change_only_their_keys(config: str, overlay: Path, repo: Path, monkeypatch, capsys):
+    monkeypatch.chdir(repo)
+    printed = {}
+    for configs in (["configs/" + config], ["configs/" + config, str(overlay)]):
+        with pytest.raises(SystemExit):
+            main(["fit", *[arg for c in configs for arg in ("--config", c)], "--print_config"])
+        printed[len(configs)] = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    base, layered = printed[1], printed[2]
+    wanted = yaml.safe_load(overlay.read_text())["model"]["init_args"]
+    for group, values in wanted.items():
+        assert {k: layered[group][k] for k in values} == values
+        assert {k: v for k, v in layered[group].items() if k not in values} == \
+            {k: v for k, v in base[group].items() if k not in values}
+    assert {k: v for k, v in layered.items() if k not in wanted} == {k: v for k, v in base.items() if k not in wanted}

@@ -30,9 +30,16 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torchmetrics import MeanMetric
 
+from glance_lightning import performance as perf_ops
 from glance_lightning.families.generation import GenerationMixin
 from glance_lightning.lora_io import save_lora
-from glance_lightning.settings import LoraSettings, OptimizerSettings, ScheduleDerivation, TimestepSettings
+from glance_lightning.settings import (
+    LoraSettings,
+    OptimizerSettings,
+    PerformanceSettings,
+    ScheduleDerivation,
+    TimestepSettings,
+)
 from glance_lightning.timesteps import GlanceTimesteps
 from glance_lightning.tiny_models import resolve_model_path
 
@@ -81,6 +88,7 @@ class GlanceModule(GenerationMixin, L.LightningModule):
     size_multiple: ClassVar[int] = 16
     control_images: ClassVar[tuple[int, int]] = (0, 0)  # (min, max) control images per sample
     timestep_scale: ClassVar[float] = 1.0  # what the transformer takes as timestep: sigma * timestep_scale
+    repeated_blocks: ClassVar[tuple[str, ...]] = ()  # block classes to compile/checkpoint; () = diffusers' list
 
     def __init__(
         self,
@@ -91,7 +99,7 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         lora: LoraSettings | None = None,
         optimizer: OptimizerSettings | None = None,
         torch_dtype: str = "float32",
-        gradient_checkpointing: bool = False,
+        performance: PerformanceSettings | None = None,
         caption_dropout: float = 0.0,
         dropout_prompt: str = " ",
         offload_encoders: bool = True,
@@ -107,7 +115,8 @@ class GlanceModule(GenerationMixin, L.LightningModule):
             lora: rank, alpha, target modules and init of both adapters.
             optimizer: AdamW settings and the per-phase warm-up.
             torch_dtype: dtype the frozen base weights are loaded in (float32, bfloat16, float16).
-            gradient_checkpointing: recompute transformer activations in the backward pass.
+            performance: attention kernels, regional compile, (selective) gradient checkpointing and a
+                quantised frozen base; see ``glance_lightning.performance``.
             caption_dropout: probability of training a sample on ``dropout_prompt`` instead of its caption.
             dropout_prompt: the prompt used for caption dropout (the official Qwen recipe uses " ").
             offload_encoders: keep text encoders and the VAE on the CPU once the data is encoded.
@@ -132,6 +141,8 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         self.phase_steps = {"slow": slow_steps, "fast": fast_steps}
         self.lora_settings = _settings(LoraSettings, lora)
         self.optim_settings = _settings(OptimizerSettings, optimizer)
+        self.perf = _settings(PerformanceSettings, performance)
+        perf_ops.check_performance_settings(self.perf, self.optim_settings)
         self.glance_timesteps = self._resolve_timesteps(_settings(TimestepSettings, timesteps))
         self.strict_loading = False  # checkpoints hold only the LoRA weights
         self.transformer: torch.nn.Module | None = None
@@ -146,6 +157,10 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         self.lora_dir: Path | None = Path(output_dir) if output_dir else None
         self.seed = 0
         self.loss_means = torch.nn.ModuleDict({p: MeanMetric() for p in PHASES})
+        self._finite: torch.Tensor | None = None
+        self._last_draw = ""
+        self.fit_timings: dict[str, float] = {}  # seconds spent outside the training steps, by part
+        self.fit_started: float | None = None
 
     # ------------------------------------------------------------------ family hooks
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -231,6 +246,10 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         (``with_adapters=False`` for sampling with LoRA files loaded by ``load_glance_loras``)."""
         if self._pipe is not None:
             return
+        with self.timed("load"):
+            self._load_base_model(with_adapters)
+
+    def _load_base_model(self, with_adapters: bool) -> None:
         started = time.perf_counter()
         rank_zero_info(f"glance_lightning: loading {self.hparams.pretrained_model} ...")
         path = resolve_model_path(self.hparams.pretrained_model)
@@ -243,7 +262,9 @@ class GlanceModule(GenerationMixin, L.LightningModule):
             # cuDNN's SDPA backward fails for FLUX-sized shapes on H100 (mha_graph.execute / CUBLAS errors);
             # flash / memory-efficient SDPA are as fast there, so it is never selected.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        pipe = self.pipeline_class.from_pretrained(path, dtype=getattr(torch, self.dtype_name))
+        dtype = getattr(torch, self.dtype_name)
+        quantization = perf_ops.quantization_config(self.perf.base_quantization, dtype)
+        pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, quantization_config=quantization)
         pipe.set_progress_bar_config(disable=True)
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
             module = getattr(pipe, name, None)
@@ -251,6 +272,7 @@ class GlanceModule(GenerationMixin, L.LightningModule):
                 module.requires_grad_(False).eval()
         transformer = pipe.transformer
         transformer.requires_grad_(False)
+        perf_ops.set_dispatcher_backend(transformer, self.perf.attention_backend)
         self._pipe, self.transformer = pipe, transformer
         rank_zero_info(f"glance_lightning: loaded {type(pipe).__name__} in {time.perf_counter() - started:.1f}s")
         if not with_adapters:
@@ -261,14 +283,37 @@ class GlanceModule(GenerationMixin, L.LightningModule):
             for phase in PHASES:
                 transformer.add_adapter(config, adapter_name=phase)
         transformer.train()
-        if self.hparams.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        self._speed_up_training(transformer)
         # Both adapters stay trainable until the first step so that DDP registers (and all-reduces) both;
         # set_phase then lets peft freeze the inactive one.
         for phase in PHASES:
             for param in self.adapter_parameters(phase):
                 param.requires_grad_(True)
         self._active_adapter = None
+
+    def _speed_up_training(self, transformer: torch.nn.Module) -> None:
+        perf = self.perf
+        if perf.gradient_checkpointing:
+            chosen = perf_ops.enable_checkpointing(transformer, self.repeated_blocks,
+                                                      float(perf.gradient_checkpointing), perf.checkpoint_policy)
+            rank_zero_info(f"glance_lightning: gradient checkpointing ({perf.checkpoint_policy}) on {len(chosen)} "
+                           "transformer blocks")
+        if perf.compile_blocks:
+            count = perf_ops.compile_blocks(transformer, self.repeated_blocks, perf.compile_backend)
+            rank_zero_info(f"glance_lightning: {count} transformer blocks compiled ({perf.compile_backend})")
+
+    def attention(self) -> Any:
+        """Context every transformer forward runs in (the configured SDPA kernels)."""
+        return perf_ops.attention_context(self.perf.attention_backend)
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Add the block's wall time to ``fit_timings[part]`` (load, encode, samples, save)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.fit_timings[part] = self.fit_timings.get(part, 0.0) + time.perf_counter() - started
 
     def set_phase(self, phase: str) -> None:
         """Activate one adapter (peft also makes only it trainable)."""
@@ -284,6 +329,7 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         if stage != "fit":
             self.load_base_model()
             return
+        self.fit_started, self.fit_timings = time.perf_counter(), {}
         self._check_output_dir()
         self._set_max_steps()
         self._check_strategy()
@@ -382,7 +428,7 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         started = time.perf_counter()
         rank_zero_info(f"glance_lightning: encoding {len(samples)} sample(s) and "
                        f"{len(self._requested_prompts)} sampling prompt(s) once ...")
-        with self.encoders_on_device():
+        with self.timed("encode"), self.encoders_on_device():
             self.latent_cache = [self.encode_sample_latents(s).to(self.device) for s in samples]
             for prompt in self._requested_prompts:  # edit families encode a prompt with each sample's controls
                 for item in samples:
@@ -460,45 +506,57 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         )
         s = sigma.view(-1, *([1] * (x0.dim() - 1)))
         noisy = (1.0 - s) * x0 + s * noise
-        pred = self.predict_velocity(noisy, sigma, cond)
+        with self.attention():
+            pred = self.predict_velocity(noisy, sigma, cond)
         per_sample = (pred.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
         loss = per_sample.mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.global_step} ({phase} phase, sigmas "
-                f"{[round(sigmas[c], 4) for c in choice.tolist()]}); training stopped and the last good LoRAs kept "
-                f"in {self.lora_dir}. Lower model.optimizer.lr, or use float32/bf16-mixed instead of float16"
-            )
+        # Checked once per optimizer step in on_before_optimizer_step, so the host waits for the device there
+        # (after the backward pass is queued) and not here between forward and backward.
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if batch_idx % max(1, self.trainer.accumulate_grad_batches) == 0 or \
+            self._finite is None else self._finite & finite
+        self._last_draw = f"{phase} phase, sigmas {[round(sigmas[c], 4) for c in choice.tolist()]}"
         self._log_losses(phase, loss, per_sample, choice.tolist())
         return loss
+
+    def diagnostics_due(self) -> bool:
+        """Whether this step's extra metrics reach the loggers (every ``trainer.log_every_n_steps``); they are
+        only computed then, since Lightning writes on-step values to the loggers at those steps alone."""
+        return self.trainer._logger_connector.should_update_logs  # the loggers' own test (stable in 2.x)
 
     def _log_losses(self, phase: str, loss: torch.Tensor, per_sample: torch.Tensor, choice: list[int]) -> None:
         size = len(choice)
         self.loss_means[phase].update(loss.detach())
         self.log(f"train/loss_{phase}", loss, prog_bar=True, on_step=True, batch_size=size)
-        self.log("train/loss", loss, on_step=True, batch_size=size)
         self.log(f"train/loss_{phase}_mean", self.loss_means[phase], on_step=False, on_epoch=True, batch_size=size)
+        if not self.diagnostics_due():
+            return
+        self.log("train/loss", loss, on_step=True, batch_size=size)
         self.log("train/phase", float(PHASES.index(phase)), on_step=True, batch_size=size)
         timesteps = self.glance_timesteps.as_timesteps()[phase]
-        for c in sorted(set(choice)):
-            mask = torch.tensor([x == c for x in choice], device=per_sample.device)
-            self.log(f"train/loss_{phase}/t{timesteps[c]:07.2f}", per_sample[mask].mean(), on_step=True,
-                     batch_size=int(mask.sum()))
+        for c in sorted(set(choice)):  # masks and counts from the host-side list: no device sync
+            rows = [i for i, x in enumerate(choice) if x == c]
+            self.log(f"train/loss_{phase}/t{timesteps[c]:07.2f}", per_sample[rows].mean(), on_step=True,
+                     batch_size=len(rows))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._finite is not None and not bool(self._finite):  # the step's one host-device sync
+            raise NonFiniteLossError(
+                f"loss is not finite at step {self.global_step} ({self._last_draw}); training stopped and the last "
+                f"good LoRAs kept in {self.lora_dir}. Lower model.optimizer.lr, or use float32/bf16-mixed instead "
+                "of float16"
+            )
+        if not self.diagnostics_due():
+            return
         grads = [p.grad for p in self.adapter_parameters(self._active_adapter) if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             self.log(f"train/grad_norm_{self._active_adapter}", norm, on_step=True)
             self.log("train/lr", optimizer.param_groups[PHASES.index(self._active_adapter)]["lr"], on_step=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        o = self.optim_settings
         groups = [{"params": self.adapter_parameters(p), "name": p} for p in PHASES]
-        fused = self.device.type == "cuda" if o.fused is None else o.fused
-        optimizer = torch.optim.AdamW(
-            groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, fused=fused or None
-        )
+        optimizer = perf_ops.build_optimizer(self.optim_settings, groups, self.device)
         lambdas = [self._phase_lr_lambda(p) for p in PHASES]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -555,7 +613,8 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         root = Path(directory) if directory is not None else self.lora_dir
         config = self.lora_config().to_dict()
         paths = []
-        for phase in PHASES:
-            state = get_peft_model_state_dict(self.transformer, adapter_name=phase)
-            paths.append(save_lora(root / phase, state, config, self.glance_metadata(phase)))
+        with self.timed("save"):
+            for phase in PHASES:
+                state = get_peft_model_state_dict(self.transformer, adapter_name=phase)
+                paths.append(save_lora(root / phase, state, config, self.glance_metadata(phase)))
         return paths

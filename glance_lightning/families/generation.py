@@ -44,7 +44,8 @@ class GenerationMixin:
         def velocity(x: torch.Tensor, sigma: float, phase: str) -> torch.Tensor:
             self.set_phase(phase)
             s = torch.full((x.shape[0],), sigma, device=self.device)
-            return self.guided_velocity(x, s, cond, negative, guidance_scale)
+            with self.attention():
+                return self.guided_velocity(x, s, cond, negative, guidance_scale)
 
         try:
             x = self.initial_noise(height, width, seed)
@@ -75,7 +76,8 @@ class GenerationMixin:
         try:
             def velocity(x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
                 s = torch.full((x.shape[0],), sigma, device=self.device)
-                return self.guided_velocity(x, s, cond, negative, guidance_scale)
+                with self.attention():
+                    return self.guided_velocity(x, s, cond, negative, guidance_scale)
 
             return sample(velocity, self.initial_noise(height, width, seed), sigmas)
         finally:

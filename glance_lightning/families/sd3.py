@@ -34,6 +34,7 @@ class SD3Glance(ShiftScaleLatents, GlanceModule):
     pipeline_class = StableDiffusion3Pipeline
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     size_multiple = 16  # VAE factor 8 x transformer patch size 2
+    repeated_blocks = ("JointTransformerBlock",)  # diffusers declares none for SD3
     timestep_scale = 1000.0  # StableDiffusion3Pipeline calls the transformer with the 0-1000 timestep
 
     def __init__(self, *args: Any, max_sequence_length: int = 256, **kwargs: Any) -> None:

@@ -1,0 +1,246 @@
+"""Time one Glance training step through our LightningModule against a plain diffusers + peft loop.
+
+Everything runs in ONE process on the same weights from the same folder, one variant after the other, so
+the ratios are measured in the same run:
+- reference: the loop of the diffusers LoRA examples (train_dreambooth_lora_*.py): the transformer from
+  ``from_pretrained``, one peft adapter via ``add_adapter``, torch's AdamW, precomputed embeddings and
+  latents, ``loss.item()`` logged each step; ``reference-ckpt`` adds ``enable_gradient_checkpointing()``.
+  Its forward is the family's pack/call/unpack (the same maths the examples write out).
+- glance variants: ``Trainer.fit`` of our family module with the options named below, the step measured
+  between consecutive ``on_train_batch_end`` calls (Lightning's own overhead included).
+
+Seconds per step are medians after warm-up; peak GiB is ``torch.cuda.max_memory_allocated`` over the timed
+steps (CUDA only). ``--full-size`` writes a transformer of the real architecture (FLUX.1-dev, Qwen-Image,
+SD3.5-Large) with random weights into a copy of the tiny pipeline (no hub; the text encoders stay tiny, so
+the text sequence length matches the real pipelines' but the embeddings are random).
+
+    python benchmarks/bench_training.py --family flux                              # tiny, CPU
+    python benchmarks/bench_training.py --family flux --full-size --device cuda --dtype bfloat16 --size 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from glance_lightning.datamodules.glance import GlanceDataModule
+from peft import LoraConfig
+
+from glance_lightning.families import family_class
+from glance_lightning.settings import LoraSettings, OptimizerSettings, PerformanceSettings
+from glance_lightning.tiny_models import build_tiny_model
+
+SAMPLE = Path(__file__).resolve().parents[1] / "glance_lightning" / "assets" / "samples" / "t2i"
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "ckpt": {"gradient_checkpointing": 1.0},
+    "ckpt-half": {"gradient_checkpointing": 0.5},
+    "ckpt-save-matmuls": {"gradient_checkpointing": 1.0, "checkpoint_policy": "save-matmuls"},
+    "compile": {"compile_blocks": True},
+    "compile+ckpt-half": {"compile_blocks": True, "gradient_checkpointing": 0.5},
+    "fp8": {"base_quantization": "float8-dynamic"},
+    "int8+ckpt+adamw8bit": {"base_quantization": "int8-weight-only", "gradient_checkpointing": 1.0,
+                            "optimizer": "adamw8bit"},
+    "nf4+ckpt+adamw8bit": {"base_quantization": "nf4", "gradient_checkpointing": 1.0, "optimizer": "adamw8bit"},
+}
+FULL_SIZE: dict[str, dict[str, Any]] = {  # the real transformers' widths and depths; the tiny VAE's latent
+    # channels and tiny text encoders' widths are kept (input/output projections only; same token counts)
+    "flux": {"num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
+             "guidance_embeds": True},
+    "qwen-image": {"num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24},
+    "sd3": {"num_layers": 38, "attention_head_dim": 64, "num_attention_heads": 38, "caption_projection_dim": 2432,
+            "pos_embed_max_size": 192, "qk_norm": "rms_norm", "sample_size": 128, "dual_attention_layers": ()},
+}
+
+
+def full_size_config(model: Path, family: str) -> tuple[type, dict[str, Any]]:
+    """The transformer class in ``model`` and its config widened/deepened to the real architecture."""
+    import diffusers
+
+    folder = model / "transformer"
+    _, class_name = json.loads((model / "model_index.json").read_text())["transformer"]
+    transformer_cls = getattr(diffusers, class_name)
+    config = {k: v for k, v in transformer_cls.load_config(folder).items() if not k.startswith("_")}
+    return transformer_cls, {**config, **FULL_SIZE[family]}
+
+
+def full_size_transformer(model: Path, family: str, device: str, dtype: torch.dtype) -> None:
+    """Replace the tiny transformer in ``model`` with a random one of the real architecture."""
+    transformer_cls, config = full_size_config(model, family)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = transformer_cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    shutil.rmtree(model / "transformer")
+    transformer.save_pretrained(model / "transformer")
+    del transformer
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+
+
+class StepTimer(L.Callback):
+    """Wall time between consecutive ends of training steps, with the device synchronised."""
+
+    def __init__(self, warmup: int, device: str) -> None:
+        self.warmup, self.device = warmup, device
+        self.times: list[float] = []
+        self.peak = float("nan")
+        self._last: float | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        if trainer.global_step == self.warmup:
+            reset_memory(self.device)
+        elif trainer.global_step > self.warmup and self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+        if trainer.global_step > self.warmup:
+            self.peak = peak_gib(self.device)
+
+
+def module_for(args: argparse.Namespace, model: Path, options: dict[str, Any]) -> Any:
+    options = dict(options)
+    optimizer = OptimizerSettings(name=options.pop("optimizer", "adamw"), lr=1e-4, warmup_steps=1)
+    steps = args.warmup + args.steps
+    return family_class(args.family)(
+        pretrained_model=str(model), slow_steps=steps, fast_steps=0, torch_dtype=args.dtype,
+        lora=LoraSettings(rank=args.rank, alpha=args.rank, targets=["to_q", "to_k", "to_v", "to_out.0"]),
+        optimizer=optimizer, performance=PerformanceSettings(**options),
+    )
+
+
+def run_glance(args: argparse.Namespace, model: Path, options: dict[str, Any]) -> tuple[list[float], float]:
+    module = module_for(args, model, options)
+    timer = StepTimer(args.warmup, args.device)
+    with tempfile.TemporaryDirectory() as out:
+        module.lora_dir = Path(out) / "loras"
+        trainer = L.Trainer(
+            accelerator="cuda" if args.device.startswith("cuda") else "cpu", devices=1, max_steps=-1,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[timer], default_root_dir=out, precision="32-true",
+        )
+        data = GlanceDataModule(str(SAMPLE), resolution=args.size, size_multiple=16)
+        trainer.fit(module, datamodule=data)
+    del module, trainer
+    return timer.times, timer.peak
+
+
+def run_reference(args: argparse.Namespace, model: Path, checkpointing: bool) -> tuple[list[float], float]:
+    """The diffusers examples' loop around the same transformer forward."""
+    module = module_for(args, model, {})
+    module.load_base_model(with_adapters=False)
+    device = torch.device(args.device)
+    module.to(device)
+    data = GlanceDataModule(str(SAMPLE), resolution=args.size, size_multiple=16)
+    data.setup("fit")
+    item = data.train_samples[0]
+    with module.encoders_on_device():
+        latents = module.encode_sample_latents(item).to(device)
+        cond = {k: v.to(device) for k, v in module.conditioning_for(item.caption).items()}
+    transformer = module.transformer
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    transformer.train()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    sigmas = torch.tensor(module.glance_timesteps.slow)
+    times: list[float] = []
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            reset_memory(args.device)
+        sync(args.device)
+        start = time.perf_counter()
+        noise = torch.randn_like(latents)
+        sigma = sigmas[torch.randint(len(sigmas), (1,))].to(device)
+        noisy = (1 - sigma) * latents + sigma * noise
+        pred = module.predict_velocity(noisy, sigma, cond)
+        loss = torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()  # the examples log the loss every step
+        sync(args.device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = peak_gib(args.device)
+    del module, transformer, optimizer, params
+    return times, peak
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="flux", choices=sorted(FULL_SIZE))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--variants", default="reference,reference-ckpt,default,ckpt,ckpt-save-matmuls",
+                        help=f"comma list of reference, reference-ckpt and {', '.join(VARIANTS)}")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (0: torch's default); 1 keeps CPU timings stable on a busy machine")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS and n not in ("reference", "reference-ckpt")]
+    if unknown:
+        parser.error(f"unknown variants {unknown}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny_model(args.family, Path(tmp) / "model")
+        if args.full_size:
+            full_size_transformer(model, args.family, args.device, getattr(torch, args.dtype))
+        for name in names:
+            reset_memory(args.device)
+            try:
+                if name.startswith("reference"):
+                    times, peak = run_reference(args, model, checkpointing=name == "reference-ckpt")
+                else:
+                    times, peak = run_glance(args, model, VARIANTS[name])
+                rows.append((name, statistics.median(times), peak, ""))
+            except Exception as err:  # one variant failing (e.g. fp8 on an old GPU) must not lose the table
+                rows.append((name, float("nan"), float("nan"), f"{type(err).__name__}: {str(err)[:80]}"))
+            print(f"{name}: done", flush=True)
+    reference = next((s for n, s, _, _ in rows if n == "reference"), float("nan"))
+    print(f"\n{args.family} {'full-size random' if args.full_size else 'tiny'}, {args.size}x{args.size}, "
+          f"{args.device}, {args.dtype}, rank {args.rank}, median of {args.steps} steps after {args.warmup}")
+    print(f"| {'variant':22s} | s/step | peak GiB | vs reference | note")
+    print(f"|{'-' * 24}|--------|----------|--------------|-----")
+    for name, seconds, peak, note in rows:
+        print(f"| {name:22s} | {seconds:6.3f} | {peak:8.2f} | {reference / seconds:11.2f}x | {note}")
+
+
+if __name__ == "__main__":
+    main()
