@@ -16,14 +16,16 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 def fit_breakdown(started: float | None, parts: dict[str, float], step_times: list[float]) -> str:
-    """One line: where a fit's wall time went (the rest is the training steps and Lightning around them)."""
+    """One line: where a fit's wall time went; "other" is Lightning around the steps (checkpoint files,
+    loggers, the progress bar, data)."""
     if started is None:
         return "fit timings unavailable"
     total = time.perf_counter() - started
-    median = f", median {statistics.median(step_times):.3f} s/step" if step_times else ""
-    shown = " + ".join(f"{name} {seconds:.1f}" for name, seconds in parts.items())
-    rest = total - sum(parts.values())
-    return f"fit took {total:.1f} s = {shown} + {len(step_times)} training steps and the rest {rest:.1f}{median}"
+    steps = sum(step_times)
+    median = f" (median {statistics.median(step_times):.3f} s/step)" if step_times else ""
+    shown = "".join(f"{name} {seconds:.1f} + " for name, seconds in parts.items())
+    other = total - sum(parts.values()) - steps
+    return f"fit took {total:.1f} s = {shown}{len(step_times)} training steps {steps:.1f}{median} + other {other:.1f}"
 
 
 class TrainingMonitor(L.Callback):
@@ -33,14 +35,17 @@ class TrainingMonitor(L.Callback):
         self.step_times: list[float] = []
         self.summary = ""
         self._start: float | None = None
+        self._sampled = 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._start = time.perf_counter()
+        self._sampled = pl_module.fit_timings.get("samples", 0.0)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self._start is None:
             return
-        self.step_times.append(time.perf_counter() - self._start)
+        rendering = pl_module.fit_timings.get("samples", 0.0) - self._sampled  # counted under "samples"
+        self.step_times.append(time.perf_counter() - self._start - rendering)
         self._times = self.step_times[-self.window:]
         seconds = statistics.median(self._times)
         size = len(batch["index"])

@@ -42,3 +42,19 @@ def test_training_benchmark_runs_and_prints_a_table(capsys):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["reference", "default", "ckpt-half"]
     assert all(float(r.split("|")[2]) > 0 for r in rows)  # a failed variant would print nan and a note
+
+
+def test_full_size_path_writes_and_loads_a_wider_transformer(monkeypatch, capsys):
+    """--full-size at a CPU-sized stand-in: the transformer is rebuilt, saved and loaded by both sides."""
+    bench = load("bench_training")
+    monkeypatch.setitem(bench.FULL_SIZE, "flux", {"num_layers": 2, "num_single_layers": 3,
+                                                  "attention_head_dim": 16, "num_attention_heads": 4})
+    built = []
+    real = bench.full_size_transformer
+    monkeypatch.setattr(bench, "full_size_transformer", lambda *a: built.append(a) or real(*a))
+    bench.main(["--family", "flux", "--full-size", "--steps", "1", "--warmup", "1",
+                "--variants", "reference,default"])
+    out = capsys.readouterr().out
+    assert built and "flux full-size random" in out
+    rows = [line for line in out.split("| variant")[1].splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)

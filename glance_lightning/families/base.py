@@ -156,7 +156,9 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         self._encoder_depth = 0
         self.lora_dir: Path | None = Path(output_dir) if output_dir else None
         self.seed = 0
-        self.loss_means = torch.nn.ModuleDict({p: MeanMetric() for p in PHASES})
+        # nan_strategy="disable": torchmetrics would otherwise read every update back (a device sync); non-finite
+        # losses are caught once per optimizer step in on_before_optimizer_step.
+        self.loss_means = torch.nn.ModuleDict({p: MeanMetric(nan_strategy="disable") for p in PHASES})
         self._finite: torch.Tensor | None = None
         self._last_draw = ""
         self.fit_timings: dict[str, float] = {}  # seconds spent outside the training steps, by part
@@ -337,6 +339,7 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % (2**31)
         self.load_base_model()
         self._check_free_space()
+        self._encode_before_transformer_moves(self.trainer.strategy.root_device)
 
     def _set_max_steps(self) -> None:
         trainer = self.trainer
@@ -420,7 +423,16 @@ class GlanceModule(GenerationMixin, L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.refuse_overwrite(resuming=self.trainer.ckpt_path is not None)
-        self.build_cache(self.trainer.datamodule.train_samples)
+
+    def _encode_before_transformer_moves(self, device: torch.device) -> None:
+        """Build the cache on the training device while the transformer is still on the CPU (setup runs before
+        the strategy moves the module): the encoders and the transformer never share the accelerator, so the
+        fit's peak memory is that of training, not text encoder + transformer."""
+        previous, self._device = self._device, device  # what self.device reports to the encode hooks
+        try:
+            self.build_cache(self.trainer.datamodule.train_samples)
+        finally:
+            self._device = previous
 
     @torch.no_grad()
     def build_cache(self, samples: Sequence[Any]) -> None:
