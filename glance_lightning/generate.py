@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from glance_lightning.settings import TimestepSettings
+from glance_lightning.performance import QUANTIZATIONS, check_performance_settings
+from glance_lightning.settings import OptimizerSettings, PerformanceSettings, TimestepSettings
 from glance_lightning.timesteps import GlanceTimesteps
 
 FAMILIES = ("flux", "sd3", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("exact", "official-qwen"), default="exact",
                    help="exact chain (default) or the official Qwen Glance pipelines' arithmetic")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--attention-backend", default="sdpa", help="as model.performance.attention_backend")
+    p.add_argument("--base-quantization", default="none", choices=QUANTIZATIONS,
+                   help="load the transformer quantised (torchao / bitsandbytes), to fit smaller cards")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", required=True, help="output folder (existing files are never overwritten)")
     return p
@@ -48,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _fail(message: str) -> int:
     print(f"sample: error: {message}", file=sys.stderr)
     return 2
+
+
+def performance_settings(args: argparse.Namespace) -> PerformanceSettings:
+    """The speed/memory options of a ``sample`` call (defaults where a caller's namespace lacks them)."""
+    return PerformanceSettings(attention_backend=getattr(args, "attention_backend", "sdpa"),
+                               base_quantization=getattr(args, "base_quantization", "none"))
 
 
 def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
@@ -79,7 +89,7 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
         kwargs["guidance"] = args.guidance
     module = family_class(family)(
         pretrained_model=args.model, timesteps=TimestepSettings(slow=lists["slow"], fast=lists["fast"]),
-        torch_dtype=args.dtype, **kwargs,
+        torch_dtype=args.dtype, performance=performance_settings(args), **kwargs,
     )
     module.load_base_model(with_adapters=False)
     module.to(args.device)
@@ -100,6 +110,11 @@ def run_sample_command(argv: list[str] | None = None) -> int:
     missing = [c for c in args.control if not Path(c).is_file()]
     if missing:
         return _fail(f"--control: no such file(s): {', '.join(missing)}")
+    try:
+        check_performance_settings(performance_settings(args), OptimizerSettings())
+    except (ValueError, RuntimeError, ImportError) as err:
+        message = str(err).replace("model.performance.attention_backend", "--attention-backend")
+        return _fail(message.replace("model.performance.base_quantization", "--base-quantization"))
     try:
         module, info = load_sampler(args)
     except (ValueError, FileNotFoundError) as err:

@@ -842,6 +842,11 @@ def resolve_model_path(name_or_path: str) -> str:
     _check_family(family)
     target = cache_dir() / "tiny" / f"{family}-{TINY_VERSION}"
     if not (target / "model_index.json").is_file():
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            raise RuntimeError(
+                f"{name_or_path}: not built yet, and rank {torch.distributed.get_rank()} cannot build it (transformers "
+                "saves weights on rank 0 only); build it before launching, or let GlanceModule.prepare_data do it"
+            )
         _build_into_place(family, target)
     return str(target)
 

@@ -155,6 +155,17 @@ def test_plain_ddp_without_find_unused_parameters_is_refused(repo: Path, tmp_pat
         trainer(tmp_path, devices=2, strategy="ddp_spawn").fit(make(tmp_path / "out"), data(repo))
 
 
+def test_sharding_strategies_are_refused_with_the_alternatives(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = make(tmp_path / "out")
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())  # Lightning allows FSDP on CUDA only
+    with pytest.raises(ValueError, match="FSDPStrategy shards parameters.*ddp_find_unused_parameters_true"):
+        module._check_strategy()
+
+
 def test_missing_model_path_names_the_setting(repo: Path, tmp_path: Path):
     module = FluxGlance(pretrained_model=str(tmp_path / "no-such-model"),
                         timesteps=TimestepSettings(slow=SLOW, fast=FAST), output_dir=str(tmp_path / "out"))

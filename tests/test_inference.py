@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
@@ -156,3 +157,24 @@ def test_single_files_without_glance_metadata_need_family_and_get_the_derived_ch
     assert run_sample_command([*argv, "--family", "flux"]) == 0
     out = capsys.readouterr().out
     assert "derived: the LoRAs carry no schedule" in out and "986.9786" in out
+
+
+def test_sample_on_an_int8_base_with_a_chosen_attention_kernel_stays_close(trained: Path, tmp_path: Path):
+    common = ["--model", "tiny:flux", "--slow", str(trained / "slow"), "--fast", str(trained / "fast"),
+              "--prompt", PROMPT, "--height", "64", "--width", "64", "--dtype", "bfloat16"]
+    assert run_sample_command([*common, "--output", str(tmp_path / "plain")]) == 0
+    assert run_sample_command([*common, "--base-quantization", "int8-weight-only", "--attention-backend",
+                               "sdpa-math", "--output", str(tmp_path / "int8")]) == 0
+    plain, int8 = (torch.from_numpy(np.asarray(Image.open(tmp_path / d / "p0_s0.png"), dtype=np.float32))
+                   for d in ("plain", "int8"))
+    mse = ((plain - int8) / 255).pow(2).mean().item()
+    assert mse > 0 and -10 * np.log10(mse) > 25  # quantised, yet the same image to within 25 dB PSNR
+
+
+def test_sample_refuses_unusable_speed_options_before_loading(trained: Path, tmp_path: Path, capsys):
+    argv = ["--model", "/no/such/model", "--slow", str(trained / "slow"), "--fast", str(trained / "fast"),
+            "--prompt", PROMPT, "--output", str(tmp_path / "o")]
+    assert run_sample_command([*argv, "--attention-backend", "_native_cudnn"]) == 2
+    assert "--attention-backend='_native_cudnn'" in capsys.readouterr().err
+    assert run_sample_command([*argv, "--base-quantization", "nf4"]) == 2
+    assert "--base-quantization=nf4 needs a CUDA GPU" in capsys.readouterr().err

@@ -197,3 +197,13 @@ def test_resolve_keeps_a_concurrent_builders_model(tmp_path: Path, monkeypatch: 
     assert resolve_model_path("tiny:sd3") == str(target)
     assert (target / "winner").is_file()
     assert sorted(p.name for p in target.parent.iterdir()) == [f"sd3-{TINY_VERSION}"]
+
+
+def test_a_non_zero_rank_never_builds_an_incomplete_tiny_model(tmp_path, monkeypatch):
+    """transformers writes weights on rank 0 only once torch.distributed is up: other ranks must not build."""
+    monkeypatch.setenv("GLANCE_LIGHTNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    with pytest.raises(RuntimeError, match="rank 1 cannot build it"):
+        resolve_model_path("tiny:flux")
+    assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").iterdir())

@@ -327,6 +327,12 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         return [p for n, p in self.transformer.named_parameters() if f".{phase}." in n and "lora_" in n]
 
     # ------------------------------------------------------------------ lightning hooks
+    def prepare_data(self) -> None:
+        """Build a ``tiny:`` model once, on one process per node, before any rank loads it (Lightning runs this
+        on local rank 0 and holds the others at a barrier). transformers writes weights on rank 0 only once
+        torch.distributed is up, so a build on another rank would be incomplete."""
+        resolve_model_path(self.hparams.pretrained_model)
+
     def setup(self, stage: str) -> None:
         if stage != "fit":
             self.load_base_model()
@@ -363,9 +369,17 @@ class GlanceModule(GenerationMixin, L.LightningModule):
             )
 
     def _check_strategy(self) -> None:
-        from lightning.pytorch.strategies import DDPStrategy
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
         strategy = self.trainer.strategy
+        if not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
+            # Sharding strategies (FSDP, DeepSpeed, model parallel) would leave each rank with a shard of the
+            # LoRA weights when they are saved; that path is not implemented, so it is refused, not guessed.
+            raise ValueError(
+                f"trainer.strategy: {type(strategy).__name__} shards parameters, which glance_lightning does not "
+                "support yet; use one device, or ddp_find_unused_parameters_true across devices. To fit a large "
+                "base model on one card, see model.performance (base_quantization, gradient_checkpointing)"
+            )
         if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
             raise ValueError(
                 "trainer.strategy: DDP must be told that the inactive adapter gets no gradient; use "
