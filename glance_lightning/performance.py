@@ -18,13 +18,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from glance_lightning.settings import OptimizerSettings, PerformanceSettings
+from glance_lightning.settings import BaseQuantization, OptimizerSettings, PerformanceSettings
 
 SDPA_KERNELS: dict[str, list[SDPBackend]] = {
     "sdpa": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
@@ -32,7 +32,7 @@ SDPA_KERNELS: dict[str, list[SDPBackend]] = {
     "sdpa-efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "sdpa-math": [SDPBackend.MATH],
 }
-QUANTIZATIONS = ("none", "int8-weight-only", "float8-weight-only", "float8-dynamic", "nf4")
+QUANTIZATIONS: tuple[str, ...] = get_args(BaseQuantization)
 _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
             torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_dot_product_flash_attention.default,
             torch.ops.aten._scaled_dot_product_efficient_attention.default}

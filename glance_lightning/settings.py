@@ -55,6 +55,9 @@ class OptimizerSettings:
     fused: bool | None = None  # None: the fused CUDA kernel on GPUs, the default implementation elsewhere
 
 
+BaseQuantization = Literal["none", "int8-weight-only", "float8-weight-only", "float8-dynamic", "nf4"]
+
+
 @dataclass
 class PerformanceSettings:
     """Speed/memory switches of the training step (see ``glance_lightning.performance``)."""
@@ -64,4 +67,4 @@ class PerformanceSettings:
     compile_backend: str = "inductor"
     gradient_checkpointing: bool | float = False  # share of repeated blocks recomputed in backward; true = 1, false = 0
     checkpoint_policy: Literal["full", "save-matmuls"] = "full"
-    base_quantization: Literal["none", "int8-weight-only", "float8-weight-only", "float8-dynamic", "nf4"] = "none"
+    base_quantization: BaseQuantization = "none"

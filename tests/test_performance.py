@@ -264,7 +264,8 @@ def test_fit_reports_where_its_time_went(repo: Path, tmp_path: Path):
     assert len(monitor.step_times) == 6
     total = float(monitor.summary.split("fit took ")[1].split(" s")[0])
     other = float(monitor.summary.split("other ")[1])
-    assert total >= sum(module.fit_timings.values()) + sum(monitor.step_times) and other >= 0
+    rounding = 0.05  # the summary prints tenths of a second
+    assert total + rounding >= sum(module.fit_timings.values()) + sum(monitor.step_times) and other >= -rounding
     assert "6 training steps" in monitor.summary
 
 

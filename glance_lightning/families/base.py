@@ -160,7 +160,7 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         # losses are caught once per optimizer step in on_before_optimizer_step.
         self.loss_means = torch.nn.ModuleDict({p: MeanMetric(nan_strategy="disable") for p in PHASES})
         self._finite: torch.Tensor | None = None
-        self._last_draw = ""
+        self._last_draw: tuple[str, list[float]] = ("", [])
         self.fit_timings: dict[str, float] = {}  # seconds spent outside the training steps, by part
         self.fit_started: float | None = None
 
@@ -541,7 +541,7 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         finite = torch.isfinite(loss.detach())
         self._finite = finite if batch_idx % max(1, self.trainer.accumulate_grad_batches) == 0 or \
             self._finite is None else self._finite & finite
-        self._last_draw = f"{phase} phase, sigmas {[round(sigmas[c], 4) for c in choice.tolist()]}"
+        self._last_draw = (phase, [sigmas[c] for c in choice.tolist()])  # formatted only if the loss fails
         self._log_losses(phase, loss, per_sample, choice.tolist())
         return loss
 
@@ -568,7 +568,8 @@ class GlanceModule(GenerationMixin, L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._finite is not None and not bool(self._finite):  # the step's one host-device sync
             raise NonFiniteLossError(
-                f"loss is not finite at step {self.global_step} ({self._last_draw}); training stopped and the last "
+                f"loss is not finite at step {self.global_step} ({self._last_draw[0]} phase, sigmas "
+                f"{[round(s, 4) for s in self._last_draw[1]]}); training stopped and the last "
                 f"good LoRAs kept in {self.lora_dir}. Lower model.optimizer.lr, or use float32/bf16-mixed instead "
                 "of float16"
             )
