@@ -28,7 +28,7 @@ from peft.utils import get_peft_model_state_dict
 
 from glance_lightning.inference import chained_call, load_glance_loras
 from glance_lightning.lora_io import save_lora
-from glance_lightning.tiny_models import build_tiny_model
+from glance_lightning.tiny import build_tiny_model
 
 SLOW = [1000.0, 986.9786, 973.2042, 958.6094, 943.1188]
 FAST = [926.6473, 825.7017, 677.9868, 441.1997, 60.5503]

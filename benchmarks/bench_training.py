@@ -38,7 +38,7 @@ from peft import LoraConfig
 
 from glance_lightning.families import family_class
 from glance_lightning.settings import LoraSettings, OptimizerSettings, PerformanceSettings
-from glance_lightning.tiny_models import build_tiny_model
+from glance_lightning.tiny import build_tiny_model
 
 SAMPLE = Path(__file__).resolve().parents[1] / "glance_lightning" / "assets" / "samples" / "t2i"
 VARIANTS: dict[str, dict[str, Any]] = {

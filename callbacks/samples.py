@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
+from glance_lightning.families.preflight import run_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -113,7 +115,7 @@ class ChainedSampleCallback(L.Callback):
         samples = trainer.datamodule.train_samples
         first = samples[0].pixels
         height, width = self.height or first.shape[-2], self.width or first.shape[-1]
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        out_dir = run_dir(trainer) / self.dirname
         panels: list[tuple[str, Image.Image, str]] = []
         paths, fidelity = [], []
         schedule = pl_module.glance_timesteps.as_timesteps()

@@ -1,31 +1,25 @@
 """The Glance DataModule: a validated folder of image/caption pairs (optionally with control images).
 
 It validates the whole dataset in one pass before any model is loaded, loads every image once at the
-training resolution (area about ``resolution``^2, aspect kept, sides a multiple of ``size_multiple``) and
-serves batches of sample indices: the module encodes each sample once and reuses its latents every step.
+training resolution (area about ``resolution``^2, aspect kept, sides a multiple of ``size_multiple``) and meets
+the ``glance_lightning.draws.GlanceData`` protocol: typed ``train_samples`` (the module encodes each once and
+reuses its latents every step) and batches holding each step's draws.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 from glance_lightning.datamodules.validation import validate_dataset
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from glance_lightning.draws import TrainSample, draws_dataloader
 
-@dataclass
-class TrainSample:
-    """One training pair loaded at training resolution; pixels in [-1, 1], [3, H, W]."""
-
-    image: Path
-    caption: str
-    pixels: torch.Tensor
-    controls: tuple[torch.Tensor, ...] = ()
+__all__ = ["GlanceDataModule", "TrainSample", "load_pixels", "target_size"]
 
 
 def target_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
@@ -50,19 +44,6 @@ def load_pixels(path: Path, size: tuple[int, int]) -> torch.Tensor:
     return data.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-class IndexDataset(Dataset):
-    """``length`` draws over ``num_samples`` sample indices (one epoch covers the whole run)."""
-
-    def __init__(self, num_samples: int, length: int) -> None:
-        self.num_samples, self.length = num_samples, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict[str, int]:
-        return {"index": i % self.num_samples}
-
-
 class GlanceDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -71,7 +52,6 @@ class GlanceDataModule(L.LightningDataModule):
         resolution: int = 1024,
         size_multiple: int = 32,
         batch_size: int = 1,
-        num_workers: int = 0,
     ) -> None:
         """
         Args:
@@ -80,7 +60,6 @@ class GlanceDataModule(L.LightningDataModule):
             resolution: images are scaled to an area of about resolution x resolution, aspect kept.
             size_multiple: each side is rounded to a multiple of this (the official code uses 32).
             batch_size: samples per step (a single image is repeated with independent noise and timesteps).
-            num_workers: DataLoader workers (indices only, so 0 is right almost always).
         """
         super().__init__()
         if resolution <= 0 or size_multiple <= 0 or resolution % size_multiple:
@@ -91,7 +70,7 @@ class GlanceDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size={batch_size} must be >= 1")
         self.path, self.layout = Path(path), layout
         self.resolution, self.size_multiple = resolution, size_multiple
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size = batch_size
         self.train_samples: list[TrainSample] = []
 
     def setup(self, stage: str | None = None) -> None:
@@ -117,10 +96,4 @@ class GlanceDataModule(L.LightningDataModule):
             return target_size(img.width, img.height, self.resolution, self.size_multiple)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        steps = max(trainer.max_steps, 1) if trainer is not None else 1
-        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        world = trainer.world_size if trainer is not None else 1
-        length = max(len(self.train_samples), steps * accumulate * self.batch_size * world)
-        dataset = IndexDataset(len(self.train_samples), length)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return draws_dataloader(self.trainer, len(self.train_samples), self.batch_size)

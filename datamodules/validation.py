@@ -11,15 +11,13 @@ This module owns the on-disk dataset contract and its checks:
 
 :func:`scan_dataset` walks the whole dataset once and collects *every* problem (each naming its file) into a
 :class:`DatasetReport`; :func:`validate_dataset` raises :class:`DatasetError` unless the report is usable;
-:func:`run_validate_data_command` backs ``python -m glance_lightning validate-data``. Hidden files and folders
-(names starting with ``.``) are ignored everywhere.
+``python -m glance_lightning validate-data`` (``glance_lightning.commands.validate_data``) prints the report.
+Hidden files and folders (names starting with ``.``) are ignored everywhere.
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +32,6 @@ __all__ = [
     "DatasetReport",
     "Problem",
     "Sample",
-    "run_validate_data_command",
     "scan_dataset",
     "validate_dataset",
 ]
@@ -428,39 +425,3 @@ def validate_dataset(
     if not report.ok:
         raise DatasetError(report)
     return report.samples
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Check a training dataset (images, captions, control images) before training; "
-        "lists every problem at once. Exit status: 0 usable, 1 dataset has errors, 2 bad arguments.",
-    )
-    parser.add_argument("--path", required=True, type=Path, help="dataset folder")
-    parser.add_argument(
-        "--layout", choices=LAYOUTS, default="auto",
-        help="flat: images + same-name .txt captions; edit: image/ + control/ (+ control_2/, control_3/); "
-        "auto: edit when image/ and control/ exist (default)",
-    )
-    return parser
-
-
-def _exit_code(exc: SystemExit) -> int:
-    if exc.code is None:
-        return 0
-    return exc.code if isinstance(exc.code, int) else 2
-
-
-def run_validate_data_command(argv: Iterable[str] | None = None) -> int:
-    """``python -m glance_lightning validate-data``: print the report, return the exit status."""
-    try:
-        args = _build_parser().parse_args(None if argv is None else list(argv))
-    except SystemExit as exc:  # argparse already printed usage / help
-        return _exit_code(exc)
-    report = scan_dataset(args.path, args.layout)
-    print(report.format())
-    if report.ok:
-        print(f"OK: {report.root} ({report.layout} layout) is ready for training.")
-        return 0
-    print(f"FAILED: {report.root} ({report.layout} layout) is not usable; fix the errors above and re-run.")
-    return 1

@@ -32,6 +32,7 @@ def run_lightning_cli(args: list[str], run: bool = True) -> object:
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from glance_lightning.families.base import GlanceModule
+    from glance_lightning.families.preflight import output_dir
 
     class SaveConfigToLoggers(SaveConfigCallback):
         """config.yaml in the run directory (never overwritten) and the full resolved config in every logger."""
@@ -50,11 +51,8 @@ def run_lightning_cli(args: list[str], run: bool = True) -> object:
             module, kwargs = self.model, self.config_init[self.subcommand]
             if kwargs.get("ckpt_path") == "last":
                 kwargs["ckpt_path"] = str(find_last_checkpoint(Path(self.trainer.default_root_dir)))
-            resuming = kwargs.get("ckpt_path") is not None
-            if module.lora_dir is None:
-                run_dir = Path(kwargs["ckpt_path"]).parent.parent if resuming else None
-                module.lora_dir = run_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            module.refuse_overwrite(resuming=resuming)
+            module.lora_dir = output_dir(self.trainer, module.lora_dir, kwargs.get("ckpt_path"))
+            module.refuse_overwrite(resuming=kwargs.get("ckpt_path") is not None)
 
     return GlanceCLI(
         GlanceModule,
@@ -82,9 +80,9 @@ def find_last_checkpoint(root: Path) -> Path:
 
 
 def _extra_commands() -> dict[str, Callable[[list[str]], int]]:
-    from glance_lightning.datamodules.validation import run_validate_data_command
-    from glance_lightning.generate import run_sample_command
-    from glance_lightning.schedules import run_schedule_command
+    from glance_lightning.commands.sample import run_sample_command
+    from glance_lightning.commands.schedule import run_schedule_command
+    from glance_lightning.commands.validate_data import run_validate_data_command
 
     return {
         "validate-data": run_validate_data_command,

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from glance_lightning import flow
+
 
 @torch.no_grad()
 def phase_losses(module: Any, sample_index: int = 0, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, float]:
@@ -27,11 +29,10 @@ def phase_losses(module: Any, sample_index: int = 0, seeds: tuple[int, ...] = (0
             for seed in seeds:
                 noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
                 for sigma in module.glance_timesteps.phase(phase):
-                    noisy = (1 - sigma) * x0 + sigma * noise
                     s = torch.full((x0.shape[0],), sigma, device=x0.device)
                     with module.attention():
-                        pred = module.predict_velocity(noisy, s, cond)
-                    losses.append(F.mse_loss(pred.float(), noise - x0).item())
+                        pred = module.predict_velocity(flow.noisy_latents(x0, noise, s), s, cond)
+                    losses.append(flow.per_sample_loss(pred, x0, noise).mean().item())
             result[phase] = sum(losses) / len(losses)
     finally:
         module.transformer.train(was_training)

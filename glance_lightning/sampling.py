@@ -1,62 +1,119 @@
-"""Samplers shared by every family: ``sample(velocity_fn, x, sigmas)`` and the exact Slow->Fast chain.
+"""One sampler contract: a plan is data, ``sample(velocity_fn, x, plan)`` walks it.
 
-A family only says how to predict a velocity. The chain over slow = [s1..sN] and fast = [f1..fM] is ONE
-Euler schedule s1 -> ... -> sN -> f1 -> ... -> fM -> 0; the Slow adapter runs the steps that start at
-s1..sN, the Fast adapter those that start at f1..fM, and the model is conditioned on the trained sigmas.
+A plan is a tuple of ``Step``s: the sigma a step starts at, the sigma it ends at, the sigma the model is
+conditioned on, and the adapter that runs it ("slow", "fast", or None for the base model). A family only says
+how to predict a velocity; every sampling mode is a plan builder in ``PLANS``:
+
+- ``exact`` (the default): ONE Euler schedule s1 -> ... -> sN -> f1 -> ... -> fM -> 0 over the trained sigmas;
+  the Slow adapter runs the steps that start at s1..sN, the Fast adapter those that start at f1..fM, and the
+  model is conditioned on the sigma each step starts at.
+- ``official-qwen``: what the official Glance Qwen pipelines compute (GLANCE.md section 3): the first 5
+  intervals of the shifted 50-step table conditioned on the 5 Slow timesteps, then the shifted 5-step table
+  conditioned on the 5 Fast timesteps. Only 5 + 5 steps, only for families that declare ``official_qwen``.
+
+``base_plan`` is the base model's own schedule (no adapter), for comparison samples.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-VelocityFn = Callable[[torch.Tensor, float, int], torch.Tensor]
-PhaseVelocityFn = Callable[[torch.Tensor, float, str], torch.Tensor]
+from glance_lightning.timesteps import GlanceTimesteps
+
+OFFICIAL_QWEN_TABLE_STEPS = 50
+OFFICIAL_QWEN_PHASE_STEPS = 5
 
 
-def sample(
-    velocity_fn: VelocityFn,
-    x: torch.Tensor,
-    sigmas: Sequence[float],
-    on_step: Callable[[int, float, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """Euler-integrate dx/dsigma = v from sigmas[0] to sigmas[-1]; the state is kept in float32.
+@dataclass(frozen=True)
+class Step:
+    sigma: float  # where the step starts
+    sigma_next: float  # where it ends
+    condition: float  # the sigma the model is conditioned on
+    adapter: str | None  # "slow", "fast", or None for the base model
 
-    ``velocity_fn(x, sigma, step_index)`` is called once per interval with the sigma the step starts at.
+
+Plan = tuple[Step, ...]
+VelocityFn = Callable[[torch.Tensor, Step], torch.Tensor]
+StepCallback = Callable[[int, Step, torch.Tensor], None]
+
+
+def sample(velocity_fn: VelocityFn, x: torch.Tensor, plan: Plan, callback: StepCallback | None = None) -> torch.Tensor:
+    """Euler-integrate dx/dsigma = v along ``plan``; the state is kept in float32.
+
+    ``velocity_fn(x, step)`` is called once per step; ``callback(i, step, x)`` after each, with the new state.
     """
-    sigmas = [float(s) for s in sigmas]
-    if len(sigmas) < 2:
-        raise ValueError("sample() needs at least two sigmas (a start and an end)")
+    if not plan:
+        raise ValueError("sample() needs a plan of at least one step")
     x = x.float()
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas, sigmas[1:])):
-        v = velocity_fn(x, sigma, i).float()
-        x = x + (sigma_next - sigma) * v
-        if on_step is not None:
-            on_step(i, sigma_next, x)
+    for i, step in enumerate(plan):
+        x = x + (step.sigma_next - step.sigma) * velocity_fn(x, step).float()
+        if callback is not None:
+            callback(i, step, x)
     return x
 
 
-def chain_sigmas(slow: Sequence[float], fast: Sequence[float]) -> list[float]:
-    """The exact chained schedule: slow sigmas, fast sigmas, terminal 0."""
-    return [*map(float, slow), *map(float, fast), 0.0]
+def _walk(sigmas: Sequence[float], adapter: str | None, conditions: Sequence[float] | None = None) -> list[Step]:
+    sigmas = [float(s) for s in sigmas]
+    conditions = sigmas[:-1] if conditions is None else [float(c) for c in conditions]
+    return [Step(s, n, c, adapter) for s, n, c in zip(sigmas[:-1], sigmas[1:], conditions, strict=True)]
 
 
-def phase_of_step(step_index: int, num_slow: int) -> str:
-    return "slow" if step_index < num_slow else "fast"
+def exact_plan(slow: Sequence[float], fast: Sequence[float]) -> Plan:
+    """The exact chain over slow and fast sigmas, ending at 0."""
+    chain = [*map(float, slow), *map(float, fast), 0.0]
+    steps = _walk(chain, None)
+    return tuple(Step(s.sigma, s.sigma_next, s.condition, "slow" if i < len(slow) else "fast")
+                 for i, s in enumerate(steps))
 
 
-def sample_chained(
-    velocity_fn: PhaseVelocityFn,
-    x: torch.Tensor,
-    slow: Sequence[float],
-    fast: Sequence[float],
-    on_step: Callable[[int, float, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """Run the exact chain; ``velocity_fn(x, sigma, phase)`` gets phase "slow" or "fast"."""
-    num_slow = len(slow)
+def base_plan(sigmas: Sequence[float]) -> Plan:
+    """A schedule (ending at its terminal sigma) walked by the base model, no adapter."""
+    if len(sigmas) < 2:
+        raise ValueError("a schedule needs at least two sigmas (a start and an end)")
+    return tuple(_walk(sigmas, None))
 
-    def phased(x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
-        return velocity_fn(x, sigma, phase_of_step(i, num_slow))
 
-    return sample(phased, x, chain_sigmas(slow, fast), on_step=on_step)
+def official_qwen_plan(
+    slow: Sequence[float], fast: Sequence[float], family: str = "qwen-image",
+    resolution: int | tuple[int, int] = 1024, scheduler_config: dict | None = None,
+) -> Plan:
+    """The official Glance Qwen two-call arithmetic; ``slow``/``fast`` are the trained sigmas (5 each)."""
+    from glance_lightning.schedules import ScheduleError, full_schedule_sigmas
+
+    for name, values in (("slow", slow), ("fast", fast)):
+        if len(values) != OFFICIAL_QWEN_PHASE_STEPS:
+            raise ScheduleError(
+                name, f"the official Qwen compatibility mode only works at exactly {OFFICIAL_QWEN_PHASE_STEPS} + "
+                f"{OFFICIAL_QWEN_PHASE_STEPS} steps, got {len(values)}; use the exact chained schedule instead")
+    common = {"scheduler_config": scheduler_config, "resolution": resolution}
+    slow_table = full_schedule_sigmas(family, num_steps=OFFICIAL_QWEN_TABLE_STEPS, **common)
+    fast_table = full_schedule_sigmas(family, num_steps=OFFICIAL_QWEN_PHASE_STEPS, **common)
+    return (*_walk(slow_table[: OFFICIAL_QWEN_PHASE_STEPS + 1], "slow", slow), *_walk(fast_table, "fast", fast))
+
+
+def _exact(timesteps: GlanceTimesteps, family: str, resolution: tuple[int, int]) -> Plan:
+    return exact_plan(timesteps.slow, timesteps.fast)
+
+
+def _official_qwen(timesteps: GlanceTimesteps, family: str, resolution: tuple[int, int]) -> Plan:
+    from glance_lightning.registry import get_family
+
+    if not get_family(family).official_qwen:
+        raise ValueError(f"mode 'official-qwen' reproduces the official Qwen pipelines; not for {family}")
+    return official_qwen_plan(timesteps.slow, timesteps.fast, family, resolution)
+
+
+PLANS: dict[str, Callable[[GlanceTimesteps, str, tuple[int, int]], Plan]] = {
+    "exact": _exact,
+    "official-qwen": _official_qwen,
+}
+
+
+def build_plan(mode: str, timesteps: GlanceTimesteps, family: str, resolution: tuple[int, int]) -> Plan:
+    """The plan of a sampling ``mode`` for trained ``timesteps`` at ``resolution`` (width, height)."""
+    if mode not in PLANS:
+        raise ValueError(f"mode={mode!r}; expected one of {', '.join(PLANS)}")
+    return PLANS[mode](timesteps, family, resolution)

@@ -1,8 +1,8 @@
-"""Timestep lists: parsing (0-1000 timesteps or [0, 1] sigmas), validation and uniform drawing.
+"""Timestep lists: parsing (0-1000 timesteps or [0, 1] sigmas) and validation.
 
 This module owns the one place where a configured Slow/Fast list becomes the exact sigmas that training
-draws from and that the chained sampler steps through. Lists are used exactly as given: no shift, no
-density, no loss weighting.
+draws from (``glance_lightning.draws``) and that the sampling plans (``glance_lightning.sampling``) step
+through. Lists are used exactly as given: no shift, no density, no loss weighting.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
-
-import torch
 
 Unit = Literal["auto", "timesteps", "sigmas"]
 NUM_TRAIN_TIMESTEPS = 1000
@@ -78,10 +76,6 @@ class GlanceTimesteps:
             raise ValueError(f"phase must be 'slow' or 'fast', got {name!r}")
         return self.slow if name == "slow" else self.fast
 
-    def chain_sigmas(self) -> list[float]:
-        """The one Euler schedule of the exact chain: s1..sN, f1..fM, then 0."""
-        return [*self.slow, *self.fast, 0.0]
-
     def as_timesteps(self) -> dict[str, list[float]]:
         return {
             "slow": [s * NUM_TRAIN_TIMESTEPS for s in self.slow],
@@ -95,12 +89,3 @@ class GlanceTimesteps:
             f"fast={[round(t, 4) for t in lists['fast']]} (0-1000)"
         )
 
-
-def draw_sigmas(
-    sigmas: Sequence[float], batch_size: int, device: torch.device | str = "cpu",
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Draw one entry of ``sigmas`` uniformly for each sample of the batch."""
-    table = torch.tensor(list(sigmas), dtype=torch.float32, device=device)
-    index = torch.randint(len(table), (batch_size,), device=device, generator=generator)
-    return table[index]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glance_lightning.tiny_models import resolve_model_path
+from glance_lightning.tiny import tiny_model_path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -28,7 +28,7 @@ def load(name: str):
 )
 def test_full_size_architectures_have_the_real_parameter_counts(family: str, billions: tuple[float, float]):
     bench = load("bench_training")
-    transformer_cls, config = bench.full_size_config(Path(resolve_model_path(f"tiny:{family}")), family)
+    transformer_cls, config = bench.full_size_config(Path(tiny_model_path(f"tiny:{family}")), family)
     with torch.device("meta"):
         transformer = transformer_cls(**config)
     count = sum(p.numel() for p in transformer.parameters()) / 1e9

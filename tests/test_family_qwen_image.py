@@ -17,7 +17,7 @@ from glance_lightning.evaluation import chain_fidelity, phase_losses
 from glance_lightning.families.qwen_image import QWEN_LORA_TARGETS, QwenImageGlance
 from glance_lightning.lora_io import read_glance_metadata
 from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings
-from glance_lightning.tiny_models import resolve_model_path
+from glance_lightning.tiny import tiny_model_path
 
 CONFIG = "configs/quickstart-qwen-image.yaml"
 SLOW = [1000.0, 979.1915, 957.5157, 934.9171, 911.3354]
@@ -100,7 +100,7 @@ def test_quickstart_trains_both_loras_and_renders_a_chained_sample(quickstart_ru
 
 
 def test_saved_loras_load_into_stock_qwen_pipeline_and_change_its_output(quickstart_run: Path):
-    pipe = QwenImagePipeline.from_pretrained(resolve_model_path("tiny:qwen-image"))
+    pipe = QwenImagePipeline.from_pretrained(tiny_model_path("tiny:qwen-image"))
     pipe.set_progress_bar_config(disable=True)
 
     def run():
@@ -125,7 +125,7 @@ def test_timestep_and_velocity_match_the_stock_pipeline(tmp_path: Path):
     """The stock pipeline calls the transformer with t / 1000 = sigma; so must predict_velocity. With t and t/1000
     swapped the recorded timesteps differ by 1000x (and the predictions differ)."""
     sigma = 0.7
-    pipe = QwenImagePipeline.from_pretrained(resolve_model_path("tiny:qwen-image"))
+    pipe = QwenImagePipeline.from_pretrained(tiny_model_path("tiny:qwen-image"))
     pipe.set_progress_bar_config(disable=True)
     exact_scheduler(pipe)
     calls = []

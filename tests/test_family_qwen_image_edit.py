@@ -18,7 +18,7 @@ from glance_lightning.evaluation import chain_fidelity, phase_losses
 from glance_lightning.families.qwen_image_edit import QwenImageEditGlance, QwenImageEditPlusGlance
 from glance_lightning.lora_io import read_glance_metadata
 from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings
-from glance_lightning.tiny_models import resolve_model_path
+from glance_lightning.tiny import tiny_model_path
 
 CONFIG = "configs/quickstart-qwen-image-edit.yaml"
 SLOW = [1000.0, 979.1915, 957.5157, 934.9171, 911.3354]
@@ -97,7 +97,7 @@ def test_conditioning_timestep_and_velocity_match_the_stock_edit_pipeline(edit_m
     """Same prompt + control image: the stock pipeline's prompt embeddings (encoded with the control resized to
     1024x1024), control tokens after the target tokens, img_shapes [[target, control]], timestep t/1000 = sigma and
     the same velocity on the target tokens."""
-    pipe = QwenImageEditPipeline.from_pretrained(resolve_model_path("tiny:qwen-image-edit"))
+    pipe = QwenImageEditPipeline.from_pretrained(tiny_model_path("tiny:qwen-image-edit"))
     pipe.set_progress_bar_config(disable=True)
     stock = record_first_call(pipe, image=Image.open(EDIT / "control" / "ball.png").convert("RGB"))
     assert stock["img_shapes"] == [[(1, 4, 4), (1, 64, 64)]]
@@ -189,7 +189,7 @@ def test_quickstart_trains_both_loras_and_renders_a_chained_edit(quickstart_run:
 
 
 def test_saved_loras_load_into_stock_edit_pipeline_and_change_its_output(quickstart_run: Path):
-    pipe = QwenImageEditPipeline.from_pretrained(resolve_model_path("tiny:qwen-image-edit"))
+    pipe = QwenImageEditPipeline.from_pretrained(tiny_model_path("tiny:qwen-image-edit"))
     pipe.set_progress_bar_config(disable=True)
     control = Image.open(EDIT / "control" / "ball.png").convert("RGB")
 
@@ -253,7 +253,7 @@ def test_plus_defaults_follow_the_plus_pipeline():
 def test_plus_conditioning_matches_the_stock_plus_pipeline_with_two_controls(tmp_path: Path):
     """Edit-Plus: "Picture i:" per control, the VL encoder sees 384x384 versions, the VAE 1024x1024 ones, every
     control packed separately after the target: the stock pipeline's transformer inputs and velocity."""
-    pipe = QwenImageEditPlusPipeline.from_pretrained(resolve_model_path("tiny:qwen-image-edit-plus"))
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_model_path("tiny:qwen-image-edit-plus"))
     pipe.set_progress_bar_config(disable=True)
     paths = (EDIT / "control" / "ball.png", OTHER)
     stock = record_first_call(pipe, image=[Image.open(p).convert("RGB") for p in paths])
@@ -294,7 +294,7 @@ def test_plus_trains_a_step_with_two_controls_and_its_lora_loads_in_the_stock_pi
     meta = read_glance_metadata(tmp_path / "out" / "slow")
     assert meta["family"] == "qwen-image-edit-plus" and meta["trained_steps"] == 1
 
-    pipe = QwenImageEditPlusPipeline.from_pretrained(resolve_model_path("tiny:qwen-image-edit-plus"))
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_model_path("tiny:qwen-image-edit-plus"))
     pipe.set_progress_bar_config(disable=True)
     images = [Image.open(plus_data / d / "ball.png").convert("RGB") for d in ("control", "control_2")]
 

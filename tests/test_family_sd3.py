@@ -16,7 +16,7 @@ from glance_lightning.evaluation import chain_fidelity, phase_losses
 from glance_lightning.families.sd3 import SD3Glance
 from glance_lightning.lora_io import read_glance_metadata
 from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings
-from glance_lightning.tiny_models import resolve_model_path
+from glance_lightning.tiny import tiny_model_path
 
 # SD3's 50-step schedule at 1024x1024 (shift 3.0), indices 0,2,4,6,8 and 10,20,30,40,49
 SLOW = [1000.0, 986.0571, 971.3141, 955.7004, 939.1364]
@@ -101,7 +101,7 @@ def test_quickstart_trains_both_loras_and_renders_a_chained_sample(quickstart_ru
 
 
 def test_saved_loras_load_into_stock_sd3_pipeline_and_change_its_output(quickstart_run: Path):
-    pipe = StableDiffusion3Pipeline.from_pretrained(resolve_model_path("tiny:sd3"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model_path("tiny:sd3"))
     pipe.set_progress_bar_config(disable=True)
 
     def run():

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from glance_lightning.cli import main
 from glance_lightning.lora_io import read_glance_metadata
-from glance_lightning.tiny_models import resolve_model_path
+from glance_lightning.tiny import tiny_model_path
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_adapters_were_trained_only_in_their_phase(quickstart_run: Path):
 
 
 def test_saved_loras_load_into_stock_flux_pipeline_and_change_its_output(quickstart_run: Path):
-    pipe = FluxPipeline.from_pretrained(resolve_model_path("tiny:flux"))
+    pipe = FluxPipeline.from_pretrained(tiny_model_path("tiny:flux"))
     pipe.set_progress_bar_config(disable=True)
 
     def run():

@@ -20,7 +20,7 @@ from glance_lightning.generate import load_sampler, run_sample_command
 from glance_lightning.inference import chained_call, load_glance_loras
 from glance_lightning.lora_io import read_glance_metadata, save_lora
 from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings
-from glance_lightning.tiny_models import resolve_model_path
+from glance_lightning.tiny import tiny_model_path
 
 SLOW = [1000.0, 986.9786, 973.2042, 958.6094, 943.1188]
 FAST = [926.6473, 825.7017, 677.9868, 441.1997, 60.5503]
@@ -42,7 +42,7 @@ def trained(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def stock_pipe() -> FluxPipeline:
-    pipe = FluxPipeline.from_pretrained(resolve_model_path("tiny:flux"))
+    pipe = FluxPipeline.from_pretrained(tiny_model_path("tiny:flux"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -14,7 +14,7 @@ from PIL import Image
 from glance_lightning.families import family_class
 from glance_lightning.inference import chained_call, load_glance_loras
 from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings
-from glance_lightning.tiny_models import resolve_model_path
+from glance_lightning.tiny import tiny_model_path
 
 SLOW = [1000.0, 979.1915, 957.5157, 934.9171, 911.3354]
 FAST = [886.7053, 745.0728, 562.9505, 320.0802, 20.0]
@@ -37,7 +37,7 @@ def test_stock_pipeline_on_the_chain_steps_through_the_trained_timesteps(family:
     L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, default_root_dir=tmp_path).fit(module, data)
 
-    pipe = pipeline_class.from_pretrained(resolve_model_path(f"tiny:{family}"))
+    pipe = pipeline_class.from_pretrained(tiny_model_path(f"tiny:{family}"))
     pipe.set_progress_bar_config(disable=True)
     loras = load_glance_loras(pipe, tmp_path / "out" / "slow", tmp_path / "out" / "fast")
     seen: list[tuple[float, list[str]]] = []

@@ -110,9 +110,9 @@ def _run(transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], int, in
 
 @pytest.fixture(scope="module")
 def tiny_flux_path() -> str:
-    from glance_lightning.tiny_models import resolve_model_path
+    from glance_lightning.tiny import tiny_model_path
 
-    return resolve_model_path("tiny:flux")
+    return tiny_model_path("tiny:flux")
 
 
 def test_checkpointing_keeps_gradients_and_frees_activations(tiny_flux_path: str, monkeypatch):
@@ -162,9 +162,9 @@ def test_regional_compile_compiles_each_repeated_block_and_matches_eager(tiny_fl
 def test_sd3_blocks_are_found_although_diffusers_declares_none():
     from diffusers import SD3Transformer2DModel
 
-    from glance_lightning.tiny_models import resolve_model_path
+    from glance_lightning.tiny import tiny_model_path
 
-    transformer = SD3Transformer2DModel.from_pretrained(resolve_model_path("tiny:sd3"), subfolder="transformer")
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_model_path("tiny:sd3"), subfolder="transformer")
     assert not getattr(transformer, "_repeated_blocks", None)
     blocks = performance.repeated_blocks(transformer, SD3Glance.repeated_blocks)
     assert len(blocks) == transformer.config.num_layers

@@ -15,8 +15,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from glance_lightning import tiny_models
-from glance_lightning.tiny_models import TINY_FAMILIES, TINY_VERSION, build_tiny_model, resolve_model_path
+from glance_lightning import tiny
+from glance_lightning.compat import allow_qwen2vl_processor_without_torchvision
+from glance_lightning.registry import family_names, get_family
+from glance_lightning.tiny import TINY_VERSION, build_tiny_model, is_tiny, tiny_model_path
+from glance_lightning.tiny import vae as tiny_vae
+
+TINY_FAMILIES = [n for n in family_names() if get_family(n).tiny_builder]
 
 PIPELINES = {
     "flux": diffusers.FluxPipeline,
@@ -66,6 +71,7 @@ def test_stock_pipeline_loads_and_generates(family: str, tmp_path: Path) -> None
     path = build_tiny_model(family, tmp_path / family)
     assert json.loads((path / "model_index.json").read_text())["_class_name"] == PIPELINES[family].__name__
 
+    allow_qwen2vl_processor_without_torchvision()  # the edit pipelines' processors load without torchvision
     pipe = PIPELINES[family].from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe) is PIPELINES[family]
@@ -88,7 +94,7 @@ def _red_ball() -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "qwen-image"])
 def test_vae_reconstructs_an_image_into_normalised_latents(family: str) -> None:
-    vae = PIPELINES[family].from_pretrained(resolve_model_path(f"tiny:{family}")).vae
+    vae = PIPELINES[family].from_pretrained(tiny_model_path(f"tiny:{family}")).vae
     pixels = _red_ball()
     with torch.no_grad():
         if family.startswith("qwen"):  # a one-frame video; latents normalised per channel, as the pipelines do
@@ -113,7 +119,7 @@ def test_vae_reconstructs_an_image_into_normalised_latents(family: str) -> None:
 
 def test_vae_training_is_deterministic() -> None:
     """Same seed, same bytes, whatever the caller's thread count (training runs on one thread, then restores it)."""
-    train = tiny_models._trained_vae.__wrapped__  # not the per-process memo
+    train = tiny_vae._trained_vae.__wrapped__  # not the per-process memo
     threads = torch.get_num_threads()
     try:
         for kind in ("kl", "qwen"):
@@ -130,7 +136,7 @@ def test_vae_training_is_deterministic() -> None:
 
 
 def test_build_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tiny_models, "VAE_TRAINING_STEPS", {"kl": 3, "qwen": 3})  # VAE training: test above
+    monkeypatch.setattr(tiny_vae, "VAE_TRAINING_STEPS", {"kl": 3, "qwen": 3})  # VAE training: test above
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
     torch.manual_seed(123)
@@ -160,17 +166,19 @@ def test_unknown_family_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="qwen-image-edit-plus"):
         build_tiny_model("sdxl", tmp_path / "m")
     with pytest.raises(ValueError, match="flux"):
-        resolve_model_path("tiny:sdxl")
+        tiny_model_path("tiny:sdxl")
 
 
 @pytest.mark.parametrize("name", ["black-forest-labs/FLUX.1-dev", "/models/qwen-image", "tiny", "flux"])
-def test_other_names_pass_through(name: str) -> None:
-    assert resolve_model_path(name) == name
+def test_other_names_are_not_tiny(name: str) -> None:
+    assert not is_tiny(name)
+    with pytest.raises(ValueError, match="not a tiny model name"):
+        tiny_model_path(name)
 
 
 def test_resolve_builds_once_into_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GLANCE_LIGHTNING_CACHE", str(tmp_path))
-    path = resolve_model_path("tiny:flux")
+    path = tiny_model_path("tiny:flux")
     assert Path(path) == tmp_path / "tiny" / f"flux-{TINY_VERSION}"
     assert (Path(path) / "model_index.json").is_file()
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == [f"flux-{TINY_VERSION}"]  # no staging left
@@ -178,14 +186,14 @@ def test_resolve_builds_once_into_cache(tmp_path: Path, monkeypatch: pytest.Monk
     def must_not_build(*args: object, **kwargs: object) -> Path:
         raise AssertionError("rebuilt a cached tiny model")
 
-    monkeypatch.setattr(tiny_models, "build_tiny_model", must_not_build)
-    assert resolve_model_path("tiny:flux") == path
+    monkeypatch.setattr(tiny, "build_tiny_model", must_not_build)
+    assert tiny_model_path("tiny:flux") == path
 
 
 def test_resolve_keeps_a_concurrent_builders_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GLANCE_LIGHTNING_CACHE", str(tmp_path))
     target = tmp_path / "tiny" / f"sd3-{TINY_VERSION}"
-    real_build = tiny_models.build_tiny_model
+    real_build = tiny.build_tiny_model
 
     def racing_build(family: str, path: Path, seed: int = 0) -> Path:
         built = real_build(family, path, seed)
@@ -193,8 +201,8 @@ def test_resolve_keeps_a_concurrent_builders_model(tmp_path: Path, monkeypatch: 
         (target / "winner").write_text("other process")
         return built
 
-    monkeypatch.setattr(tiny_models, "build_tiny_model", racing_build)
-    assert resolve_model_path("tiny:sd3") == str(target)
+    monkeypatch.setattr(tiny, "build_tiny_model", racing_build)
+    assert tiny_model_path("tiny:sd3") == str(target)
     assert (target / "winner").is_file()
     assert sorted(p.name for p in target.parent.iterdir()) == [f"sd3-{TINY_VERSION}"]
 
@@ -205,5 +213,19 @@ def test_a_non_zero_rank_never_builds_an_incomplete_tiny_model(tmp_path, monkeyp
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
     with pytest.raises(RuntimeError, match="rank 1 cannot build it"):
-        resolve_model_path("tiny:flux")
+        tiny_model_path("tiny:flux")
     assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").iterdir())
+
+
+def test_a_family_without_a_tiny_builder_is_rejected(tmp_path: Path) -> None:
+    from glance_lightning.registry import FamilySpec, register_family, unregister_family
+
+    flux = get_family("flux")
+    register_family(FamilySpec(name="no-tiny", module=flux.module, pipeline=flux.pipeline,
+                               scheduler_config=flux.scheduler_config))
+    try:
+        for call in (lambda: build_tiny_model("no-tiny", tmp_path / "m"), lambda: tiny_model_path("tiny:no-tiny")):
+            with pytest.raises(ValueError, match="'no-tiny'.*has no tiny builder.*qwen-image-edit-plus"):
+                call()
+    finally:
+        unregister_family("no-tiny")

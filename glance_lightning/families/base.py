@@ -1,9 +1,11 @@
 """The family-independent Glance LightningModule.
 
 ``GlanceModule`` owns loading the base pipeline (one ``from_pretrained``), freezing it, the two named LoRA
-adapters ("slow", "fast"), the flow-matching loss at the configured timestep lists, the per-phase
-optimisation schedule, the encode-once cache, saving adapters and chained sampling. A family subclass
-implements only what differs: prompt encoding, latent encoding/decoding and velocity prediction.
+adapters ("slow", "fast"), the training step (the flow-matching loss at the drawn timesteps), the per-phase
+optimisation schedule and saving the adapters. Pre-flight checks live in ``preflight``, the encode-once cache
+in ``encoding``, sampling in ``generation``; what a family is (pipeline, scheduler, controls) in its registry
+entry. A family subclass implements only what differs: prompt encoding, latent encoding/decoding and velocity
+prediction.
 
 Phases run one after the other in a single fit: optimizer steps ``[0, slow_steps)`` train "slow", the next
 ``fast_steps`` train "fast". Both adapters sit in one AdamW with one parameter group each; the inactive
@@ -15,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -30,9 +31,15 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torchmetrics import MeanMetric
 
+from glance_lightning import flow
 from glance_lightning import performance as perf_ops
+from glance_lightning.draws import DrawSpec, GlanceData
+from glance_lightning.families import preflight
+from glance_lightning.families.encoding import Conditioning, EncodeOnce, encoders_of
 from glance_lightning.families.generation import GenerationMixin
 from glance_lightning.lora_io import save_lora
+from glance_lightning.models import load_pipeline, resolve_pretrained
+from glance_lightning.registry import FamilySpec, get_family
 from glance_lightning.settings import (
     LoraSettings,
     OptimizerSettings,
@@ -41,11 +48,10 @@ from glance_lightning.settings import (
     TimestepSettings,
 )
 from glance_lightning.timesteps import GlanceTimesteps
-from glance_lightning.tiny_models import resolve_model_path
 
 log = logging.getLogger(__name__)
 
-PHASES = ("slow", "fast")
+PHASES = preflight.PHASES
 
 
 def _settings(kind: type, value: Any) -> Any:
@@ -63,9 +69,6 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf: training stops before the bad step touches the adapters."""
 
 
-Conditioning = dict[str, torch.Tensor]
-
-
 class ShiftScaleLatents:
     """Latents of an AutoencoderKL normalised with its shift and scaling factors (FLUX, SD3)."""
 
@@ -79,14 +82,13 @@ class ShiftScaleLatents:
         return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
 
 
-class GlanceModule(GenerationMixin, L.LightningModule):
-    """Base class of every family. Subclasses set the class attributes and the four family hooks."""
+class GlanceModule(EncodeOnce, GenerationMixin, L.LightningModule):
+    """Base class of every family. Subclasses set the class attributes and the four family hooks; the family's
+    registry entry (``family_spec``) says which pipeline it loads, its scheduler and its control images."""
 
-    family: ClassVar[str]
-    pipeline_class: ClassVar[type]
+    family: ClassVar[str]  # the registry name (written into the LoRA metadata)
     default_lora_targets: ClassVar[tuple[str, ...]]
     size_multiple: ClassVar[int] = 16
-    control_images: ClassVar[tuple[int, int]] = (0, 0)  # (min, max) control images per sample
     timestep_scale: ClassVar[float] = 1.0  # what the transformer takes as timestep: sigma * timestep_scale
     repeated_blocks: ClassVar[tuple[str, ...]] = ()  # block classes to compile/checkpoint; () = diffusers' list
 
@@ -148,12 +150,7 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         self.transformer: torch.nn.Module | None = None
         self._pipe: Any = None
         self._active_adapter: str | None = None
-        self.latent_cache: list[torch.Tensor] = []
-        self.cond_cache: list[Conditioning] = []
-        self.dropout_cache: list[Conditioning] = []
-        self.prompt_cache: dict[str, Conditioning] = {}
-        self._requested_prompts: list[str] = []
-        self._encoder_depth = 0
+        self.init_caches()
         self.lora_dir: Path | None = Path(output_dir) if output_dir else None
         self.seed = 0
         # nan_strategy="disable": torchmetrics would otherwise read every update back (a device sync); non-finite
@@ -203,6 +200,10 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
     # ------------------------------------------------------------------ configuration
+    @property
+    def family_spec(self) -> FamilySpec:
+        return get_family(self.family)
+
     def _resolve_timesteps(self, settings: TimestepSettings) -> GlanceTimesteps:
         if (settings.slow is None) != (settings.fast is None):
             raise ValueError("model.timesteps: give both `slow` and `fast` lists, or neither to derive them")
@@ -232,6 +233,12 @@ class GlanceModule(GenerationMixin, L.LightningModule):
     def phase_at(self, step: int) -> str:
         return "slow" if step < self.phase_steps["slow"] else "fast"
 
+    def draw_spec(self) -> DrawSpec:
+        """What the DataModule's draws depend on (``glance_lightning.draws``)."""
+        t = self.glance_timesteps
+        return DrawSpec(self.seed, (self.phase_steps["slow"], self.phase_steps["fast"]), (len(t.slow), len(t.fast)),
+                        self.hparams.caption_dropout)
+
     def lora_config(self) -> LoraConfig:
         s = self.lora_settings
         return LoraConfig(
@@ -254,24 +261,16 @@ class GlanceModule(GenerationMixin, L.LightningModule):
     def _load_base_model(self, with_adapters: bool) -> None:
         started = time.perf_counter()
         rank_zero_info(f"glance_lightning: loading {self.hparams.pretrained_model} ...")
-        path = resolve_model_path(self.hparams.pretrained_model)
-        if not Path(path).is_dir():
-            raise FileNotFoundError(
-                f"model.pretrained_model={self.hparams.pretrained_model!r}: no such directory; give a local "
-                "diffusers model folder (with model_index.json) or tiny:<family>"
-            )
+        path = resolve_pretrained(self.hparams.pretrained_model)
         if torch.cuda.is_available():
             # cuDNN's SDPA backward fails for FLUX-sized shapes on H100 (mha_graph.execute / CUBLAS errors);
             # flash / memory-efficient SDPA are as fast there, so it is never selected.
             torch.backends.cuda.enable_cudnn_sdp(False)
         dtype = getattr(torch, self.dtype_name)
         quantization = perf_ops.quantization_config(self.perf.base_quantization, dtype)
-        pipe = self.pipeline_class.from_pretrained(path, dtype=dtype, quantization_config=quantization)
-        pipe.set_progress_bar_config(disable=True)
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
-            module = getattr(pipe, name, None)
-            if module is not None:
-                module.requires_grad_(False).eval()
+        pipe = load_pipeline(self.family_spec, path, dtype, quantization)
+        for module in encoders_of(pipe):
+            module.requires_grad_(False).eval()
         transformer = pipe.transformer
         transformer.requires_grad_(False)
         perf_ops.set_dispatcher_backend(transformer, self.perf.attention_backend)
@@ -331,103 +330,41 @@ class GlanceModule(GenerationMixin, L.LightningModule):
         """Build a ``tiny:`` model once, on one process per node, before any rank loads it (Lightning runs this
         on local rank 0 and holds the others at a barrier). transformers writes weights on rank 0 only once
         torch.distributed is up, so a build on another rank would be incomplete."""
-        resolve_model_path(self.hparams.pretrained_model)
+        resolve_pretrained(self.hparams.pretrained_model)
+
+    @property
+    def data(self) -> GlanceData:
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, GlanceData):
+            raise TypeError(f"data: {type(datamodule).__name__} does not provide train_samples/resolution; use "
+                            "glance_lightning.datamodules.GlanceDataModule or meet glance_lightning.draws.GlanceData")
+        return datamodule
 
     def setup(self, stage: str) -> None:
         if stage != "fit":
             self.load_base_model()
             return
+        trainer = self.trainer
         self.fit_started, self.fit_timings = time.perf_counter(), {}
-        self._check_output_dir()
-        self._set_max_steps()
-        self._check_strategy()
-        self.check_samples(self.trainer.datamodule.train_samples)
+        self.lora_dir = preflight.output_dir(trainer, self.lora_dir, trainer.ckpt_path)
+        if trainer.is_global_zero:
+            preflight.check_output_dir(self.lora_dir)
+        preflight.set_max_steps(trainer, self.total_steps)
+        preflight.check_strategy(trainer.strategy)
+        self.check_samples(self.data.train_samples)
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % (2**31)
         self.load_base_model()
-        self._check_free_space()
-        self._encode_before_transformer_moves(self.trainer.strategy.root_device)
-
-    def _set_max_steps(self) -> None:
-        trainer = self.trainer
-        if trainer.max_steps == -1:
-            trainer.fit_loop.epoch_loop.max_steps = self.total_steps
-        elif trainer.max_steps != self.total_steps:
-            raise ValueError(
-                f"trainer.max_steps={trainer.max_steps} but model.slow_steps + model.fast_steps = "
-                f"{self.total_steps}; leave trainer.max_steps unset (the phases decide it)"
-            )
+        if trainer.is_global_zero:
+            need = 2 * sum(p.numel() * 4 for phase in PHASES for p in self.adapter_parameters(phase))
+            preflight.check_free_space(self.lora_dir, need)
+        self.encode_before_transformer_moves(self.data.train_samples, trainer.strategy.root_device)
 
     def refuse_overwrite(self, resuming: bool) -> None:
-        """A new (not resumed) run never writes over LoRAs that already exist in its output directory."""
-        if self.lora_dir is None or resuming:
-            return
-        existing = [self.lora_dir / p for p in PHASES if (self.lora_dir / p).exists()]
-        if existing:
-            raise FileExistsError(
-                f"model.output_dir: {', '.join(map(str, existing))} already exist(s) and would be "
-                "overwritten; choose another output_dir, move them away, or resume with --ckpt_path"
-            )
-
-    def _check_strategy(self) -> None:
-        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-
-        strategy = self.trainer.strategy
-        if not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
-            # Sharding strategies (FSDP, DeepSpeed, model parallel) would leave each rank with a shard of the
-            # LoRA weights when they are saved; that path is not implemented, so it is refused, not guessed.
-            raise ValueError(
-                f"trainer.strategy: {type(strategy).__name__} shards parameters, which glance_lightning does not "
-                "support yet; use one device, or ddp_find_unused_parameters_true across devices. To fit a large "
-                "base model on one card, see model.performance (base_quantization, gradient_checkpointing)"
-            )
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-            raise ValueError(
-                "trainer.strategy: DDP must be told that the inactive adapter gets no gradient; use "
-                "strategy: ddp_find_unused_parameters_true (or ddp_spawn_find_unused_parameters_true)"
-            )
-
-    def _check_free_space(self) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        need = 2 * sum(p.numel() * 4 for phase in PHASES for p in self.adapter_parameters(phase))
-        free = shutil.disk_usage(self.lora_dir).free
-        if free < need:
-            raise OSError(
-                f"model.output_dir: {self.lora_dir} has {free / 2**20:.1f} MiB free but saving both LoRAs needs "
-                f"about {need / 2**20:.1f} MiB; free some space or choose another output_dir"
-            )
-
-    def _check_output_dir(self) -> None:
-        if self.lora_dir is None:
-            self.lora_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        if self.trainer.is_global_zero:
-            try:
-                self.lora_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise OSError(f"model.output_dir: cannot create {self.lora_dir} ({err}); choose a writable folder") \
-                    from err
-            if not os.access(self.lora_dir, os.W_OK):
-                raise PermissionError(f"model.output_dir: {self.lora_dir} is not writable; choose another folder")
-
-    def register_prompts(self, prompts: Sequence[str]) -> None:
-        """Ask for prompts to be encoded together with the training captions (before encoders go off-device)."""
-        self._requested_prompts.extend(p for p in prompts if p not in self._requested_prompts)
+        preflight.refuse_overwrite(self.lora_dir, resuming)
 
     def check_samples(self, samples: Sequence[Any]) -> None:
         """What this family needs of the loaded data, checked before the model is loaded."""
-        low, high = self.control_images
-        for item in samples:
-            if item.pixels.shape[-1] % self.size_multiple or item.pixels.shape[-2] % self.size_multiple:
-                raise ValueError(
-                    f"{item.image}: size {tuple(item.pixels.shape[-2:])} is not a multiple of "
-                    f"{self.size_multiple} as {self.family} needs; set data.size_multiple to a multiple of it"
-                )
-            if not low <= len(item.controls) <= high:
-                wanted = "no control images" if high == 0 else f"{low} to {high} control image(s)"
-                raise ValueError(
-                    f"{item.image}: has {len(item.controls)} control image(s) but {self.family} takes "
-                    f"{wanted}; use a family that matches the dataset layout (flat vs image/ + control/)"
-                )
+        preflight.check_samples(samples, self.family, self.size_multiple, self.family_spec.control_images)
 
     def configure_callbacks(self) -> list[L.Callback]:
         from glance_lightning.callbacks.monitor import TrainingMonitor
@@ -438,117 +375,46 @@ class GlanceModule(GenerationMixin, L.LightningModule):
     def on_fit_start(self) -> None:
         self.refuse_overwrite(resuming=self.trainer.ckpt_path is not None)
 
-    def _encode_before_transformer_moves(self, device: torch.device) -> None:
-        """Build the cache on the training device while the transformer is still on the CPU (setup runs before
-        the strategy moves the module): the encoders and the transformer never share the accelerator, so the
-        fit's peak memory is that of training, not text encoder + transformer."""
-        previous, self._device = self._device, device  # what self.device reports to the encode hooks
-        try:
-            self.build_cache(self.trainer.datamodule.train_samples)
-        finally:
-            self._device = previous
-
-    @torch.no_grad()
-    def build_cache(self, samples: Sequence[Any]) -> None:
-        """Encode every training sample and requested prompt once, then move the encoders off the device."""
-        started = time.perf_counter()
-        rank_zero_info(f"glance_lightning: encoding {len(samples)} sample(s) and "
-                       f"{len(self._requested_prompts)} sampling prompt(s) once ...")
-        with self.timed("encode"), self.encoders_on_device():
-            self.latent_cache = [self.encode_sample_latents(s).to(self.device) for s in samples]
-            for prompt in self._requested_prompts:  # edit families encode a prompt with each sample's controls
-                for item in samples:
-                    self.conditioning_for(prompt, item.controls)
-            self.cond_cache = [self.conditioning_for(s.caption, s.controls) for s in samples]
-            self.dropout_cache = [
-                self.conditioning_for(self.hparams.dropout_prompt, s.controls) for s in samples
-            ] if self.hparams.caption_dropout > 0 else []
-        rank_zero_info(f"glance_lightning: encoded in {time.perf_counter() - started:.1f}s; "
-                       f"training {self.phase_steps['slow']} slow + {self.phase_steps['fast']} fast steps, "
-                       f"{self.glance_timesteps.describe()}")
-
-    def encode_sample_latents(self, item: Any) -> torch.Tensor:
-        pixels = item.pixels.unsqueeze(0).to(self.device, self.pipe.vae.dtype)
-        return self.encode_images(pixels).float()
-
-    def conditioning_for(self, prompt: str, controls: Sequence[torch.Tensor] = ()) -> Conditioning:
-        """Conditioning of a prompt, cached. Edit families override this to add their control images
-        (pixels [3, H, W] in [-1, 1]); text-to-image families refuse control images."""
-        if controls:
-            raise ValueError(f"{self.family} takes no control images; use an edit family for image/ + control/")
-        return self.encode_prompts_cached([prompt])[0]
-
-    def encode_prompts_cached(self, prompts: Sequence[str]) -> list[Conditioning]:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.prompt_cache]
-        if missing:
-            with self.encoders_on_device(), torch.no_grad():
-                for prompt in missing:
-                    cond = self.encode_prompts([prompt])
-                    self.prompt_cache[prompt] = {k: v.detach() for k, v in cond.items()}
-        return [self.prompt_cache[p] for p in prompts]
-
-    def _encoders(self) -> list[torch.nn.Module]:
-        names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-        return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
-
-    @contextmanager
-    def encoders_on_device(self) -> Iterator[None]:
-        """Bring text encoders and VAE to the training device for the duration of the block (re-entrant)."""
-        self._encoder_depth += 1
-        if self._encoder_depth == 1:
-            for module in self._encoders():
-                module.to(self.device)
-        try:
-            yield
-        finally:
-            self._encoder_depth -= 1
-            if self._encoder_depth == 0 and self.hparams.offload_encoders and self.device.type != "cpu":
-                for module in self._encoders():
-                    module.to("cpu")
-                torch.cuda.empty_cache() if self.device.type == "cuda" else None
-
-    def step_generator(self, batch_idx: int) -> torch.Generator:
-        """Randomness of one micro-batch, a pure function of (seed, optimizer step, micro-batch, rank): a
-        resumed run draws exactly what the uninterrupted run drew, and DDP ranks draw differently."""
-        micro = batch_idx % max(1, self.trainer.accumulate_grad_batches) if self._trainer is not None else 0
-        rank = self.global_rank if self._trainer is not None else 0
-        key = (self.seed * 1_000_003 + self.global_step) * 4099 + micro * 131 + rank
-        return torch.Generator(device="cpu").manual_seed(key % (2**63 - 1))
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """The draws stay on the host: they index the caches and seed the noise (no device reads)."""
+        return batch
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         phase = self.phase_at(self.global_step)
         self.set_phase(phase)
-        gen = self.step_generator(batch_idx)
-        size = len(batch["index"])
-        indices = torch.randint(len(self.latent_cache), (size,), generator=gen).tolist()
-        drop = (torch.rand(size, generator=gen) < self.hparams.caption_dropout).tolist()
+        steps, indices, drop = batch["step"].tolist(), batch["index"].tolist(), batch["drop"].tolist()
+        choice = batch["choice"].tolist()
+        if steps[0] != self.global_step:
+            raise RuntimeError(f"the batch holds the draws of step {steps[0]} at step {self.global_step}; a "
+                               "DataModule must return glance_lightning.draws.draws_dataloader(...)")
         sigmas = self.glance_timesteps.phase(phase)
-        choice = torch.randint(len(sigmas), (size,), generator=gen)
-        sigma = torch.tensor(sigmas)[choice].to(self.device, non_blocking=True)
+        sigma = torch.tensor([sigmas[c] for c in choice]).to(self.device, non_blocking=True)
         x0 = torch.cat([self.latent_cache[i] for i in indices])
-        noise = torch.randn(x0.shape, generator=gen).to(self.device, non_blocking=True)
+        noise = torch.cat([
+            torch.randn(self.latent_cache[i].shape, generator=torch.Generator().manual_seed(seed))
+            for i, seed in zip(indices, batch["noise_seed"].tolist())
+        ]).to(self.device, non_blocking=True)
         cond = self.collate_conditions(
             [self.dropout_cache[i] if d else self.cond_cache[i] for i, d in zip(indices, drop)]
         )
-        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-        noisy = (1.0 - s) * x0 + s * noise
         with self.attention():
-            pred = self.predict_velocity(noisy, sigma, cond)
-        per_sample = (pred.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+            pred = self.predict_velocity(flow.noisy_latents(x0, noise, sigma), sigma, cond)
+        per_sample = flow.per_sample_loss(pred, x0, noise)
         loss = per_sample.mean()
         # Checked once per optimizer step in on_before_optimizer_step, so the host waits for the device there
         # (after the backward pass is queued) and not here between forward and backward.
         finite = torch.isfinite(loss.detach())
         self._finite = finite if batch_idx % max(1, self.trainer.accumulate_grad_batches) == 0 or \
             self._finite is None else self._finite & finite
-        self._last_draw = (phase, [sigmas[c] for c in choice.tolist()])  # formatted only if the loss fails
-        self._log_losses(phase, loss, per_sample, choice.tolist())
+        self._last_draw = (phase, [sigmas[c] for c in choice])  # formatted only if the loss fails
+        self._log_losses(phase, loss, per_sample, choice)
         return loss
 
     def diagnostics_due(self) -> bool:
         """Whether this step's extra metrics reach the loggers (every ``trainer.log_every_n_steps``); they are
         only computed then, since Lightning writes on-step values to the loggers at those steps alone."""
-        return self.trainer._logger_connector.should_update_logs  # the loggers' own test (stable in 2.x)
+        every = self.trainer.log_every_n_steps  # the loggers' own test, from public attributes
+        return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def _log_losses(self, phase: str, loss: torch.Tensor, per_sample: torch.Tensor, choice: list[int]) -> None:
         size = len(choice)

@@ -18,7 +18,6 @@ class FluxGlance(ShiftScaleLatents, GlanceModule):
     """Glance for FLUX.1-dev/schnell. Defaults follow the official FLUX.1-dev recipe."""
 
     family = "flux"
-    pipeline_class = FluxPipeline
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     size_multiple = 16
     timestep_scale = 1.0  # FluxPipeline calls the transformer with timestep / 1000

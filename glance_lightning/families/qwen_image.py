@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import QwenImagePipeline
 
 from glance_lightning.families.base import Conditioning, GlanceModule
 
@@ -28,7 +27,6 @@ class QwenImageGlance(GlanceModule):
     """Glance for Qwen-Image. Defaults follow the official Glance Qwen recipe (see configs/qwen-image.yaml)."""
 
     family = "qwen-image"
-    pipeline_class = QwenImagePipeline
     default_lora_targets = QWEN_LORA_TARGETS
     size_multiple = 16  # 8x VAE, then 2x2 packing (the pipeline's image_processor uses vae_scale_factor * 2)
     timestep_scale = 1.0  # QwenImagePipeline calls the transformer with timestep / 1000 = sigma

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus_module
 from PIL import Image
 
@@ -43,8 +42,6 @@ class QwenImageEditGlance(QwenImageGlance):
     """Glance for Qwen-Image-Edit: one control image per sample (``image/`` + ``control/``)."""
 
     family = "qwen-image-edit"
-    pipeline_class = QwenImageEditPipeline
-    control_images = (1, 1)
 
     def __init__(
         self, *args: Any, control_resolution: int | None = 1024, condition_resolution: int | None = None,
@@ -80,7 +77,7 @@ class QwenImageEditGlance(QwenImageGlance):
 
     def conditioning_for(self, prompt: str, controls: Sequence[torch.Tensor] = ()) -> Conditioning:
         """Text + control conditioning, cached by prompt and control content (pixels [3, H, W] in [-1, 1])."""
-        low, high = self.control_images
+        low, high = self.family_spec.control_images
         if not low <= len(controls) <= high:
             raise ValueError(f"{self.family} takes {low} to {high} control image(s), got {len(controls)}")
         key = (prompt, tuple(self._digest(c) for c in controls))
@@ -161,8 +158,6 @@ class QwenImageEditPlusGlance(QwenImageEditGlance):
     ``control_2/``, ``control_3/``), each shown to the VL encoder as "Picture i:"."""
 
     family = "qwen-image-edit-plus"
-    pipeline_class = QwenImageEditPlusPipeline
-    control_images = (1, 3)
 
     def __init__(
         self, *args: Any, control_resolution: int | None = 1024, condition_resolution: int | None = 384,

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 
 from glance_lightning.families.base import Conditioning, GlanceModule, ShiftScaleLatents
 
@@ -31,7 +30,6 @@ class SD3Glance(ShiftScaleLatents, GlanceModule):
     """
 
     family = "sd3"
-    pipeline_class = StableDiffusion3Pipeline
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     size_multiple = 16  # VAE factor 8 x transformer patch size 2
     repeated_blocks = ("JointTransformerBlock",)  # diffusers declares none for SD3

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from glance_lightning.performance import QUANTIZATIONS, check_performance_settings
+from glance_lightning.registry import family_names, get_family
+from glance_lightning.sampling import PLANS, Step
 from glance_lightning.settings import OptimizerSettings, PerformanceSettings, TimestepSettings
 from glance_lightning.timesteps import GlanceTimesteps
-
-FAMILIES = ("flux", "sd3", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="diffusers model folder, or tiny:<family>")
     p.add_argument("--slow", required=True, help="Slow LoRA: our output folder or a .safetensors file")
     p.add_argument("--fast", required=True, help="Fast LoRA: our output folder or a .safetensors file")
-    p.add_argument("--family", choices=FAMILIES, help="needed only for LoRAs without Glance metadata")
+    p.add_argument("--family", choices=family_names(), help="needed only for LoRAs without Glance metadata")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--negative-prompt", default=None, help="for families with classifier-free guidance")
     p.add_argument("--seed", type=int, action="append", help="repeat for several seeds (default 0)")
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CFG scale (SD3, Qwen true CFG); FLUX.1-dev uses its guidance embedding (--guidance)")
     p.add_argument("--guidance", type=float, default=None, help="FLUX.1-dev guidance embedding (default: as trained)")
     p.add_argument("--control", action="append", default=[], help="control image(s) for edit families")
-    p.add_argument("--mode", choices=("exact", "official-qwen"), default="exact",
+    p.add_argument("--mode", choices=tuple(PLANS), default="exact",
                    help="exact chain (default) or the official Qwen Glance pipelines' arithmetic")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     p.add_argument("--attention-backend", default="sdpa", help="as model.performance.attention_backend")
@@ -62,7 +62,6 @@ def performance_settings(args: argparse.Namespace) -> PerformanceSettings:
 
 def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
     """Build the family module around one ``from_pretrained`` and load both LoRAs into it."""
-    from glance_lightning.families import family_class
     from glance_lightning.inference import load_glance_loras, pair_timesteps, read_pair_metadata
     from glance_lightning.schedules import derive_timesteps
 
@@ -72,13 +71,14 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
         raise ValueError("--family is required: these LoRAs carry no Glance metadata naming their family")
     if slow_meta and args.family and args.family != family:
         raise ValueError(f"--family {args.family} but the LoRAs were trained for {family}")
-    low, high = family_class(family).control_images
+    spec = get_family(family)
+    low, high = spec.control_images
     if not low <= len(args.control) <= high:
         wanted = "no --control images" if high == 0 else f"{low} to {high} --control image(s)"
         raise ValueError(f"{family} takes {wanted}, got {len(args.control)}")
     fallback = None
     if not (slow_meta and fast_meta):
-        lists = derive_timesteps("qwen-image" if family.startswith("qwen-image") else family)
+        lists = derive_timesteps(family)
         fallback = GlanceTimesteps.from_lists(lists["slow"], lists["fast"], "timesteps")
     chain = pair_timesteps(slow_meta, fast_meta, fallback)
     lists = chain.as_timesteps()
@@ -87,7 +87,7 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
         if family != "flux":
             raise ValueError(f"--guidance is FLUX.1-dev's guidance embedding; {family} uses --guidance-scale")
         kwargs["guidance"] = args.guidance
-    module = family_class(family)(
+    module = spec.module_class()(
         pretrained_model=args.model, timesteps=TimestepSettings(slow=lists["slow"], fast=lists["fast"]),
         torch_dtype=args.dtype, performance=performance_settings(args), **kwargs,
     )
@@ -164,14 +164,13 @@ def _control_size(path: Path, area: int) -> tuple[int, int]:
 
 def _timed_generate(module: Any, prompt: str, seed: int, args: argparse.Namespace, scale: float,
                     controls: tuple, timing: dict) -> torch.Tensor:
-    num_slow = len(module.glance_timesteps.slow)
     clock = {"t": time.perf_counter()}
 
-    def on_step(i: int, sigma: float, x: torch.Tensor) -> None:
+    def on_step(i: int, step: Step, x: torch.Tensor) -> None:
         if x.is_cuda:
             torch.cuda.synchronize()
         now = time.perf_counter()
-        timing["slow" if i < num_slow else "fast"] += now - clock["t"]
+        timing[step.adapter or "slow"] += now - clock["t"]
         clock["t"] = now
 
     return module.generate_latents(prompt, seed, args.height, args.width, scale, args.negative_prompt, controls,

@@ -1,0 +1,1 @@
+"""The project's own commands beside LightningCLI's: ``schedule``, ``sample``, ``validate-data``."""

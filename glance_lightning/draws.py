@@ -1,0 +1,100 @@
+"""The forward data path: what a DataModule hands a Glance module, and each step's random draws.
+
+``GlanceData`` is the protocol a DataModule meets: typed ``train_samples`` (each encoded once by the module) and
+a ``train_dataloader`` whose batches carry that step's draws. ``StepDraws`` is that dataloader's dataset: one
+item per micro-batch, holding for each sample of it the training-sample index, the index into the phase's
+timestep list, the caption-dropout flag and a noise seed. Every draw is a pure function of (seed, optimizer
+step, micro-batch, rank), so a resumed run draws exactly what the uninterrupted run drew and DDP ranks draw
+differently. The stream starts at the trainer's step when it is iterated, so a resumed fit continues it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+
+@dataclass
+class TrainSample:
+    """One training pair loaded at training resolution; pixels in [-1, 1], [3, H, W]."""
+
+    image: Path
+    caption: str
+    pixels: torch.Tensor
+    controls: tuple[torch.Tensor, ...] = ()
+
+
+@runtime_checkable
+class GlanceData(Protocol):
+    """What a Glance module reads of its DataModule."""
+
+    train_samples: Sequence[TrainSample]
+    resolution: int
+
+    def train_dataloader(self) -> DataLoader: ...
+
+
+@dataclass(frozen=True)
+class DrawSpec:
+    """What the module's settings fix about the draws (``GlanceModule.draw_spec()``)."""
+
+    seed: int
+    phase_steps: tuple[int, int]  # optimizer steps of the Slow and the Fast phase
+    list_lengths: tuple[int, int]  # entries of the Slow and the Fast timestep list
+    caption_dropout: float
+
+    def list_length(self, step: int) -> int:
+        return self.list_lengths[0] if step < self.phase_steps[0] else self.list_lengths[1]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.phase_steps)
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The generator of one micro-batch: a pure function of (seed, optimizer step, micro-batch, rank)."""
+    key = (seed * 1_000_003 + step) * 4099 + micro * 131 + rank
+    return torch.Generator(device="cpu").manual_seed(key % (2**63 - 1))
+
+
+def draw_micro_batch(spec: DrawSpec, step: int, micro: int, rank: int, size: int,
+                     num_samples: int) -> dict[str, torch.Tensor]:
+    """The draws of one micro-batch of ``size`` samples (CPU tensors [size])."""
+    gen = step_generator(spec.seed, step, micro, rank)
+    return {
+        "step": torch.full((size,), step, dtype=torch.long),
+        "index": torch.randint(num_samples, (size,), generator=gen),
+        "drop": torch.rand(size, generator=gen) < spec.caption_dropout,
+        "choice": torch.randint(spec.list_length(step), (size,), generator=gen),
+        "noise_seed": torch.randint(2**62, (size,), generator=gen),
+    }
+
+
+class StepDraws(IterableDataset):
+    """The draws of every remaining micro-batch of the run on one rank, from the step ``start()`` returns."""
+
+    def __init__(self, spec: DrawSpec, num_samples: int, batch_size: int, accumulate: int = 1, rank: int = 0,
+                 start: Callable[[], int] = lambda: 0) -> None:
+        self.spec, self.num_samples, self.batch_size = spec, num_samples, batch_size
+        self.accumulate, self.rank, self.start = accumulate, rank, start
+
+    def __len__(self) -> int:  # the whole run: Lightning counts the batches a resumed epoch already had
+        return self.spec.total_steps * self.accumulate
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for step in range(self.start(), self.spec.total_steps):
+            for micro in range(self.accumulate):
+                yield draw_micro_batch(self.spec, step, micro, self.rank, self.batch_size, self.num_samples)
+
+
+def draws_dataloader(trainer: object, num_samples: int, batch_size: int) -> DataLoader:
+    """The training dataloader any ``GlanceData`` DataModule can return: the module's draws, batched already."""
+    spec = trainer.lightning_module.draw_spec()
+    dataset = StepDraws(spec, num_samples, batch_size, trainer.accumulate_grad_batches, trainer.global_rank,
+                        start=lambda: trainer.global_step)
+    return DataLoader(dataset, batch_size=None)
