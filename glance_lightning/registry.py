@@ -9,16 +9,20 @@ choices, schedule derivation, ``tiny:`` names, ``sample`` and the README family 
 Classes and builders may be given as ``"module:attribute"`` strings so that reading the registry (e.g. for a
 command's ``--help``) imports no model code. A family defined in user code registers itself with
 ``register_family(FamilySpec(...))`` and gets ``fit`` with derived lists, ``schedule``, ``sample`` and, if it
-gives a ``tiny_builder``, ``tiny:<name>``.
+gives a ``tiny_builder``, ``tiny:<name>``; a package that declares it under the ``glance_lightning.families``
+entry-point group gets it in the command line's ``--family`` choices too.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import importlib.metadata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+ENTRY_POINT_GROUP = "glance_lightning.families"
 
 
 class UnknownFamilyError(ValueError):
@@ -149,7 +153,11 @@ _BUILTINS_LOADED = False
 
 
 def _load_builtins() -> None:
+    """The built-in families, then those installed packages declare under the ``glance_lightning.families``
+    entry-point group (each entry point a module that calls ``register_family`` when imported)."""
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
         importlib.import_module("glance_lightning.families.specs")
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            entry.load()

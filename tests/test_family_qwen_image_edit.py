@@ -242,7 +242,7 @@ def test_plus_defaults_follow_the_plus_pipeline():
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus_pipeline
 
     module = QwenImageEditPlusGlance(pretrained_model="tiny:qwen-image-edit-plus")
-    assert module.control_images == (1, 3) and module.family == "qwen-image-edit-plus"
+    assert module.family_spec.control_images == (1, 3) and module.family == "qwen-image-edit-plus"
     assert module.control_resolution ** 2 == plus_pipeline.VAE_IMAGE_SIZE
     assert module.condition_resolution ** 2 == plus_pipeline.CONDITION_IMAGE_SIZE
     # no lists given: derived from the (shared) Qwen-Image-Edit schedule, the official lists at 1024x1024

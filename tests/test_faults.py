@@ -156,14 +156,12 @@ def test_plain_ddp_without_find_unused_parameters_is_refused(repo: Path, tmp_pat
 
 
 def test_sharding_strategies_are_refused_with_the_alternatives(tmp_path: Path):
-    from types import SimpleNamespace
-
     from lightning.pytorch.strategies import FSDPStrategy
 
-    module = make(tmp_path / "out")
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy())  # Lightning allows FSDP on CUDA only
+    from glance_lightning.families.preflight import check_strategy
+
     with pytest.raises(ValueError, match="FSDPStrategy shards parameters.*ddp_find_unused_parameters_true"):
-        module._check_strategy()
+        check_strategy(FSDPStrategy())  # Lightning allows FSDP on CUDA only, so it is checked directly
 
 
 def test_missing_model_path_names_the_setting(repo: Path, tmp_path: Path):

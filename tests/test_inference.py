@@ -15,8 +15,8 @@ from glance_lightning.datamodules.glance import GlanceDataModule
 from PIL import Image
 from safetensors.torch import load_file
 
+from glance_lightning.commands.sample import load_sampler, run_sample_command
 from glance_lightning.families.flux import FluxGlance
-from glance_lightning.generate import load_sampler, run_sample_command
 from glance_lightning.inference import chained_call, load_glance_loras
 from glance_lightning.lora_io import read_glance_metadata, save_lora
 from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings

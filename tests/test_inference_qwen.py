@@ -9,10 +9,10 @@ import pytest
 from glance_lightning.datamodules.glance import GlanceDataModule
 from PIL import Image
 
+from glance_lightning.commands.sample import run_sample_command
 from glance_lightning.families.qwen_image import QwenImageGlance
 from glance_lightning.families.qwen_image_edit import QwenImageEditGlance
-from glance_lightning.generate import run_sample_command
-from glance_lightning.schedules import official_qwen_compat_plan
+from glance_lightning.sampling import official_qwen_plan
 from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings
 
 SLOW = [1000.0, 979.1915, 957.5157, 934.9171, 911.3354]
@@ -32,17 +32,18 @@ def test_official_qwen_mode_steps_through_the_official_arithmetic():
                              max_sequence_length=32)
     module.load_base_model()
     seen, ends = record_timesteps(module), []
-    module.generate_latents("a red ball", 0, 64, 64, mode="official-qwen", on_step=lambda i, s, x: ends.append(s))
-    plan = official_qwen_compat_plan(SLOW, FAST, resolution=(64, 64))
+    module.generate_latents("a red ball", 0, 64, 64, mode="official-qwen",
+                            on_step=lambda i, step, x: ends.append(step.sigma_next))
+    plan = official_qwen_plan([t / 1000 for t in SLOW], [t / 1000 for t in FAST], resolution=(64, 64))
     # conditioned on the trained timesteps ...
     assert seen == pytest.approx([t / 1000 for t in SLOW + FAST], abs=1e-6)
     # ... while stepping through the shifted 50-step table's first intervals, then the shifted 5-step table
-    assert ends == pytest.approx(plan.slow.step_sigmas[1:] + plan.fast.step_sigmas[1:], abs=1e-6)
-    assert plan.fast.step_sigmas[0] == 1.0 and ends[4] > FAST[0] / 1000
+    assert ends == pytest.approx([s.sigma_next for s in plan], abs=1e-6)
+    assert plan[5].sigma == 1.0 and ends[4] > FAST[0] / 1000
     # the exact chain instead ends the Slow phase at f1 and is conditioned the same way
     seen.clear()
     exact_ends: list[float] = []
-    module.generate_latents("a red ball", 0, 64, 64, on_step=lambda i, s, x: exact_ends.append(s))
+    module.generate_latents("a red ball", 0, 64, 64, on_step=lambda i, step, x: exact_ends.append(step.sigma_next))
     assert exact_ends == pytest.approx([t / 1000 for t in SLOW[1:] + FAST] + [0.0], abs=1e-6)
     assert seen == pytest.approx([t / 1000 for t in SLOW + FAST], abs=1e-6)
 
@@ -67,7 +68,7 @@ def test_edit_sampling_uses_the_control_image(edit_loras: Path, repo: Path, tmp_
 
     from glance_lightning.datamodules.glance import load_pixels
 
-    from glance_lightning.generate import load_sampler
+    from glance_lightning.commands.sample import load_sampler
 
     blue = repo / "glance_lightning/assets/samples/edit/control/ball.png"
     black = tmp_path / "k.png"

@@ -8,19 +8,17 @@ import numpy as np
 import pytest
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from glance_lightning.scheduler_configs import scheduler_config
+from glance_lightning.commands.schedule import run_schedule_command
+from glance_lightning.registry import get_family
+from glance_lightning.sampling import official_qwen_plan
 from glance_lightning.schedules import (
-    CompatPlan,
-    PhasePlan,
     ScheduleError,
     derive_sigmas,
     derive_timesteps,
     full_schedule_sigmas,
     image_seq_len,
     load_scheduler_config,
-    official_qwen_compat_plan,
     parse_resolution,
-    run_schedule_command,
 )
 
 QWEN_SLOW = [1000.0, 979.1915, 957.5157, 934.9171, 911.3354]
@@ -105,7 +103,7 @@ def test_image_seq_len() -> None:
 
 
 def test_sd3_matches_pipeline_style_set_timesteps() -> None:
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config("sd3"))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(get_family("sd3").scheduler())
     scheduler.set_timesteps(50)  # what StableDiffusion3Pipeline does: no sigmas, no mu
     expected = scheduler.timesteps.tolist()
     lists = derive_timesteps("sd3")
@@ -135,7 +133,7 @@ def test_resolution_changes_dynamic_families(family: str) -> None:
         other = derive_timesteps(family, resolution=resolution)
         assert other["fast"] != pytest.approx(at_1024["fast"], abs=1e-2)
         seq_len = image_seq_len(resolution)
-        table = _reference_table(scheduler_config(family), 50, seq_len, linspace=True)
+        table = _reference_table(get_family(family).scheduler(), 50, seq_len, linspace=True)
         _close(full_schedule_sigmas(family, resolution=resolution), table, atol=1e-6)
 
 
@@ -154,7 +152,7 @@ def test_lower_resolution_means_less_shift() -> None:
 
 def test_custom_steps_and_indices() -> None:
     lists = derive_timesteps("flux", num_steps=28, slow_indices=[0, 1, 3], fast_indices=(4, 27))
-    table = _reference_table(scheduler_config("flux"), 28, 4096, linspace=True)
+    table = _reference_table(get_family("flux").scheduler(), 28, 4096, linspace=True)
     _close(lists["slow"], [1000 * table[i] for i in (0, 1, 3)], atol=1e-3)
     _close(lists["fast"], [1000 * table[i] for i in (4, 27)], atol=1e-3)
 
@@ -170,12 +168,12 @@ def test_single_step_schedule() -> None:
 
 def test_explicit_config_equal_to_published_gives_same_lists() -> None:
     for family in ("flux", "sd3", "qwen-image"):
-        lists = derive_timesteps(family, scheduler_config=scheduler_config(family))
+        lists = derive_timesteps(family, scheduler_config=get_family(family).scheduler())
         assert lists == derive_timesteps(family)
 
 
 def test_explicit_config_decides_the_shift() -> None:
-    static = {**scheduler_config("flux"), "use_dynamic_shifting": False, "shift": 3.0}
+    static = {**get_family("flux").scheduler(), "use_dynamic_shifting": False, "shift": 3.0}
     lists = derive_timesteps("flux", scheduler_config=static)
     table = _reference_table(static, 50, None, linspace=True)
     _close(lists["fast"], [1000 * table[i] for i in (10, 20, 30, 40, 49)])
@@ -185,7 +183,7 @@ def test_explicit_config_decides_the_shift() -> None:
 
 def test_explicit_config_still_needs_a_family() -> None:
     with pytest.raises(ScheduleError, match="family"):
-        derive_timesteps(scheduler_config=scheduler_config("flux"))
+        derive_timesteps(scheduler_config=get_family("flux").scheduler())
 
 
 @pytest.mark.parametrize(
@@ -198,7 +196,7 @@ def test_explicit_config_still_needs_a_family() -> None:
 )
 def test_unsupported_configs(change: dict, match: str) -> None:
     with pytest.raises(ScheduleError, match=match) as info:
-        derive_timesteps("qwen-image", scheduler_config={**scheduler_config("qwen-image"), **change})
+        derive_timesteps("qwen-image", scheduler_config={**get_family("qwen-image").scheduler(), **change})
     assert info.value.settings == ("scheduler_config",)
 
 
@@ -260,16 +258,16 @@ def _write_config(path, config: dict) -> None:
 
 
 def test_load_scheduler_config_from_model_directory(tmp_path) -> None:
-    _write_config(tmp_path / "model" / "scheduler" / "scheduler_config.json", scheduler_config("flux"))
-    assert load_scheduler_config(tmp_path / "model") == scheduler_config("flux")
-    assert load_scheduler_config(str(tmp_path / "model")) == scheduler_config("flux")
+    _write_config(tmp_path / "model" / "scheduler" / "scheduler_config.json", get_family("flux").scheduler())
+    assert load_scheduler_config(tmp_path / "model") == get_family("flux").scheduler()
+    assert load_scheduler_config(str(tmp_path / "model")) == get_family("flux").scheduler()
 
 
 def test_load_scheduler_config_from_scheduler_directory_and_file(tmp_path) -> None:
     file = tmp_path / "scheduler" / "scheduler_config.json"
-    _write_config(file, scheduler_config("qwen-image"))
-    assert load_scheduler_config(file) == scheduler_config("qwen-image")
-    assert load_scheduler_config(tmp_path / "scheduler") == scheduler_config("qwen-image")
+    _write_config(file, get_family("qwen-image").scheduler())
+    assert load_scheduler_config(file) == get_family("qwen-image").scheduler()
+    assert load_scheduler_config(tmp_path / "scheduler") == get_family("qwen-image").scheduler()
     config = load_scheduler_config(file)
     assert derive_timesteps("qwen-image", scheduler_config=config) == derive_timesteps("qwen-image")
 
@@ -293,46 +291,44 @@ def test_load_scheduler_config_errors(tmp_path) -> None:
 # ------------------------------------------------------------------------------------------ compat plan
 
 
+def _compat_plan(resolution=1024):
+    plan = official_qwen_plan([t / 1000 for t in QWEN_SLOW], [t / 1000 for t in QWEN_FAST], resolution=resolution)
+    slow, fast = plan[:5], plan[5:]
+    return [slow[0].sigma, *(s.sigma_next for s in slow)], [fast[0].sigma, *(s.sigma_next for s in fast)], plan
+
+
 def test_compat_plan_official_qwen() -> None:
-    plan = official_qwen_compat_plan(QWEN_SLOW, QWEN_FAST)
-    assert isinstance(plan, CompatPlan)
-    assert isinstance(plan.slow, PhasePlan)
+    slow_steps, fast_steps, plan = _compat_plan()
     table = full_schedule_sigmas("qwen-image")
-    assert len(plan.slow.step_sigmas) == 6
-    _close(plan.slow.step_sigmas, table[:6], atol=1e-7)
-    assert plan.slow.step_sigmas[0] == pytest.approx(1.0)
-    assert plan.slow.step_sigmas[-1] == pytest.approx(0.946, abs=1e-3)
-    _close(plan.fast.step_sigmas, [1.0, 0.837, 0.633, 0.370, 0.02, 0.0], atol=1e-3)
-    assert plan.fast.step_sigmas[-1] == 0.0
-    assert plan.slow.condition_timesteps == QWEN_SLOW
-    assert plan.fast.condition_timesteps == QWEN_FAST
+    assert len(slow_steps) == 6
+    _close(slow_steps, table[:6], atol=1e-7)
+    assert slow_steps[0] == pytest.approx(1.0)
+    assert slow_steps[-1] == pytest.approx(0.946, abs=1e-3)
+    _close(fast_steps, [1.0, 0.837, 0.633, 0.370, 0.02, 0.0], atol=1e-3)
+    assert fast_steps[-1] == 0.0
+    assert [s.condition * 1000 for s in plan[:5]] == pytest.approx(QWEN_SLOW)
+    assert [s.condition * 1000 for s in plan[5:]] == pytest.approx(QWEN_FAST)
 
 
 def test_compat_plan_differs_from_the_exact_chain() -> None:
     # The official Slow call stops at ~0.946, not at the first Fast sigma 0.887 as the exact chain does.
-    plan = official_qwen_compat_plan(QWEN_SLOW, QWEN_FAST)
-    assert plan.slow.step_sigmas[-1] - QWEN_FAST[0] / 1000 > 0.05
+    slow_steps, _, _ = _compat_plan()
+    assert slow_steps[-1] - QWEN_FAST[0] / 1000 > 0.05
 
 
 def test_compat_plan_depends_on_resolution() -> None:
-    plan = official_qwen_compat_plan(QWEN_SLOW, QWEN_FAST, resolution=(1328, 1328))
-    _close(plan.slow.step_sigmas, full_schedule_sigmas("qwen-image", resolution=1328)[:6], atol=1e-7)
-    assert plan.fast.step_sigmas[1] != pytest.approx(0.837, abs=1e-3)
+    slow_steps, fast_steps, _ = _compat_plan(resolution=(1328, 1328))
+    _close(slow_steps, full_schedule_sigmas("qwen-image", resolution=1328)[:6], atol=1e-7)
+    assert fast_steps[1] != pytest.approx(0.837, abs=1e-3)
 
 
 @pytest.mark.parametrize(
-    ("slow", "fast", "match"),
-    [
-        (QWEN_SLOW[:4], QWEN_FAST, "exactly 5 \\+ 5"),
-        (QWEN_SLOW, QWEN_FAST + [10.0], "exactly 5 \\+ 5"),
-        (QWEN_SLOW, [], "exactly 5 \\+ 5"),
-        ([t / 1000 for t in QWEN_SLOW], QWEN_FAST, "sigmas"),
-        (QWEN_SLOW, [2000.0, 1.0, 1.0, 1.0, 1.0], "0..1000"),
-    ],
+    ("slow", "fast"),
+    [(QWEN_SLOW[:4], QWEN_FAST), (QWEN_SLOW, QWEN_FAST + [10.0]), (QWEN_SLOW, [])],
 )
-def test_compat_plan_errors(slow: list[float], fast: list[float], match: str) -> None:
-    with pytest.raises(ScheduleError, match=match):
-        official_qwen_compat_plan(slow, fast)
+def test_compat_plan_errors(slow: list[float], fast: list[float]) -> None:
+    with pytest.raises(ScheduleError, match="exactly 5 \\+ 5"):
+        official_qwen_plan([t / 1000 for t in slow], [t / 1000 for t in fast])
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -373,7 +369,7 @@ def test_command_sigmas(capsys) -> None:
 
 
 def test_command_scheduler_config(capsys, tmp_path) -> None:
-    static = {**scheduler_config("flux"), "use_dynamic_shifting": False}
+    static = {**get_family("flux").scheduler(), "use_dynamic_shifting": False}
     _write_config(tmp_path / "scheduler" / "scheduler_config.json", static)
     code, out, _ = _run(capsys, ["--family", "flux", "--scheduler-config", str(tmp_path)])
     assert code == 0

@@ -3,9 +3,8 @@
 import math
 
 import pytest
-import torch
 
-from glance_lightning.timesteps import GlanceTimesteps, TimestepListError, draw_sigmas, to_sigmas
+from glance_lightning.timesteps import GlanceTimesteps, TimestepListError, to_sigmas
 
 QWEN_SLOW = [1000, 979.1915, 957.5157, 934.9171, 911.3354]
 QWEN_FAST = [886.7053, 745.0728, 562.9505, 320.0802, 20.0]
@@ -18,12 +17,6 @@ def test_timesteps_and_sigmas_give_the_same_lists():
     assert a.slow == pytest.approx(b.slow) and a.fast == pytest.approx(b.fast)
     assert a.slow[0] == 1.0 and a.fast[-1] == pytest.approx(0.02)
     assert "understood as timesteps" in a.describe()
-
-
-def test_chain_sigmas_is_slow_fast_then_zero():
-    t = GlanceTimesteps.from_lists(QWEN_SLOW, QWEN_FAST)
-    chain = t.chain_sigmas()
-    assert chain[:5] == list(t.slow) and chain[5:10] == list(t.fast) and chain[-1] == 0.0
 
 
 def test_explicit_unit_overrides_detection():
@@ -52,15 +45,6 @@ def test_bad_lists_fail_with_a_message_naming_the_problem(slow, fast, needle):
 def test_error_names_the_list():
     with pytest.raises(TimestepListError, match=r"timesteps\.fast"):
         GlanceTimesteps.from_lists([1000, 900], [800, 850])
-
-
-def test_draw_is_uniform_over_the_list_and_never_off_it():
-    sigmas = [0.9, 0.5, 0.1]
-    gen = torch.Generator().manual_seed(0)
-    draws = draw_sigmas(sigmas, 30_000, generator=gen)
-    values, counts = torch.unique(draws, return_counts=True)
-    assert sorted(values.tolist()) == pytest.approx(sorted(sigmas))
-    assert (counts.float() / 30_000 - 1 / 3).abs().max() < 0.02
 
 
 def test_a_module_with_no_lists_derives_its_family_schedule():

@@ -12,11 +12,12 @@ from glance_lightning.datamodules.validation import (
     DatasetReport,
     Problem,
     Sample,
-    run_validate_data_command,
     scan_dataset,
     validate_dataset,
 )
 from PIL import Image
+
+from glance_lightning.commands.validate_data import run_validate_data_command
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
