@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from glance_lightning.datamodules.validation import validate_dataset
+from jsonargparse.typing import PositiveInt
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from glance_lightning.draws import TrainSample, draws_dataloader
+from glance_lightning.settings import checked
 
 __all__ = ["GlanceDataModule", "TrainSample", "load_pixels", "target_size"]
 
@@ -48,10 +51,10 @@ class GlanceDataModule(L.LightningDataModule):
     def __init__(
         self,
         path: str,
-        layout: str = "auto",
-        resolution: int = 1024,
-        size_multiple: int = 32,
-        batch_size: int = 1,
+        layout: Literal["auto", "flat", "edit"] = "auto",
+        resolution: PositiveInt = 1024,
+        size_multiple: PositiveInt = 32,
+        batch_size: PositiveInt = 1,
     ) -> None:
         """
         Args:
@@ -62,12 +65,13 @@ class GlanceDataModule(L.LightningDataModule):
             batch_size: samples per step (a single image is repeated with independent noise and timesteps).
         """
         super().__init__()
-        if resolution <= 0 or size_multiple <= 0 or resolution % size_multiple:
+        resolution = checked(PositiveInt, resolution, "data.resolution")
+        size_multiple = checked(PositiveInt, size_multiple, "data.size_multiple")
+        batch_size = checked(PositiveInt, batch_size, "data.batch_size")
+        if resolution % size_multiple:
             raise ValueError(
-                f"data.resolution={resolution} must be a positive multiple of data.size_multiple={size_multiple}"
+                f"data.resolution={resolution} must be a multiple of data.size_multiple={size_multiple}"
             )
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
         self.path, self.layout = Path(path), layout
         self.resolution, self.size_multiple = resolution, size_multiple
         self.batch_size = batch_size

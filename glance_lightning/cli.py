@@ -45,6 +45,11 @@ def run_lightning_cli(args: list[str], run: bool = True) -> object:
                 logger.log_hyperparams({"config": yaml.safe_load(resolved)})
 
     class GlanceCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # Settings that must agree: the training resolution the lists are derived at is the data's.
+            parser.link_arguments("data", "model.init_args.resolution", compute_fn=data_resolution,
+                                  apply_on="instantiate")
+
         def before_fit(self) -> None:
             # Before any model is loaded: resolve `--ckpt_path last` across run versions, and refuse to
             # write over the LoRAs of an earlier run.
@@ -66,6 +71,11 @@ def run_lightning_cli(args: list[str], run: bool = True) -> object:
         save_config_callback=SaveConfigToLoggers,
         save_config_kwargs={"save_to_log_dir": True},
     )
+
+
+def data_resolution(data: object) -> int | None:
+    """The training resolution a DataModule declares (``GlanceData.resolution``), if any."""
+    return getattr(data, "resolution", None)
 
 
 def find_last_checkpoint(root: Path) -> Path:

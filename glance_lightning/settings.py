@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from glance_lightning.timesteps import Unit
+from jsonargparse.typing import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
+
+from glance_lightning.timesteps import GlanceTimesteps, Unit
+
+# [0, 1): a probability that must leave some steps to the real value (caption and LoRA dropout).
+Probability = restricted_number_type("Probability", float, [(">=", 0), ("<", 1)])
+
+DEFAULT_RESOLUTION = 1024  # what the official lists were derived at (4096 image tokens)
 
 
 @dataclass
 class ScheduleDerivation:
     """Read the Slow/Fast lists off the family's own inference schedule (see ``schedule`` command)."""
 
-    resolution: int = 1024
-    num_steps: int = 50
+    resolution: PositiveInt | None = None  # None: the training resolution (model.resolution), else 1024
+    num_steps: PositiveInt = 50
     slow_indices: list[int] = field(default_factory=lambda: [0, 2, 4, 6, 8])
     fast_indices: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 49])
 
@@ -27,16 +41,32 @@ class TimestepSettings:
     unit: Unit = "auto"
     derive: ScheduleDerivation | None = None
 
+    def resolve(self, family: str, resolution: int | None = None) -> GlanceTimesteps:
+        """The validated lists: as given, or read off ``family``'s schedule (at ``derive.resolution``, else the
+        training ``resolution``, else 1024)."""
+        if (self.slow is None) != (self.fast is None):
+            raise ValueError("model.timesteps: give both `slow` and `fast` lists, or neither to derive them")
+        if self.slow is not None and self.derive is not None:
+            raise ValueError("model.timesteps: give lists or `derive`, not both")
+        if self.slow is not None:
+            return GlanceTimesteps.from_lists(self.slow, self.fast, self.unit)
+        from glance_lightning.schedules import derive_timesteps
+
+        derivation = dataclasses.asdict(self.derive or ScheduleDerivation())
+        derivation["resolution"] = derivation["resolution"] or resolution or DEFAULT_RESOLUTION
+        lists = derive_timesteps(family, **derivation)
+        return GlanceTimesteps.from_lists(lists["slow"], lists["fast"], "timesteps")
+
 
 @dataclass
 class LoraSettings:
     """One LoRA shape shared by the Slow and the Fast adapter; ``targets`` None means the family default."""
 
-    rank: int = 16
-    alpha: float = 64.0
+    rank: PositiveInt = 16
+    alpha: PositiveFloat = 64.0
     targets: list[str] | None = None
     init: Literal["gaussian", "default"] = "gaussian"
-    dropout: float = 0.0
+    dropout: Probability = 0.0
 
 
 @dataclass
@@ -47,11 +77,11 @@ class OptimizerSettings:
     """
 
     name: Literal["adamw", "adamw8bit"] = "adamw"
-    lr: float = 5e-4
+    lr: PositiveFloat = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    eps: float = 1e-8
-    warmup_steps: int = 10
+    weight_decay: NonNegativeFloat = 0.01
+    eps: PositiveFloat = 1e-8
+    warmup_steps: NonNegativeInt = 10
     fused: bool | None = None  # None: the fused CUDA kernel on GPUs, the default implementation elsewhere
 
 
@@ -68,3 +98,39 @@ class PerformanceSettings:
     gradient_checkpointing: bool | float = False  # share of repeated blocks recomputed in backward; true = 1, false = 0
     checkpoint_policy: Literal["full", "save-matmuls"] = "full"
     base_quantization: BaseQuantization = "none"
+
+
+def plain_data(value: Any) -> Any:
+    """Dataclasses as dicts and the command line's restricted numbers as plain int/float, recursively: what
+    checkpoints hold, so that they load with ``torch.load(weights_only=True)``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_data(v) for v in value)
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return value
+
+
+def coerce_settings(kind: type, value: Any) -> Any:
+    """A settings dataclass of plain values from None (defaults), a dict (as stored in checkpoints) or an
+    instance."""
+    value = plain_data(kind() if value is None else value)
+    if kind is TimestepSettings and isinstance(value.get("derive"), dict):
+        value = {**value, "derive": ScheduleDerivation(**value["derive"])}
+    return kind(**value)
+
+
+def checked(kind: type, value: Any, setting: str) -> Any:
+    """``value`` as the restricted number type ``kind`` (the CLI checks it the same way), or an error naming
+    the setting; for calls from Python, which bypass the command line's checks."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{setting}={value!r}: {err}") from None

@@ -14,11 +14,9 @@ group gets no gradient (peft freezes inactive adapters), so AdamW skips it entir
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +24,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
-from peft import LoraConfig
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from peft.utils import get_peft_model_state_dict
 from torchmetrics import MeanMetric
 
@@ -35,54 +32,36 @@ from glance_lightning import flow
 from glance_lightning import performance as perf_ops
 from glance_lightning.draws import DrawSpec, GlanceData
 from glance_lightning.families import preflight
-from glance_lightning.families.encoding import Conditioning, EncodeOnce, encoders_of
+from glance_lightning.families.encoding import EncodeOnce
 from glance_lightning.families.generation import GenerationMixin
+from glance_lightning.families.hooks import Conditioning, FamilyHooks
+from glance_lightning.families.latents import ShiftScaleLatents
+from glance_lightning.families.loading import AdaptedBaseModel
 from glance_lightning.lora_io import save_lora
-from glance_lightning.models import load_pipeline, resolve_pretrained
+from glance_lightning.models import resolve_pretrained
 from glance_lightning.registry import FamilySpec, get_family
 from glance_lightning.settings import (
     LoraSettings,
     OptimizerSettings,
     PerformanceSettings,
-    ScheduleDerivation,
+    Probability,
     TimestepSettings,
+    checked,
+    coerce_settings,
+    plain_data,
 )
-from glance_lightning.timesteps import GlanceTimesteps
 
 log = logging.getLogger(__name__)
 
 PHASES = preflight.PHASES
-
-
-def _settings(kind: type, value: Any) -> Any:
-    """A settings dataclass from None (defaults), a dict (as stored in checkpoints) or an instance."""
-    if value is None:
-        return kind()
-    if isinstance(value, dict):
-        if kind is TimestepSettings and isinstance(value.get("derive"), dict):
-            value = {**value, "derive": ScheduleDerivation(**value["derive"])}
-        return kind(**value)
-    return value
+__all__ = ["Conditioning", "GlanceModule", "NonFiniteLossError", "ShiftScaleLatents"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf: training stops before the bad step touches the adapters."""
 
 
-class ShiftScaleLatents:
-    """Latents of an AutoencoderKL normalised with its shift and scaling factors (FLUX, SD3)."""
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        latents = vae.encode(pixels).latent_dist.mode()
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
-
-
-class GlanceModule(EncodeOnce, GenerationMixin, L.LightningModule):
+class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L.LightningModule):
     """Base class of every family. Subclasses set the class attributes and the four family hooks; the family's
     registry entry (``family_spec``) says which pipeline it loads, its scheduler and its control images."""
 
@@ -96,16 +75,17 @@ class GlanceModule(EncodeOnce, GenerationMixin, L.LightningModule):
         self,
         pretrained_model: str,
         timesteps: TimestepSettings | None = None,
-        slow_steps: int = 60,
-        fast_steps: int = 60,
+        slow_steps: NonNegativeInt = 60,
+        fast_steps: NonNegativeInt = 60,
         lora: LoraSettings | None = None,
         optimizer: OptimizerSettings | None = None,
         torch_dtype: str = "float32",
         performance: PerformanceSettings | None = None,
-        caption_dropout: float = 0.0,
+        caption_dropout: Probability = 0.0,
         dropout_prompt: str = " ",
         offload_encoders: bool = True,
         output_dir: str | None = None,
+        resolution: PositiveInt | None = None,
     ) -> None:
         """
         Args:
@@ -124,28 +104,28 @@ class GlanceModule(EncodeOnce, GenerationMixin, L.LightningModule):
             offload_encoders: keep text encoders and the VAE on the CPU once the data is encoded.
             output_dir: where ``slow/`` and ``fast/`` LoRAs go; default the run's log directory. An existing
                 LoRA there is never overwritten by a new run.
+            resolution: the training resolution, which derived lists are read off unless ``timesteps.derive``
+                names another; the command line sets it from ``data.init_args.resolution`` (default 1024).
         """
         super().__init__()
         self.save_hyperparameters()
         for key, value in list(self.hparams.items()):  # plain data, so checkpoints load with weights_only
-            if dataclasses.is_dataclass(value):
-                self.hparams[key] = dataclasses.asdict(value)
-        if slow_steps < 0 or fast_steps < 0 or slow_steps + fast_steps == 0:
-            raise ValueError(
-                f"model.slow_steps={slow_steps}, model.fast_steps={fast_steps}: both must be >= 0 and at "
-                "least one > 0 (set one to 0 to train a single phase)"
-            )
-        if not 0.0 <= caption_dropout < 1.0:
-            raise ValueError(f"model.caption_dropout={caption_dropout} must be in [0, 1)")
+            self.hparams[key] = plain_data(value)
+        slow_steps = checked(NonNegativeInt, slow_steps, "model.slow_steps")
+        fast_steps = checked(NonNegativeInt, fast_steps, "model.fast_steps")
+        if slow_steps + fast_steps == 0:
+            raise ValueError("model.slow_steps and model.fast_steps are both 0; train at least one phase")
+        checked(Probability, caption_dropout, "model.caption_dropout")
         self.dtype_name = torch_dtype
         if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
             raise ValueError(f"model.torch_dtype={torch_dtype!r} is not a torch dtype; use float32 or bfloat16")
         self.phase_steps = {"slow": slow_steps, "fast": fast_steps}
-        self.lora_settings = _settings(LoraSettings, lora)
-        self.optim_settings = _settings(OptimizerSettings, optimizer)
-        self.perf = _settings(PerformanceSettings, performance)
+        self.lora_settings = coerce_settings(LoraSettings, lora)
+        self.optim_settings = coerce_settings(OptimizerSettings, optimizer)
+        self.perf = coerce_settings(PerformanceSettings, performance)
         perf_ops.check_performance_settings(self.perf, self.optim_settings)
-        self.glance_timesteps = self._resolve_timesteps(_settings(TimestepSettings, timesteps))
+        self.glance_timesteps = coerce_settings(TimestepSettings, timesteps).resolve(self.family, resolution)
+        log.info("%s: %s", type(self).__name__, self.glance_timesteps.describe())
         self.strict_loading = False  # checkpoints hold only the LoRA weights
         self.transformer: torch.nn.Module | None = None
         self._pipe: Any = None
@@ -161,64 +141,10 @@ class GlanceModule(EncodeOnce, GenerationMixin, L.LightningModule):
         self.fit_timings: dict[str, float] = {}  # seconds spent outside the training steps, by part
         self.fit_started: float | None = None
 
-    # ------------------------------------------------------------------ family hooks
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """Text conditioning for a batch of prompts (tensors with batch first)."""
-        raise NotImplementedError
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, H, W] in [-1, 1] -> normalised latents [B, C, h, w]."""
-        raise NotImplementedError
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents [B, C, h, w] -> pixels [B, 3, H, W] in [-1, 1]."""
-        raise NotImplementedError
-
-    def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Velocity prediction [B, C, h, w] at noise levels ``sigma`` [B] in [0, 1]."""
-        raise NotImplementedError
-
-    def family_options(self) -> dict[str, Any]:
-        """The family's own init options that sampling must repeat (written into the LoRA metadata)."""
-        return {}
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """Latent (C, h, w) of an image of ``height`` x ``width`` pixels."""
-        factor, config = self.pipe.vae_scale_factor, self.pipe.vae.config
-        channels = getattr(config, "latent_channels", None) or config.z_dim
-        return (channels, height // factor, width // factor)
-
-    def guided_velocity(
-        self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, negative: Conditioning | None,
-        guidance_scale: float,
-    ) -> torch.Tensor:
-        """Velocity used at sampling time; families with classifier-free guidance override this."""
-        return self.predict_velocity(noisy, sigma, cond)
-
-    def collate_conditions(self, conds: Sequence[Conditioning]) -> Conditioning:
-        """Batch per-sample conditioning; families with variable-length text override this."""
-        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-
     # ------------------------------------------------------------------ configuration
     @property
     def family_spec(self) -> FamilySpec:
         return get_family(self.family)
-
-    def _resolve_timesteps(self, settings: TimestepSettings) -> GlanceTimesteps:
-        if (settings.slow is None) != (settings.fast is None):
-            raise ValueError("model.timesteps: give both `slow` and `fast` lists, or neither to derive them")
-        if settings.slow is not None and settings.derive is not None:
-            raise ValueError("model.timesteps: give lists or `derive`, not both")
-        if settings.slow is not None:
-            result = GlanceTimesteps.from_lists(settings.slow, settings.fast, settings.unit)
-        else:
-            from glance_lightning.schedules import derive_timesteps
-
-            derivation = dataclasses.asdict(settings.derive) if settings.derive else {}
-            lists = derive_timesteps(self.family, **derivation)
-            result = GlanceTimesteps.from_lists(lists["slow"], lists["fast"], "timesteps")
-        log.info("%s: %s", type(self).__name__, result.describe())
-        return result
 
     @property
     def pipe(self) -> Any:
@@ -239,74 +165,6 @@ class GlanceModule(EncodeOnce, GenerationMixin, L.LightningModule):
         return DrawSpec(self.seed, (self.phase_steps["slow"], self.phase_steps["fast"]), (len(t.slow), len(t.fast)),
                         self.hparams.caption_dropout)
 
-    def lora_config(self) -> LoraConfig:
-        s = self.lora_settings
-        return LoraConfig(
-            r=s.rank,
-            lora_alpha=s.alpha,
-            lora_dropout=s.dropout,
-            init_lora_weights="gaussian" if s.init == "gaussian" else True,
-            target_modules=list(s.targets or self.default_lora_targets),
-        )
-
-    # ------------------------------------------------------------------ loading
-    def load_base_model(self, with_adapters: bool = True) -> None:
-        """One ``from_pretrained`` of the whole pipeline; adds the two adapters to the frozen transformer
-        (``with_adapters=False`` for sampling with LoRA files loaded by ``load_glance_loras``)."""
-        if self._pipe is not None:
-            return
-        with self.timed("load"):
-            self._load_base_model(with_adapters)
-
-    def _load_base_model(self, with_adapters: bool) -> None:
-        started = time.perf_counter()
-        rank_zero_info(f"glance_lightning: loading {self.hparams.pretrained_model} ...")
-        path = resolve_pretrained(self.hparams.pretrained_model)
-        if torch.cuda.is_available():
-            # cuDNN's SDPA backward fails for FLUX-sized shapes on H100 (mha_graph.execute / CUBLAS errors);
-            # flash / memory-efficient SDPA are as fast there, so it is never selected.
-            torch.backends.cuda.enable_cudnn_sdp(False)
-        dtype = getattr(torch, self.dtype_name)
-        quantization = perf_ops.quantization_config(self.perf.base_quantization, dtype)
-        pipe = load_pipeline(self.family_spec, path, dtype, quantization)
-        for module in encoders_of(pipe):
-            module.requires_grad_(False).eval()
-        transformer = pipe.transformer
-        transformer.requires_grad_(False)
-        perf_ops.set_dispatcher_backend(transformer, self.perf.attention_backend)
-        self._pipe, self.transformer = pipe, transformer
-        rank_zero_info(f"glance_lightning: loaded {type(pipe).__name__} in {time.perf_counter() - started:.1f}s")
-        if not with_adapters:
-            return
-        config = self.lora_config()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            for phase in PHASES:
-                transformer.add_adapter(config, adapter_name=phase)
-        transformer.train()
-        self._speed_up_training(transformer)
-        # Both adapters stay trainable until the first step so that DDP registers (and all-reduces) both;
-        # set_phase then lets peft freeze the inactive one.
-        for phase in PHASES:
-            for param in self.adapter_parameters(phase):
-                param.requires_grad_(True)
-        self._active_adapter = None
-
-    def _speed_up_training(self, transformer: torch.nn.Module) -> None:
-        perf = self.perf
-        if perf.gradient_checkpointing:
-            chosen = perf_ops.enable_checkpointing(transformer, self.repeated_blocks,
-                                                      float(perf.gradient_checkpointing), perf.checkpoint_policy)
-            rank_zero_info(f"glance_lightning: gradient checkpointing ({perf.checkpoint_policy}) on {len(chosen)} "
-                           "transformer blocks")
-        if perf.compile_blocks:
-            count = perf_ops.compile_blocks(transformer, self.repeated_blocks, perf.compile_backend)
-            rank_zero_info(f"glance_lightning: {count} transformer blocks compiled ({perf.compile_backend})")
-
-    def attention(self) -> Any:
-        """Context every transformer forward runs in (the configured SDPA kernels)."""
-        return perf_ops.attention_context(self.perf.attention_backend)
-
     @contextmanager
     def timed(self, part: str) -> Iterator[None]:
         """Add the block's wall time to ``fit_timings[part]`` (load, encode, samples, save)."""
@@ -315,15 +173,6 @@ class GlanceModule(EncodeOnce, GenerationMixin, L.LightningModule):
             yield
         finally:
             self.fit_timings[part] = self.fit_timings.get(part, 0.0) + time.perf_counter() - started
-
-    def set_phase(self, phase: str) -> None:
-        """Activate one adapter (peft also makes only it trainable)."""
-        if phase != self._active_adapter:
-            self.transformer.set_adapter(phase)
-            self._active_adapter = phase
-
-    def adapter_parameters(self, phase: str) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.transformer.named_parameters() if f".{phase}." in n and "lora_" in n]
 
     # ------------------------------------------------------------------ lightning hooks
     def prepare_data(self) -> None:

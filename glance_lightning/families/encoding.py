@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from glance_lightning.draws import TrainSample
+from glance_lightning.families.hooks import Conditioning
 
-Conditioning = dict[str, torch.Tensor]
 ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
 

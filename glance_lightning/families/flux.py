@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from diffusers import FluxPipeline
 
-from glance_lightning.families.base import Conditioning, GlanceModule, ShiftScaleLatents
+from glance_lightning.families.base import Conditioning, GlanceModule
+from glance_lightning.families.latents import ShiftScaleLatents
 
 
 class FluxGlance(ShiftScaleLatents, GlanceModule):

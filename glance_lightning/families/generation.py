@@ -9,8 +9,6 @@ import torch
 
 from glance_lightning.sampling import Step, StepCallback, base_plan, build_plan, sample
 
-Conditioning = dict[str, torch.Tensor]
-
 
 class GenerationMixin:
     """Sampling methods of GlanceModule (``self`` is the module)."""

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from glance_lightning.families.base import Conditioning, GlanceModule, ShiftScaleLatents
+from glance_lightning.families.base import Conditioning, GlanceModule
+from glance_lightning.families.latents import ShiftScaleLatents
 
 
 class SD3Glance(ShiftScaleLatents, GlanceModule):
