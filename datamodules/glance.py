@@ -17,9 +17,8 @@ import torch
 from glance_lightning.datamodules.validation import validate_dataset
 from jsonargparse.typing import PositiveInt
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from glance_lightning.draws import TrainSample, draws_dataloader
+from glance_lightning.draws import StepDraws, TrainSample, draws_dataloader
 from glance_lightning.settings import checked
 
 __all__ = ["GlanceDataModule", "TrainSample", "load_pixels", "target_size"]
@@ -99,5 +98,5 @@ class GlanceDataModule(L.LightningDataModule):
         with Image.open(path) as img:
             return target_size(img.width, img.height, self.resolution, self.size_multiple)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StepDraws:
         return draws_dataloader(self.trainer, len(self.train_samples), self.batch_size)

@@ -1,22 +1,22 @@
 """The forward data path: what a DataModule hands a Glance module, and each step's random draws.
 
 ``GlanceData`` is the protocol a DataModule meets: typed ``train_samples`` (each encoded once by the module) and
-a ``train_dataloader`` whose batches carry that step's draws. ``StepDraws`` is that dataloader's dataset: one
-item per micro-batch, holding for each sample of it the training-sample index, the index into the phase's
-timestep list, the caption-dropout flag and a noise seed. Every draw is a pure function of (seed, optimizer
-step, micro-batch, rank), so a resumed run draws exactly what the uninterrupted run drew and DDP ranks draw
-differently. The stream starts at the trainer's step when it is iterated, so a resumed fit continues it.
+a ``train_dataloader`` whose batches carry that step's draws. ``StepDraws`` is that loader: one batch per
+micro-batch, holding for each sample of it the training-sample index, the index into the phase's timestep list,
+the caption-dropout flag and a noise seed, as plain Python lists (host data: Lightning moves no tensor to the
+device for them and the training step reads them without a device sync). Every draw is a pure function of
+(seed, optimizer step, micro-batch, rank), so a resumed run draws exactly what the uninterrupted run drew and
+DDP ranks draw differently. The stream starts at the trainer's step when it is iterated, so a resumed fit continues it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 
 
 @dataclass
@@ -29,6 +29,9 @@ class TrainSample:
     controls: tuple[torch.Tensor, ...] = ()
 
 
+Draws = dict[str, Any]  # "step": int; "index", "choice", "noise_seed": list[int]; "drop": list[bool]
+
+
 @runtime_checkable
 class GlanceData(Protocol):
     """What a Glance module reads of its DataModule."""
@@ -36,7 +39,7 @@ class GlanceData(Protocol):
     train_samples: Sequence[TrainSample]
     resolution: int
 
-    def train_dataloader(self) -> DataLoader: ...
+    def train_dataloader(self) -> Iterable[Draws]: ...
 
 
 @dataclass(frozen=True)
@@ -62,39 +65,40 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator(device="cpu").manual_seed(key % (2**63 - 1))
 
 
-def draw_micro_batch(spec: DrawSpec, step: int, micro: int, rank: int, size: int,
-                     num_samples: int) -> dict[str, torch.Tensor]:
-    """The draws of one micro-batch of ``size`` samples (CPU tensors [size])."""
+def draw_micro_batch(spec: DrawSpec, step: int, micro: int, rank: int, size: int, num_samples: int) -> Draws:
+    """The draws of one micro-batch of ``size`` samples."""
     gen = step_generator(spec.seed, step, micro, rank)
     return {
-        "step": torch.full((size,), step, dtype=torch.long),
-        "index": torch.randint(num_samples, (size,), generator=gen),
-        "drop": torch.rand(size, generator=gen) < spec.caption_dropout,
-        "choice": torch.randint(spec.list_length(step), (size,), generator=gen),
-        "noise_seed": torch.randint(2**62, (size,), generator=gen),
+        "step": step,
+        "index": torch.randint(num_samples, (size,), generator=gen).tolist(),
+        "drop": (torch.rand(size, generator=gen) < spec.caption_dropout).tolist(),
+        "choice": torch.randint(spec.list_length(step), (size,), generator=gen).tolist(),
+        "noise_seed": torch.randint(2**62, (size,), generator=gen).tolist(),
     }
 
 
-class StepDraws(IterableDataset):
-    """The draws of every remaining micro-batch of the run on one rank, from the step ``start()`` returns."""
+class StepDraws:
+    """The draws of every remaining micro-batch of the run on one rank, from the step ``start()`` returns.
+
+    A plain iterable, not a DataLoader: Lightning then adds no sampler (each rank draws its own) and moves
+    nothing; its length is the whole run's, as Lightning counts the batches a resumed epoch already had."""
 
     def __init__(self, spec: DrawSpec, num_samples: int, batch_size: int, accumulate: int = 1, rank: int = 0,
                  start: Callable[[], int] = lambda: 0) -> None:
         self.spec, self.num_samples, self.batch_size = spec, num_samples, batch_size
         self.accumulate, self.rank, self.start = accumulate, rank, start
 
-    def __len__(self) -> int:  # the whole run: Lightning counts the batches a resumed epoch already had
+    def __len__(self) -> int:
         return self.spec.total_steps * self.accumulate
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Draws]:
         for step in range(self.start(), self.spec.total_steps):
             for micro in range(self.accumulate):
                 yield draw_micro_batch(self.spec, step, micro, self.rank, self.batch_size, self.num_samples)
 
 
-def draws_dataloader(trainer: object, num_samples: int, batch_size: int) -> DataLoader:
-    """The training dataloader any ``GlanceData`` DataModule can return: the module's draws, batched already."""
+def draws_dataloader(trainer: Any, num_samples: int, batch_size: int) -> StepDraws:
+    """The training loader any ``GlanceData`` DataModule can return: the module's draws, batched already."""
     spec = trainer.lightning_module.draw_spec()
-    dataset = StepDraws(spec, num_samples, batch_size, trainer.accumulate_grad_batches, trainer.global_rank,
-                        start=lambda: trainer.global_step)
-    return DataLoader(dataset, batch_size=None)
+    return StepDraws(spec, num_samples, batch_size, trainer.accumulate_grad_batches, trainer.global_rank,
+                     start=lambda: trainer.global_step)

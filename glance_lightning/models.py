@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from glance_lightning.registry import FamilySpec
-from glance_lightning.tiny import is_tiny
+
+TINY_PREFIX = "tiny:"
+
+
+def is_tiny(name: str) -> bool:
+    """Whether ``name`` names a tiny model (``tiny:<family>``)."""
+    return name.startswith(TINY_PREFIX)
 
 
 class ModelNotFoundError(FileNotFoundError):

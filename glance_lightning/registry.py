@@ -55,9 +55,7 @@ class FamilySpec:
     control_images: tuple[int, int] = (0, 0)  # (min, max) control images per training sample / sample call
     tiny_builder: str | Callable[[int], Any] | None = None  # seed -> a tiny pipeline instance, for tiny:<name>
     architecture: Mapping[str, Any] | None = None  # full-size transformer config (the planner's input)
-    # For the README family table.
-    timestep_convention: str = "t / 1000"
-    guidance: str = ""
+    guidance: str = ""  # how sampling guides, in words (the README family table)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def module_class(self) -> type:
@@ -140,12 +138,13 @@ def markdown_table() -> str:
     rows = ["| family | module | diffusers pipeline | control images | timestep the transformer takes | "
             "guidance at sampling |", "| --- | --- | --- | --- | --- | --- |"]
     for spec in (get_family(n) for n in family_names()):
-        module = spec.module if isinstance(spec.module, str) else f"{spec.module.__module__}:{spec.module.__name__}"
-        pipeline = spec.pipeline if isinstance(spec.pipeline, str) else spec.pipeline.__name__
+        module = spec.module_class()
+        path = f"{module.__module__}.{module.__name__}".removeprefix("glance_lightning.")
+        timestep = "t (0-1000)" if module.timestep_scale == 1000 else "t / 1000 (= sigma)"
         low, high = spec.control_images
         controls = "none" if high == 0 else (str(low) if low == high else f"{low}-{high}")
-        rows.append(f"| `{spec.name}` | `{module.removeprefix('glance_lightning.')}` | "
-                    f"`{pipeline.rpartition(':')[2]}` | {controls} | {spec.timestep_convention} | {spec.guidance} |")
+        rows.append(f"| `{spec.name}` | `{path}` | `{spec.pipeline_class().__name__}` | {controls} | {timestep} | "
+                    f"{spec.guidance} |")
     return "\n".join(rows)
 
 

@@ -15,20 +15,21 @@ def _stream(start: int = 0, **kwargs) -> list[dict[str, torch.Tensor]]:
 def test_one_batch_per_micro_batch_with_every_draw_the_step_needs():
     batches = _stream(accumulate=2)
     assert len(batches) == len(StepDraws(SPEC, 3, 4, accumulate=2)) == 7 * 2
-    assert [b["step"][0].item() for b in batches] == [s for s in range(7) for _ in range(2)]
+    assert [b["step"] for b in batches] == [s for s in range(7) for _ in range(2)]
     for b in batches:
-        assert set(b) == {"step", "index", "drop", "choice", "noise_seed"} and b["index"].shape == (4,)
-        assert b["index"].min() >= 0 and b["index"].max() < 3
-        limit = 5 if b["step"][0] < 4 else 2  # the list of the step's phase
-        assert b["choice"].max() < limit
-    assert batches[0]["noise_seed"].tolist() != batches[1]["noise_seed"].tolist()  # micro-batches differ
+        assert set(b) == {"step", "index", "drop", "choice", "noise_seed"} and len(b["index"]) == 4
+        assert all(isinstance(v, int) for v in b["index"] + b["choice"] + b["noise_seed"])  # host data
+        assert 0 <= min(b["index"]) and max(b["index"]) < 3
+        limit = 5 if b["step"] < 4 else 2  # the list of the step's phase
+        assert max(b["choice"]) < limit
+    assert batches[0]["noise_seed"] != batches[1]["noise_seed"]  # micro-batches differ
 
 
 def test_draws_are_uniform_over_the_list_and_drop_at_the_configured_rate():
-    choice = torch.cat([draw_micro_batch(SPEC, 0, micro, 0, 64, 3)["choice"] for micro in range(400)])
+    choice = torch.tensor([c for micro in range(400) for c in draw_micro_batch(SPEC, 0, micro, 0, 64, 3)["choice"]])
     counts = torch.bincount(choice, minlength=5).float() / len(choice)
     assert (counts - 0.2).abs().max() < 0.02
-    drops = torch.cat([draw_micro_batch(SPEC, step, 0, 0, 64, 3)["drop"] for step in range(400)])
+    drops = torch.tensor([d for step in range(400) for d in draw_micro_batch(SPEC, step, 0, 0, 64, 3)["drop"]])
     assert drops.float().mean().item() == pytest.approx(0.25, abs=0.02)
 
 
@@ -36,13 +37,11 @@ def test_a_resumed_stream_continues_with_exactly_the_uninterrupted_draws():
     full, resumed = _stream(), _stream(start=3)
     assert len(resumed) == 4
     for a, b in zip(full[3:], resumed, strict=True):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert a == b
 
 
 def test_ranks_and_seeds_draw_differently():
     rank0, rank1 = draw_micro_batch(SPEC, 2, 0, 0, 8, 3), draw_micro_batch(SPEC, 2, 0, 1, 8, 3)
     other_seed = draw_micro_batch(DrawSpec(8, (4, 3), (5, 2), 0.25), 2, 0, 0, 8, 3)
-    assert rank0["noise_seed"].tolist() != rank1["noise_seed"].tolist()
-    assert rank0["noise_seed"].tolist() != other_seed["noise_seed"].tolist()
-    again = draw_micro_batch(SPEC, 2, 0, 0, 8, 3)
-    assert all(torch.equal(rank0[k], again[k]) for k in rank0)
+    assert rank0["noise_seed"] != rank1["noise_seed"] and rank0["noise_seed"] != other_seed["noise_seed"]
+    assert draw_micro_batch(SPEC, 2, 0, 0, 8, 3) == rank0

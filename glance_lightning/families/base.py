@@ -30,7 +30,7 @@ from torchmetrics import MeanMetric
 
 from glance_lightning import flow
 from glance_lightning import performance as perf_ops
-from glance_lightning.draws import DrawSpec, GlanceData
+from glance_lightning.draws import Draws, DrawSpec, GlanceData
 from glance_lightning.families import preflight
 from glance_lightning.families.encoding import EncodeOnce
 from glance_lightning.families.generation import GenerationMixin
@@ -224,24 +224,19 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
     def on_fit_start(self) -> None:
         self.refuse_overwrite(resuming=self.trainer.ckpt_path is not None)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """The draws stay on the host: they index the caches and seed the noise (no device reads)."""
-        return batch
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Draws, batch_idx: int) -> torch.Tensor:
         phase = self.phase_at(self.global_step)
         self.set_phase(phase)
-        steps, indices, drop = batch["step"].tolist(), batch["index"].tolist(), batch["drop"].tolist()
-        choice = batch["choice"].tolist()
-        if steps[0] != self.global_step:
-            raise RuntimeError(f"the batch holds the draws of step {steps[0]} at step {self.global_step}; a "
-                               "DataModule must return glance_lightning.draws.draws_dataloader(...)")
+        indices, drop, choice = batch["index"], batch["drop"], batch["choice"]
+        if batch["step"] != self.global_step:
+            raise RuntimeError(f"the batch holds the draws of step {batch['step']} at step {self.global_step}; "
+                               "a DataModule must return glance_lightning.draws.draws_dataloader(...)")
         sigmas = self.glance_timesteps.phase(phase)
         sigma = torch.tensor([sigmas[c] for c in choice]).to(self.device, non_blocking=True)
         x0 = torch.cat([self.latent_cache[i] for i in indices])
         noise = torch.cat([
             torch.randn(self.latent_cache[i].shape, generator=torch.Generator().manual_seed(seed))
-            for i, seed in zip(indices, batch["noise_seed"].tolist())
+            for i, seed in zip(indices, batch["noise_seed"])
         ]).to(self.device, non_blocking=True)
         cond = self.collate_conditions(
             [self.dropout_cache[i] if d else self.cond_cache[i] for i, d in zip(indices, drop)]

@@ -55,7 +55,7 @@ register_family(FamilySpec(
 register_family(FamilySpec(
     name="sd3", module="glance_lightning.families.sd3:SD3Glance", pipeline="diffusers:StableDiffusion3Pipeline",
     scheduler_config=SD3_SCHEDULER, linspace_sigmas=False, tiny_builder=f"{_TINY}:sd3",
-    timestep_convention="t (0-1000)", guidance="CFG with a negative prompt",
+    guidance="CFG with a negative prompt",
 ))
 register_family(FamilySpec(
     name="qwen-image", module="glance_lightning.families.qwen_image:QwenImageGlance",

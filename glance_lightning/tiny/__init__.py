@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from glance_lightning.models import TINY_PREFIX, is_tiny
 from glance_lightning.registry import FamilySpec, UnknownFamilyError, family_names, get_family, load_ref
 
 __all__ = [
@@ -38,14 +39,8 @@ __all__ = [
     "tiny_model_path",
 ]
 
-TINY_PREFIX = "tiny:"
 TINY_VERSION = "v2"  # bump whenever what gets built changes, so stale cached builds are not reused
 CACHE_ENV = "GLANCE_LIGHTNING_CACHE"
-
-
-def is_tiny(name: str) -> bool:
-    """Whether `name` names a tiny model (``tiny:<family>``)."""
-    return name.startswith(TINY_PREFIX)
 
 
 def cache_dir() -> Path:

@@ -1,0 +1,134 @@
+"""The family registry is the one place a family is declared: everything else reads it, and production code
+never imports the tiny builders unless a `tiny:` name is opened."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from glance_lightning.cli import main
+from glance_lightning.commands.validate_data import run_validate_data_command
+from glance_lightning.registry import FamilySpec, family_names, get_family, markdown_table, register_family
+from glance_lightning.schedules import derive_timesteps
+
+BUILTINS = ("flux", "sd3", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
+
+
+def test_builtins_are_registered_and_consistent():
+    assert family_names()[: len(BUILTINS)] == BUILTINS
+    for name in BUILTINS:
+        spec = get_family(name)
+        assert spec.module_class().family == name
+        assert spec.pipeline_class().__name__.endswith("Pipeline")
+        assert spec.scheduler()["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+        assert spec.scheduler() is not spec.scheduler_config  # callers get a copy
+    assert [n for n in BUILTINS if get_family(n).official_qwen] == ["qwen-image", "qwen-image-edit",
+                                                                   "qwen-image-edit-plus"]
+    assert get_family("qwen-image-edit-plus").control_images == (1, 3)
+
+
+def test_readme_family_table_is_the_registry(repo: Path):
+    assert markdown_table() in (repo / "README.md").read_text()
+
+
+def test_bad_registrations_are_refused():
+    with pytest.raises(ValueError, match="plain name"):
+        register_family(FamilySpec(name="tiny:x", module="a:b", pipeline="a:b", scheduler_config={}))
+    with pytest.raises(ValueError, match="min, max"):
+        register_family(FamilySpec(name="x", module="a:b", pipeline="a:b", scheduler_config={},
+                                   control_images=(2, 1)))
+    with pytest.raises(ValueError, match="already registered"):
+        register_family(FamilySpec(name="flux", module="a:b", pipeline="a:b", scheduler_config={}))
+    assert "x" not in family_names()
+
+
+def test_families_from_installed_packages_are_loaded_through_entry_points(monkeypatch, tmp_path: Path):
+    import importlib.metadata
+
+    from glance_lightning import registry
+
+    (tmp_path / "my_family_pkg.py").write_text(
+        "from glance_lightning.registry import FamilySpec, register_family\n"
+        "register_family(FamilySpec(name='from-entry-point', module='a:b', pipeline='a:b',\n"
+        "                           scheduler_config={'num_train_timesteps': 1000}))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = importlib.metadata.EntryPoint("mine", "my_family_pkg", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [entry] if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(registry, "_BUILTINS_LOADED", False)
+    try:
+        assert "from-entry-point" in registry.family_names()
+    finally:
+        registry.unregister_family("from-entry-point")
+
+
+def test_production_code_imports_no_tiny_builder_and_patches_nothing_until_asked(tiny_cache: Path):
+    """Opening a local folder imports neither the tiny builders nor the Qwen2-VL processor work-around; the
+    work-around is applied where an edit pipeline is loaded."""
+    from glance_lightning.tiny import tiny_model_path
+
+    flux, edit = tiny_model_path("tiny:flux"), tiny_model_path("tiny:qwen-image-edit")
+    code = f"""
+import sys
+from glance_lightning import cli, commands, inference, evaluation
+from glance_lightning.commands import sample, schedule, validate_data
+from glance_lightning.families.flux import FluxGlance
+from glance_lightning.families.qwen_image_edit import QwenImageEditGlance
+from transformers import Qwen2VLProcessor
+m = FluxGlance(pretrained_model={flux!r}, timesteps={{"slow": [1.0], "fast": [0.5]}})
+m.load_base_model()
+assert not getattr(Qwen2VLProcessor, "_glance_without_video", False)
+assert not [k for k in sys.modules if k.startswith("glance_lightning.tiny")], "tiny imported"
+e = QwenImageEditGlance(pretrained_model={edit!r}, timesteps={{"slow": [1.0], "fast": [0.5]}})
+e.load_base_model()
+print("edit processor", type(e.pipe.processor).__name__)
+assert not [k for k in sys.modules if k.startswith("glance_lightning.tiny")], "tiny imported"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "edit processor Qwen2VLProcessor" in result.stdout
+
+
+def test_the_cli_links_the_data_resolution_to_the_derived_lists(repo: Path, tmp_path: Path, monkeypatch):
+    """A config without lists derives them at the resolution it trains at, not at a fixed 1024."""
+    monkeypatch.chdir(repo)
+    overlay = tmp_path / "derive.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"timesteps": {"slow": None, "fast": None}}}}))
+    assert main(["fit", "--config", "configs/quickstart.yaml", "--config", str(overlay), "--trainer.default_root_dir",
+                 str(tmp_path), "--model.init_args.slow_steps", "1", "--model.init_args.fast_steps", "1",
+                 "--trainer.callbacks.init_args.every_n_steps", "0", "--trainer.callbacks.init_args.at_end",
+                 "false"]) == 0
+    from glance_lightning.lora_io import read_glance_metadata
+
+    meta = read_glance_metadata(tmp_path / "lightning_logs" / "version_0" / "slow")
+    at_64 = derive_timesteps("flux", resolution=64)
+    assert meta["schedule"]["slow"] == pytest.approx(at_64["slow"], abs=1e-3)
+    assert meta["schedule"]["slow"] != pytest.approx(derive_timesteps("flux", resolution=1024)["slow"], abs=1e-3)
+
+
+def test_validate_data_checks_the_control_count_of_a_family(repo: Path, capsys):
+    edit = str(repo / "glance_lightning/assets/samples/edit")
+    assert run_validate_data_command(["--path", edit, "--family", "qwen-image-edit"]) == 0
+    capsys.readouterr()
+    assert run_validate_data_command(["--path", edit, "--family", "flux"]) == 1
+    assert "control" in capsys.readouterr().out
+
+
+def test_every_config_copies_the_lists_its_family_derives(repo: Path):
+    """Copied lists are the family's own schedule at 1024x1024 (the official derivation), not another family's."""
+    families = {get_family(n).module: n for n in BUILTINS}  # "package.module:Class" -> family
+    checked = 0
+    for config in sorted((repo / "configs").glob("*.yaml")):
+        model = yaml.safe_load(config.read_text())["model"]
+        module, _, cls = model["class_path"].rpartition(".")
+        lists = model["init_args"].get("timesteps") or {}
+        if "slow" in lists:
+            expected = derive_timesteps(families[f"{module}:{cls}"], resolution=1024)
+            assert lists["slow"] == pytest.approx(expected["slow"], abs=1e-3), config.name
+            assert lists["fast"] == pytest.approx(expected["fast"], abs=1e-3), config.name
+            checked += 1
+    assert checked == 9  # every model config copies its lists
