@@ -1,7 +1,9 @@
 """Run telemetry: throughput, accelerator memory, the step within the phase, and the LoRA pair as a W&B artifact.
 
 Attached to every run by GlanceModule.configure_callbacks. Host timings are taken at the end of a step,
-after the loss has been read for the progress bar, so they include the accelerator's work.
+after the loss has been read for the progress bar, so they include the accelerator's work. Without a progress
+bar (``enable_progress_bar: false``) it prints what the bar would show as a plain line every
+``trainer.log_every_n_steps`` steps and at the end of each phase (``callbacks.progress.PhaseStatus.line``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+
+from glance_lightning import console
 
 
 def fit_breakdown(started: float | None, parts: dict[str, float], step_times: list[float]) -> str:
@@ -36,6 +39,12 @@ class TrainingMonitor(L.Callback):
         self.summary = ""
         self._start: float | None = None
         self._sampled = 0.0
+        self._printed_step = -1
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Median seconds of the last ``window`` training steps (sample rendering excluded)."""
+        return statistics.median(self._times) if self._times else None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._start = time.perf_counter()
@@ -51,7 +60,8 @@ class TrainingMonitor(L.Callback):
         size = len(batch["index"])
         phase = pl_module.phase_at(max(trainer.global_step - 1, 0))
         step_in_phase = trainer.global_step - (0 if phase == "slow" else pl_module.phase_steps["slow"])
-        pl_module.log(f"{phase}_step", float(step_in_phase), prog_bar=True, on_step=True, batch_size=size)
+        pl_module.log(f"{phase}_step", float(step_in_phase), on_step=True, batch_size=size)
+        self._print_progress(trainer, pl_module, step_in_phase, pl_module.phase_steps[phase])
         if not pl_module.diagnostics_due():
             return
         pl_module.log("perf/s_per_step", seconds, on_step=True, batch_size=size)
@@ -60,12 +70,27 @@ class TrainingMonitor(L.Callback):
             pl_module.log("perf/gpu_max_mem_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True,
                           batch_size=size)
 
+    def _print_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, total: int) -> None:
+        """The progress bar's text as a plain line, when there is no bar."""
+        every = trainer.log_every_n_steps
+        due = step == total or (every > 0 and step % every == 0)
+        if trainer.progress_bar_callback is not None or not due or trainer.global_step == self._printed_step:
+            return
+        from glance_lightning.callbacks.progress import phase_status
+
+        status = phase_status(trainer, pl_module)
+        if status is not None:
+            self._printed_step = trainer.global_step
+            console.info(status.line())
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after the module's on_train_end has written the final LoRAs
         if not trainer.is_global_zero or trainer.state.status.value != "running":
             return
         self.summary = fit_breakdown(pl_module.fit_started, pl_module.fit_timings, self.step_times)
-        rank_zero_info(f"glance_lightning: {self.summary}")
+        if pl_module.lora_dir is not None:
+            console.info(f"saved the Slow and Fast LoRAs: {pl_module.lora_dir / 'slow'}, {pl_module.lora_dir / 'fast'}")
+        console.info(self.summary)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb

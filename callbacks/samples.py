@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
+from glance_lightning import console
 from glance_lightning.families.preflight import run_dir
 
 log = logging.getLogger(__name__)
@@ -81,10 +83,8 @@ class ChainedSampleCallback(L.Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        extra = list(self.prompts or [])
-        if self.negative_prompt is not None:
-            extra.append(self.negative_prompt)
-        pl_module.register_prompts(extra)
+        pl_module.register_prompts(pl_module.sampling_prompts(self.prompts or [], self.negative_prompt,
+                                                              self.guidance_scale))
 
     def _requests(self, trainer: L.Trainer) -> list[tuple[str, tuple, torch.Tensor | None]]:
         """(prompt, control images, training image) triples: the configured prompts, else each training
@@ -108,8 +108,15 @@ class ChainedSampleCallback(L.Callback):
         self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return []
+        started = time.perf_counter()
         with pl_module.timed("samples"):
-            return self._render(trainer, pl_module)
+            paths = self._render(trainer, pl_module)
+        if paths:
+            root = run_dir(trainer)
+            shown = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
+            what = shown[0] if len(shown) == 1 else f"{len(shown)} images: {shown[0]}, ..."
+            console.info(f"step {trainer.global_step}: chained sample {what} ({time.perf_counter() - started:.1f}s)")
+        return paths
 
     def _render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
         samples = trainer.datamodule.train_samples
@@ -119,8 +126,12 @@ class ChainedSampleCallback(L.Callback):
         panels: list[tuple[str, Image.Image, str]] = []
         paths, fidelity = [], []
         schedule = pl_module.glance_timesteps.as_timesteps()
-        for p_index, (prompt, controls, target) in enumerate(self._requests(trainer)):
+        requests = self._requests(trainer)
+        progress = console.StepProgress(f"step {trainer.global_step}: rendering sample",
+                                        len(requests) * len(self.seeds))
+        for p_index, (prompt, controls, target) in enumerate(requests):
             for seed in self.seeds:
+                progress.update(len(paths))
                 latents = pl_module.generate_latents(
                     prompt, seed, height, width, self.guidance_scale, self.negative_prompt, controls
                 )

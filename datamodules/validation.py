@@ -23,19 +23,6 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-__all__ = [
-    "CAPTION_EXTENSION",
-    "CONTROL_DIRS",
-    "IMAGE_EXTENSIONS",
-    "LAYOUTS",
-    "DatasetError",
-    "DatasetReport",
-    "Problem",
-    "Sample",
-    "scan_dataset",
-    "validate_dataset",
-]
-
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTENSION = ".txt"
 CONTROL_DIRS = ("control", "control_2", "control_3")

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from glance_lightning import console
+
 TOP_HELP = """usage: python -m glance_lightning COMMAND [options]
 
 Train and sample Glance Slow/Fast LoRAs.
@@ -20,14 +22,21 @@ commands:
   validate-data   check a dataset folder without loading any model (--path DIR)
   schedule        derive Slow/Fast timestep lists from a family's scheduler (--family, --resolution)
   sample          generate with a Slow/Fast LoRA pair over the exact chain (--model, --slow, --fast, --prompt)
+  export          write LoRAs in ComfyUI / kohya / diffusers key layouts, same weight change (--lora, --format)
+  cache           encode a config's images and prompts into the encode cache, then exit (--config FILE)
   validate, test, predict   other LightningCLI subcommands
 
-Run `python -m glance_lightning COMMAND --help` for a command's options.
+Run `python -m glance_lightning COMMAND --help` for a command's options. `--verbose` (any command) or
+GLANCE_LIGHTNING_VERBOSE=1 also shows the third-party messages hidden by default (glance_lightning.console).
 """
 
 
-def run_lightning_cli(args: list[str], run: bool = True) -> object:
-    """LightningCLI over any GlanceModule family and any LightningDataModule (imported only here)."""
+MODEL_COMMANDS = ("fit", "validate", "test", "predict", "sample", "cache")  # the commands that build or load a model
+
+
+def run_lightning_cli(args: list[str] | None, run: bool = True) -> object:
+    """LightningCLI over any GlanceModule family and any LightningDataModule (imported only here); ``args`` None
+    reads ``sys.argv`` (LightningCLI warns when given both)."""
     from lightning import LightningDataModule
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -46,6 +55,9 @@ def run_lightning_cli(args: list[str], run: bool = True) -> object:
 
     class GlanceCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
+            # The phases set max_steps once the model is known; -1 says "no epoch limit" so that Lightning does
+            # not warn that max_epochs was not set and fall back to 1000 epochs.
+            parser.set_defaults({"trainer.max_epochs": -1})
             # Settings that must agree: the training resolution the lists are derived at is the data's.
             parser.link_arguments("data", "model.init_args.resolution", compute_fn=data_resolution,
                                   apply_on="instantiate")
@@ -90,6 +102,8 @@ def find_last_checkpoint(root: Path) -> Path:
 
 
 def _extra_commands() -> dict[str, Callable[[list[str]], int]]:
+    from glance_lightning.commands.cache import run_cache_command
+    from glance_lightning.commands.export import run_export_command
     from glance_lightning.commands.sample import run_sample_command
     from glance_lightning.commands.schedule import run_schedule_command
     from glance_lightning.commands.validate_data import run_validate_data_command
@@ -98,16 +112,25 @@ def _extra_commands() -> dict[str, Callable[[list[str]], int]]:
         "validate-data": run_validate_data_command,
         "schedule": run_schedule_command,
         "sample": run_sample_command,
+        "export": run_export_command,
+        "cache": run_cache_command,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from_command_line = argv is None
+    argv, verbose = console.pop_verbose_flag(list(sys.argv[1:] if argv is None else argv))
+    console.install(verbose=True if verbose else None)  # before torch/diffusers/peft print at import
+    if from_command_line:
+        sys.argv[1:] = argv  # LightningCLI reads them from there, without our own --verbose
     if not argv or argv[0] in ("-h", "--help"):
         print(TOP_HELP)
         return 0 if argv else 2
     extra = _extra_commands()
+    if argv[0] in MODEL_COMMANDS:
+        console.quiet_setup_bars()  # third-party load/save bars only when long
     if argv[0] in extra:
-        return extra[argv[0]](argv[1:])
-    run_lightning_cli(argv)
+        with console.quiet_info(argv[0] == "sample"):  # sample prints one line per image, nothing else
+            return extra[argv[0]](argv[1:])
+    run_lightning_cli(None if from_command_line else argv)
     return 0

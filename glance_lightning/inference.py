@@ -5,6 +5,10 @@
 adapters and reads the chain from their metadata; ``chained_call`` runs ONE pipeline call over
 slow + fast sigmas (the pipeline appends the terminal 0) and switches adapters at the boundary.
 
+LoRA files are read by ``glance_lightning.lora_layouts.read_lora_modules`` (our files and exports, ComfyUI, kohya,
+OneTrainer, ai-toolkit and the official releases' layouts; any other layout through diffusers' own converters),
+alpha/rank folded in, times ``lora_scale``, and handed to the pipeline's ``load_lora_weights``.
+
     pipe = FluxPipeline.from_pretrained(path)
     chain = load_glance_loras(pipe, "run/slow", "run/fast")
     image = chained_call(pipe, chain, prompt="a red ball", height=1024, width=1024).images[0]
@@ -12,14 +16,25 @@ slow + fast sigmas (the pipeline appends the terminal 0) and switches adapters a
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from glance_lightning.lora_io import lora_file, read_glance_metadata
+from glance_lightning.lora_layouts import (
+    LoraFile,
+    LoraLayoutError,
+    ReadInfo,
+    read_lora,
+    read_lora_modules,
+    to_diffusers_state_dict,
+)
+from glance_lightning.registry import FamilySpec, family_names, get_family
 from glance_lightning.timesteps import GlanceTimesteps
 
 EXACT_SCHEDULER_OVERRIDES = {
@@ -54,6 +69,8 @@ class GlanceLoras:
     base_model: str | None
     adapters: tuple[str, str] = ("slow", "fast")
     metadata: dict[str, Any] = field(default_factory=dict)
+    lora_scale: float = 1.0  # multiplies both LoRAs' weight change (folded into lora_B when loaded)
+    read: dict[str, ReadInfo] = field(default_factory=dict)  # how each file was read ("slow", "fast")
 
     def sigmas(self) -> list[float]:
         return [*self.timesteps.slow, *self.timesteps.fast]
@@ -84,20 +101,83 @@ def pair_timesteps(slow_meta: dict | None, fast_meta: dict | None, fallback: Gla
     return fallback
 
 
+def pipeline_class_name(spec: FamilySpec) -> str:
+    """The family's diffusers pipeline class name, without importing it."""
+    ref = spec.pipeline
+    return ref.rpartition(":")[2] if isinstance(ref, str) else ref.__name__
+
+
+def family_of_pipeline(pipe: Any) -> str | None:
+    """The registered family whose pipeline class ``pipe`` is (or derives from), or None."""
+    for cls in type(pipe).__mro__:
+        for name in family_names():
+            if pipeline_class_name(get_family(name)) == cls.__name__:
+                return name
+    return None
+
+
+def family_of_model(model: str) -> tuple[str | None, str | None]:
+    """(family, pipeline class) of a ``--model`` before anything is loaded: the family in a ``tiny:<family>`` name,
+    else the registered family whose pipeline is the folder's ``model_index.json`` ``_class_name`` (family None when
+    no family uses that class; both None when the folder has no readable model_index.json)."""
+    from glance_lightning.models import TINY_PREFIX, is_tiny
+
+    if is_tiny(model):
+        family = model[len(TINY_PREFIX):]
+        return family, pipeline_class_name(get_family(family)) if family in family_names() else None
+    index = Path(model).expanduser() / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return None, None
+    matches = [n for n in family_names() if pipeline_class_name(get_family(n)) == class_name]
+    return (matches[0] if matches else None), class_name
+
+
+def transformer_module_names(pipe: Any) -> set[str]:
+    return {name for name, _ in pipe.transformer.named_modules() if name}
+
+
+def load_lora_file(pipe: Any, path: str | os.PathLike, adapter_name: str, family: str,
+                   lora_scale: float = 1.0) -> ReadInfo:
+    """Load one LoRA file into ``pipe`` as ``adapter_name`` at ``lora_scale`` times its trained strength."""
+    lora = read_lora(path)
+    names = transformer_module_names(pipe)
+    try:
+        modules, info = read_lora_modules(lora, family, names)
+    except LoraLayoutError as ours:
+        try:  # another trainer's layout: diffusers' own converters (xlabs, BFL control, fal, ...)
+            converted = type(pipe).lora_state_dict(dict(lora.tensors), return_alphas=True)
+            state, alphas = converted if isinstance(converted, tuple) else (converted, None)
+            state = {**state, **{k if k.endswith(".alpha") else f"{k}.alpha": v for k, v in (alphas or {}).items()}}
+            modules, info = read_lora_modules(LoraFile(lora.path, state, {}), family, names)
+        except Exception as theirs:  # any failure of a foreign converter: report both
+            raise LoraLayoutError(f"cannot read {lora.path} as a {family} transformer LoRA: {ours}; diffusers' "
+                                  f"converters: {theirs}") from None
+        info = ReadInfo("diffusers converter", info.alpha)
+    pipe.load_lora_weights(to_diffusers_state_dict(modules, lora_scale), adapter_name=adapter_name)
+    return info
+
+
 def load_glance_loras(
     pipe: Any, slow: str | os.PathLike, fast: str | os.PathLike, timesteps: GlanceTimesteps | None = None,
-    adapters: tuple[str, str] = ("slow", "fast"),
+    adapters: tuple[str, str] = ("slow", "fast"), lora_scale: float = 1.0, family: str | None = None,
 ) -> GlanceLoras:
-    """Load both LoRAs into ``pipe`` as named adapters and put the pipeline on the exact chain."""
+    """Load both LoRAs into ``pipe`` as named adapters (at ``lora_scale`` times their trained strength) and put
+    the pipeline on the exact chain. ``family`` defaults to the LoRAs' metadata, else the pipeline's class."""
     slow_meta, fast_meta = read_pair_metadata(slow, fast)
     chain = pair_timesteps(slow_meta, fast_meta, timesteps)
+    family = family or (slow_meta or {}).get("family") or family_of_pipeline(pipe)
+    if family is None:
+        raise ValueError(f"{type(pipe).__name__} is no registered family's pipeline; pass family=")
+    read = {}
     for name, path in zip(adapters, (slow, fast)):
-        file = lora_file(path)
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        read[name] = load_lora_file(pipe, path, name, family, lora_scale)
     use_exact_chain(pipe)
     meta = slow_meta or {}
     metadata = {"slow": slow_meta, "fast": fast_meta}
-    return GlanceLoras(chain, meta.get("family"), meta.get("base_model"), adapters, metadata)
+    return GlanceLoras(chain, meta.get("family") or family, meta.get("base_model"), adapters, metadata, lora_scale,
+                       dict(zip(("slow", "fast"), read.values())))
 
 
 def chained_call(pipe: Any, loras: GlanceLoras, **kwargs: Any) -> Any:

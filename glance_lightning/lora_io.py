@@ -1,15 +1,23 @@
-"""Writing and reading Glance LoRA files in the diffusers format.
+"""Writing, reading and exporting Glance LoRA files.
 
-A file is ``<dir>/pytorch_lora_weights.safetensors`` with "transformer.*" keys (what stock
-``load_lora_weights`` and ComfyUI read), diffusers' ``lora_adapter_metadata`` (so rank and alpha load back
-exactly instead of being guessed from shapes) and ``glance.*`` metadata: family, base model, phase, the
-timestep lists, rank/alpha and resolution. Writes are atomic: a temporary file renamed into place.
+**The default file** is ``<dir>/pytorch_lora_weights.safetensors`` in the diffusers layout ("transformer.<module>"
+keys, ``lora_A``/``lora_B``) with alpha/rank folded into ``lora_B`` and diffusers' ``lora_adapter_metadata`` saying
+alpha = rank. So every loader applies exactly the weight change the adapter was trained with, whatever it does
+with alpha: diffusers reads the metadata (scale alpha/rank = 1), ComfyUI ignores the metadata and uses alpha/rank
+only where a ``<module>.alpha`` tensor exists, else 1.0 (comfy/weight_adapter/lora.py, ``LoRAAdapter
+.calculate_weight``), kohya-style loaders default a missing alpha to the rank (1.0 again). An unfolded file
+(rank 8, alpha 32) loads at 1/4 strength in ComfyUI; adding ``.alpha`` tensors instead breaks diffusers' FLUX
+and Qwen loaders. The ``glance`` metadata (family, base model, phase, timestep lists, the trained rank/alpha,
+resolution) is kept in every file. Writes are atomic: a temporary file renamed into place.
+
+Exports to other tools' key layouts and reading theirs live in ``glance_lightning.lora_layouts``.
 """
-
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,13 +29,11 @@ from safetensors.torch import save_file
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 GLANCE_METADATA_KEY = "glance"
-
-
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple, list)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
@@ -46,22 +52,61 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
         raise
 
 
+# ---------------------------------------------------------------------------------------------- scales
+
+
+def _pattern_value(module: str, patterns: dict[str, Any] | None, default: Any) -> Any:
+    """peft's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a module name ending in ``.<key>``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def peft_scale(module: str, rank: int, config: dict[str, Any]) -> float:
+    """The scale peft gives ``module`` of ``rank`` under a LoraConfig dict: alpha/rank (alpha/sqrt(rank) with
+    rsLoRA), alpha from ``alpha_pattern`` where it names the module."""
+    alpha = float(_pattern_value(module, config.get("alpha_pattern"), config.get("lora_alpha", rank)))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def module_of(key: str) -> str:
+    return key.split(".lora_", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
 def save_lora(
     directory: str | os.PathLike,
     transformer_state: dict[str, torch.Tensor],
     peft_config: dict[str, Any],
     glance: dict[str, Any],
 ) -> Path:
-    """Save one adapter (peft state dict without adapter names) as ``directory/pytorch_lora_weights.safetensors``."""
-    tensors = {f"transformer.{k}": v for k, v in transformer_state.items()}
-    adapter_metadata = {f"transformer.{k}": v for k, v in _jsonable(peft_config).items()}
+    """Save one adapter (peft state dict without adapter names, as trained) as
+    ``directory/pytorch_lora_weights.safetensors``, its scale folded into lora_B (see the module docstring)."""
+    config = jsonable(peft_config)
+    folded, scales = {}, set()
+    for key, value in transformer_state.items():
+        if ".lora_B." in key:
+            module = module_of(key)
+            rank = transformer_state[f"{module}.lora_A.weight"].shape[0]
+            scale = peft_scale(module, rank, config)
+            scales.add(scale)
+            value = value * scale if scale != 1.0 else value
+        folded[f"transformer.{key}"] = value
+    config = {**config, "lora_alpha": config.get("r"), "alpha_pattern": dict(config.get("rank_pattern") or {}),
+              "use_rslora": False}
+    adapter_metadata = {f"transformer.{k}": v for k, v in config.items()}
+    folded_scale = scales.pop() if len(scales) == 1 else sorted(scales)
     metadata = {
         "format": "pt",
         LORA_ADAPTER_METADATA_KEY: json.dumps(adapter_metadata, indent=2, sort_keys=True),
-        GLANCE_METADATA_KEY: json.dumps(_jsonable(glance), sort_keys=True),
+        GLANCE_METADATA_KEY: json.dumps(jsonable({**glance, "layout": "diffusers", "scale_folded": folded_scale}),
+                                        sort_keys=True),
     }
     path = Path(directory) / LORA_WEIGHT_NAME
-    atomic_save_safetensors(tensors, path, metadata)
+    atomic_save_safetensors(folded, path, metadata)
     return path
 
 

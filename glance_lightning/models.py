@@ -1,13 +1,28 @@
-"""Resolving ``pretrained_model`` to something ``from_pretrained`` opens, and loading a family's pipeline.
+"""What ``pretrained_model`` (and a ``transformer`` override) names, and loading a family's pipeline in stages.
 
-Today a name is a local diffusers folder (with ``model_index.json``) or ``tiny:<family>``, a tiny model
-built locally once (``glance_lightning.tiny``, imported only for such names). Errors name the setting and
-the fix and are raised before anything is loaded.
+A name is a local diffusers folder (with ``model_index.json``), ``tiny:<family>`` (a tiny model built locally
+once by ``glance_lightning.tiny``, imported only for such names) or a Hugging Face repo id, ``org/name`` or
+``org/name@revision``, resolved through huggingface_hub and its cache (``HF_HOME`` / ``HF_HUB_CACHE``; with
+``HF_HUB_OFFLINE=1`` the cache only; tokens as huggingface_hub finds them), downloading only the components the
+run needs. Every failure is a ``ModelNotFoundError`` naming the setting, the name and the fix, raised before
+anything is loaded.
+
+Loading is staged so host memory holds one large component at a time: ``load_pipeline`` opens the pipeline
+without its transformer (and optionally without its text encoders), ``load_transformer`` adds the transformer
+later, from the model folder, another diffusers folder, or a single-file checkpoint (ComfyUI / original key
+layouts, through diffusers' single-file loaders).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import inspect
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +31,14 @@ import torch
 from glance_lightning.registry import FamilySpec
 
 TINY_PREFIX = "tiny:"
+CACHE_ENV = "GLANCE_LIGHTNING_CACHE"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name names nothing that can be opened; the message says what to give instead."""
 
 
 def is_tiny(name: str) -> bool:
@@ -23,36 +46,172 @@ def is_tiny(name: str) -> bool:
     return name.startswith(TINY_PREFIX)
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """``pretrained_model`` names nothing that can be opened; the message says what to give instead."""
+def cache_dir() -> Path:
+    """glance_lightning's cache root: ``$GLANCE_LIGHTNING_CACHE``, else ``~/.cache/glance_lightning``."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "glance_lightning"
 
 
-def resolve_pretrained(name: str, setting: str = "model.pretrained_model") -> str:
-    """The folder ``from_pretrained`` should open for ``name`` (building a ``tiny:`` model if needed)."""
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model name and the local folder ``from_pretrained`` opens for it."""
+
+    name: str
+    path: str
+    revision: str | None = None  # the hub commit, for hub ids
+
+    def fingerprint(self, components: Iterable[str]) -> str:
+        """Identity of the given components' files (names, sizes, modification times; the hub commit), so a
+        cache keyed by it goes stale when the weights change."""
+        entries = [self.name, self.revision or ""]
+        root = Path(self.path)
+        for component in sorted(components):
+            folder = root / component
+            if not folder.is_dir():
+                continue
+            for file in sorted(folder.rglob("*")):
+                if file.is_file():
+                    stat = file.stat()
+                    entries.append(f"{file.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}")
+        return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:32]
+
+    def components(self) -> dict[str, tuple[str, str]]:
+        """The pipeline's components as ``model_index.json`` declares them: name -> (library, class)."""
+        return _declared_components(json.loads((Path(self.path) / "model_index.json").read_text()))
+
+
+def _declared_components(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Components a ``model_index.json`` declares (entries like ``[null, null]`` are optional ones left out)."""
+    return {k: tuple(v) for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
+
+
+def is_hub_id(name: str) -> bool:
+    return bool(_REPO_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def resolve_pretrained(name: str, setting: str = "model.pretrained_model",
+                       skip: Iterable[str] = ()) -> ResolvedModel:
+    """Resolve ``name`` to a local folder (building a ``tiny:`` model, or fetching a hub id's components but
+    those in ``skip``)."""
     if is_tiny(name):
         from glance_lightning.tiny import tiny_model_path
 
-        return tiny_model_path(name)
+        return ResolvedModel(name, tiny_model_path(name))
+    if is_hub_id(name):
+        return _resolve_hub(name, setting, tuple(skip))
     path = Path(name).expanduser()
     if not path.is_dir():
         raise ModelNotFoundError(
             f"{setting}={name!r}: no such directory; give a local diffusers model folder (with "
-            "model_index.json) or tiny:<family>"
+            "model_index.json), a Hugging Face repo id such as black-forest-labs/FLUX.1-dev, or tiny:<family>"
         )
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(
             f"{setting}={name!r}: {path} has no model_index.json; give the diffusers model's root folder"
         )
-    return str(path)
+    return ResolvedModel(name, str(path))
 
 
-def load_pipeline(spec: FamilySpec, path: str, dtype: torch.dtype, quantization: Any = None) -> Any:
-    """One ``from_pretrained`` of the family's pipeline from a resolved folder, progress bars off."""
-    pipeline_class = spec.pipeline_class()
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE if value is None else value.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_cache() -> str | None:
+    """HF_HUB_CACHE / HF_HOME as set now (None: huggingface_hub's own default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
+
+
+def _resolve_hub(name: str, setting: str, skip: tuple[str, ...]) -> ResolvedModel:
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo, _, revision = name.partition("@")
+    offline, cache = hub_offline(), hub_cache()
+    common = {"revision": revision or None, "cache_dir": cache, "local_files_only": offline}
+    try:
+        index = Path(hf_hub_download(repo, "model_index.json", **common))
+        wanted = [c for c in _declared_components(json.loads(index.read_text())) if c not in skip]
+        path = Path(snapshot_download(repo, allow_patterns=["model_index.json", *(f"{c}/*" for c in wanted)],
+                                      **common))
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"{setting}={name!r} is a gated repository: accept its licence on its Hugging Face page, then log in "
+            "(`hf auth login`) or set HF_TOKEN"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"{setting}={name!r}: the repository has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"{setting}={name!r}: no such repository on the Hugging Face Hub (or it is private and no token is "
+            "set); check the id, or give a local diffusers folder"
+        ) from None
+    except LocalEntryNotFoundError:
+        where = "HF_HUB_OFFLINE=1 and it is not in the cache" if offline else "the Hub cannot be reached"
+        raise ModelNotFoundError(
+            f"{setting}={name!r}: {where} ({cache or 'the default Hugging Face cache'}); download it first "
+            f"(`hf download {repo}`) with network access, or give a local diffusers folder"
+        ) from None
+    missing = [c for c in wanted if not (path / c).is_dir()]
+    if missing:
+        raise ModelNotFoundError(
+            f"{setting}={name!r}: the cached snapshot {path} lacks {', '.join(missing)}; download it completely "
+            f"(`hf download {repo}`) with network access"
+        )
+    return ResolvedModel(name, str(path), revision=path.name)
+
+
+def _allow_processor_without_torchvision(pipeline_class: type) -> None:
     if "processor" in inspect.signature(pipeline_class.__init__).parameters:
         from glance_lightning.compat import allow_qwen2vl_processor_without_torchvision
 
         allow_qwen2vl_processor_without_torchvision()  # the edit pipelines' Qwen2-VL processor
-    pipe = pipeline_class.from_pretrained(path, dtype=dtype, quantization_config=quantization)
+
+
+def load_pipeline(spec: FamilySpec, model: ResolvedModel, dtype: torch.dtype, skip: Iterable[str] = ()) -> Any:
+    """The family's pipeline from ``model`` without the components in ``skip`` (left None), progress bars off."""
+    pipeline_class = spec.pipeline_class()
+    _allow_processor_without_torchvision(pipeline_class)
+    present = model.components()
+    pipe = pipeline_class.from_pretrained(model.path, dtype=dtype, **{c: None for c in skip if c in present})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def transformer_class(model: ResolvedModel) -> type:
+    library, class_name = model.components()["transformer"]
+    return getattr(importlib.import_module(library), class_name)
+
+
+def load_transformer(model: ResolvedModel, dtype: torch.dtype, quantization: Any = None,
+                     override: str | None = None) -> torch.nn.Module:
+    """The pipeline's transformer: from ``model``, or ``override`` (a diffusers transformer folder or a single-file
+    checkpoint, read with the model's own transformer config)."""
+    cls = transformer_class(model)
+    if override is None:
+        return cls.from_pretrained(model.path, subfolder="transformer", torch_dtype=dtype,
+                                   quantization_config=quantization)
+    path = Path(override).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model.transformer={override!r}: {path} has no config.json; give a diffusers "
+                                     "transformer folder or a single .safetensors checkpoint")
+        return cls.from_pretrained(str(path), torch_dtype=dtype, quantization_config=quantization)
+    if not path.is_file() or path.suffix not in _WEIGHT_SUFFIXES:
+        raise ModelNotFoundError(f"model.transformer={override!r}: no such folder or checkpoint file "
+                                 f"({', '.join(_WEIGHT_SUFFIXES)}); give a diffusers transformer folder or one file")
+    if not hasattr(cls, "from_single_file"):
+        raise ModelNotFoundError(f"model.transformer={override!r}: diffusers cannot read {cls.__name__} from a single "
+                                 "file; give a diffusers transformer folder")
+    return cls.from_single_file(str(path), config=model.path, subfolder="transformer", torch_dtype=dtype,
+                                quantization_config=quantization, local_files_only=True)

@@ -105,10 +105,10 @@ def _check_quantization(name: str) -> None:
 
 
 def quantization_config(name: str, compute_dtype: torch.dtype) -> Any:
-    """diffusers' pipeline quantisation config that quantises only the transformer (None for ``none``)."""
+    """diffusers' quantisation config for the transformer, given to its ``from_pretrained`` (None for ``none``)."""
     if name == "none":
         return None
-    from diffusers import BitsAndBytesConfig, PipelineQuantizationConfig, TorchAoConfig
+    from diffusers import BitsAndBytesConfig, TorchAoConfig
 
     if name == "nf4":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -123,7 +123,7 @@ def quantization_config(name: str, compute_dtype: torch.dtype) -> Any:
         kinds = {"int8-weight-only": Int8WeightOnlyConfig, "float8-weight-only": Float8WeightOnlyConfig,
                  "float8-dynamic": Float8DynamicActivationFloat8WeightConfig}
         config = TorchAoConfig(kinds[name]())
-    return PipelineQuantizationConfig(quant_mapping={"transformer": config})
+    return config
 
 
 def attention_context(name: str) -> Any:

@@ -7,9 +7,13 @@ how to predict a velocity; every sampling mode is a plan builder in ``PLANS``:
 - ``exact`` (the default): ONE Euler schedule s1 -> ... -> sN -> f1 -> ... -> fM -> 0 over the trained sigmas;
   the Slow adapter runs the steps that start at s1..sN, the Fast adapter those that start at f1..fM, and the
   model is conditioned on the sigma each step starts at.
-- ``official-qwen``: what the official Glance Qwen pipelines compute (GLANCE.md section 3): the first 5
-  intervals of the shifted 50-step table conditioned on the 5 Slow timesteps, then the shifted 5-step table
-  conditioned on the 5 Fast timesteps. Only 5 + 5 steps, only for families that declare ``official_qwen``.
+- ``official-qwen``: what the official Glance Qwen pipelines (GlanceQwenSlowPipeline / GlanceQwenFastPipeline)
+  compute, bit for bit (GLANCE.md section 3): the first 5 intervals of the shifted 50-step table conditioned on
+  the 5 Slow timesteps, then the shifted 5-step table conditioned on the 5 Fast timesteps. The pipelines hold
+  the timestep lists as bfloat16 tensors (``torch.tensor([1000.0, 979.1915, ...], dtype=torch.bfloat16)``), so
+  the model is conditioned on the rounded values (980, not 979.1915) divided by 1000; and they step with
+  diffusers' scheduler, which keeps the latents in the model's dtype between steps. Both are reproduced. Only
+  5 + 5 steps, only for families that declare ``official_qwen``.
 
 ``base_plan`` is the base model's own schedule (no adapter), for comparison samples.
 """
@@ -33,6 +37,9 @@ class Step:
     sigma_next: float  # where it ends
     condition: float  # the sigma the model is conditioned on
     adapter: str | None  # "slow", "fast", or None for the base model
+    # step as diffusers' FlowMatchEulerDiscreteScheduler.step does: state in the model's (velocity's) dtype
+    # between steps, float32 sigmas, dt * v in the velocity's dtype. False: the state stays float32 throughout.
+    as_scheduler: bool = False
 
 
 Plan = tuple[Step, ...]
@@ -49,16 +56,29 @@ def sample(velocity_fn: VelocityFn, x: torch.Tensor, plan: Plan, callback: StepC
         raise ValueError("sample() needs a plan of at least one step")
     x = x.float()
     for i, step in enumerate(plan):
-        x = x + (step.sigma_next - step.sigma) * velocity_fn(x, step).float()
+        v = velocity_fn(x, step)
+        if step.as_scheduler:
+            dt = torch.tensor(step.sigma_next, dtype=torch.float32) - torch.tensor(step.sigma, dtype=torch.float32)
+            x = (x.to(v.dtype).float() + dt.to(v.device) * v).to(v.dtype).float()
+        else:
+            x = x + (step.sigma_next - step.sigma) * v.float()
         if callback is not None:
             callback(i, step, x)
     return x
 
 
-def _walk(sigmas: Sequence[float], adapter: str | None, conditions: Sequence[float] | None = None) -> list[Step]:
+def _walk(sigmas: Sequence[float], adapter: str | None, conditions: Sequence[float] | None = None,
+          as_scheduler: bool = False) -> list[Step]:
     sigmas = [float(s) for s in sigmas]
     conditions = sigmas[:-1] if conditions is None else [float(c) for c in conditions]
-    return [Step(s, n, c, adapter) for s, n, c in zip(sigmas[:-1], sigmas[1:], conditions, strict=True)]
+    return [Step(s, n, c, adapter, as_scheduler) for s, n, c in zip(sigmas[:-1], sigmas[1:], conditions, strict=True)]
+
+
+def bf16_conditions(sigmas: Sequence[float]) -> list[float]:
+    """What the official Qwen pipelines condition on for trained ``sigmas``: the timesteps held as a bfloat16
+    tensor, cast to float32 and divided by 1000 there (``t.expand(b).to(latents.dtype) / 1000``)."""
+    timesteps = torch.tensor([float(s) * 1000.0 for s in sigmas], dtype=torch.bfloat16)
+    return (timesteps.to(torch.float32) / 1000).tolist()
 
 
 def exact_plan(slow: Sequence[float], fast: Sequence[float]) -> Plan:
@@ -80,7 +100,8 @@ def official_qwen_plan(
     slow: Sequence[float], fast: Sequence[float], family: str = "qwen-image",
     resolution: int | tuple[int, int] = 1024, scheduler_config: dict | None = None,
 ) -> Plan:
-    """The official Glance Qwen two-call arithmetic; ``slow``/``fast`` are the trained sigmas (5 each)."""
+    """The official Glance Qwen two-call arithmetic; ``slow``/``fast`` are the trained sigmas (5 each), which the
+    model is conditioned on rounded as the official pipelines round them (``bf16_conditions``)."""
     from glance_lightning.schedules import ScheduleError, full_schedule_sigmas
 
     for name, values in (("slow", slow), ("fast", fast)):
@@ -91,7 +112,8 @@ def official_qwen_plan(
     common = {"scheduler_config": scheduler_config, "resolution": resolution}
     slow_table = full_schedule_sigmas(family, num_steps=OFFICIAL_QWEN_TABLE_STEPS, **common)
     fast_table = full_schedule_sigmas(family, num_steps=OFFICIAL_QWEN_PHASE_STEPS, **common)
-    return (*_walk(slow_table[: OFFICIAL_QWEN_PHASE_STEPS + 1], "slow", slow), *_walk(fast_table, "fast", fast))
+    return (*_walk(slow_table[: OFFICIAL_QWEN_PHASE_STEPS + 1], "slow", bf16_conditions(slow), as_scheduler=True),
+            *_walk(fast_table, "fast", bf16_conditions(fast), as_scheduler=True))
 
 
 def _exact(timesteps: GlanceTimesteps, family: str, resolution: tuple[int, int]) -> Plan:

@@ -73,7 +73,10 @@ class LoraSettings:
 class OptimizerSettings:
     """AdamW with a constant learning rate after a linear warm-up that restarts for each phase.
 
-    ``name="adamw8bit"`` keeps the moment estimates in 8 bits (bitsandbytes), a quarter of AdamW's state.
+    ``name="adamw8bit"`` keeps the moment estimates in 8 bits (bitsandbytes), a quarter of AdamW's state; with
+    ``weight_decay=0`` it is bitsandbytes' Adam8bit, the official Qwen-Image optimizer (the two differ only in how
+    weight decay is applied). ``warmup_steps=0`` is no warm-up, what the official runs do: their
+    ``get_scheduler("constant", num_warmup_steps=10)`` ignores the warm-up.
     """
 
     name: Literal["adamw", "adamw8bit"] = "adamw"
@@ -81,7 +84,7 @@ class OptimizerSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: NonNegativeFloat = 0.01
     eps: PositiveFloat = 1e-8
-    warmup_steps: NonNegativeInt = 10
+    warmup_steps: NonNegativeInt = 10  # per phase; 0: the full lr from the first step (the official runs)
     fused: bool | None = None  # None: the fused CUDA kernel on GPUs, the default implementation elsewhere
 
 

@@ -59,6 +59,13 @@ class GlanceTimesteps:
     @classmethod
     def from_lists(cls, slow: Sequence[float], fast: Sequence[float], unit: Unit = "auto") -> GlanceTimesteps:
         if unit == "auto":
+            finite = len(slow) and len(fast) and all(math.isfinite(float(v)) for v in [*slow, *fast])
+            units = {detect_unit(slow), detect_unit(fast)} if finite else set()
+            if len(units) > 1:
+                raise TimestepListError(
+                    f"timesteps: slow={list(slow)} reads as {detect_unit(slow)} but fast={list(fast)} as "
+                    f"{detect_unit(fast)}; give both lists in one unit (0-1000 timesteps or [0, 1] sigmas)"
+                )
             understood = "sigmas" if detect_unit(list(slow) + list(fast)) == "sigmas" else "timesteps"
         else:
             understood = unit

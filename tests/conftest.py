@@ -45,3 +45,18 @@ def _fit_config(config: str, root: Path, *overrides: str) -> Path:
 @pytest.fixture(scope="session")
 def fit_config():
     return _fit_config
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory, fit_config):
+    """`fit --config CONFIG [OVERRIDES...]` run once per session and shared: the family contract and the CLI
+    tests read the same quick-start runs (readers only; nothing may write into a shared run)."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def run(config: str, *overrides: str) -> Path:
+        key = (config, *overrides)
+        if key not in runs:
+            runs[key] = fit_config(config, tmp_path_factory.mktemp("quickstart"), *overrides)
+        return runs[key]
+
+    return run

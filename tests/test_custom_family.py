@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 from glance_lightning.datamodules.glance import GlanceDataModule
+from PIL import Image
 
 from glance_lightning.commands.sample import run_sample_command
 from glance_lightning.commands.schedule import run_schedule_command
@@ -111,4 +112,5 @@ def test_a_registered_family_fits_with_derived_lists_then_schedules_and_samples(
                                str(tmp_path / "out" / "fast"), "--prompt", "a red ball", "--height", "64",
                                "--width", "64", "--output", str(out)]) == 0
     assert [p.name for p in out.glob("*.png")] == ["p0_s0.png"]
-    assert f"family {NAME}" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith(f"{out / 'p0_s0.png'}  seed 0  slow ")
+    assert json.loads(Image.open(out / "p0_s0.png").text["glance"])["family"] == NAME

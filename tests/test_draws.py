@@ -19,7 +19,7 @@ def test_one_batch_per_micro_batch_with_every_draw_the_step_needs():
     for b in batches:
         assert set(b) == {"step", "index", "drop", "choice", "noise_seed"} and len(b["index"]) == 4
         assert all(isinstance(v, int) for v in b["index"] + b["choice"] + b["noise_seed"])  # host data
-        assert 0 <= min(b["index"]) and max(b["index"]) < 3
+        assert min(b["index"]) >= 0 and max(b["index"]) < 3
         limit = 5 if b["step"] < 4 else 2  # the list of the step's phase
         assert max(b["choice"]) < limit
     assert batches[0]["noise_seed"] != batches[1]["noise_seed"]  # micro-batches differ

@@ -1,81 +1,24 @@
-"""The foundation end to end: the quick-start config through the CLI, saved LoRAs in stock diffusers."""
+"""`fit` through the CLI and the training loop's refusals, on tiny FLUX: resuming the newest run in place, a run
+directory that is never overwritten, trainer.max_steps disagreeing with the phases. What every family's quick
+start must do (LoRAs, metadata, samples, checkpoints, stock diffusers, learning) is the family contract's
+(test_family_contract.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
-from diffusers import FluxPipeline
-from safetensors import safe_open
+from glance_lightning.datamodules.glance import GlanceDataModule
 
 from glance_lightning.cli import main
+from glance_lightning.families.flux import FluxGlance
 from glance_lightning.lora_io import read_glance_metadata
-from glance_lightning.tiny import tiny_model_path
+from glance_lightning.settings import TimestepSettings
 
-
-@pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory: pytest.TempPathFactory, fit_config) -> Path:
-    return fit_config("configs/quickstart.yaml", tmp_path_factory.mktemp("quickstart"))
-
-
-
-def test_quickstart_trains_both_loras_and_renders_a_chained_sample(quickstart_run: Path):
-    for phase in ("slow", "fast"):
-        meta = read_glance_metadata(quickstart_run / phase)
-        assert meta["family"] == "flux" and meta["phase"] == phase
-        assert meta["rank"] == 8 and meta["alpha"] == 32 and meta["resolution"] == 64
-        assert meta["trained_steps"] == 150
-    slow_meta = read_glance_metadata(quickstart_run / "slow")
-    assert slow_meta["timesteps"] == pytest.approx([1000.0, 986.9786, 973.2042, 958.6094, 943.1188])
-    assert slow_meta["schedule"]["fast"][-1] == pytest.approx(60.5503)
-    samples = sorted((quickstart_run / "samples").glob("*.png"))
-    assert any(p.name.startswith("step000300") for p in samples)
-    assert (quickstart_run / "config.yaml").is_file()
-
-
-def test_checkpoint_holds_only_trainable_weights(quickstart_run: Path):
-    ckpt = quickstart_run / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    keys = list(state["state_dict"])
-    assert keys and all("lora_" in k for k in keys)
-    assert any(".slow." in k for k in keys) and any(".fast." in k for k in keys)
-    assert state["optimizer_states"]
-
-
-def test_adapters_were_trained_only_in_their_phase(quickstart_run: Path):
-    for phase in ("slow", "fast"):
-        with safe_open(str(quickstart_run / phase / "pytorch_lora_weights.safetensors"), "pt") as f:
-            b_norm = sum(f.get_tensor(k).norm().item() for k in f.keys() if "lora_B" in k)  # noqa: SIM118
-            assert all(k.startswith("transformer.") for k in f.keys())  # noqa: SIM118
-            adapter_meta = json.loads(f.metadata()["lora_adapter_metadata"])
-        assert b_norm > 0, f"{phase} LoRA B matrices are still zero: it was never trained"
-        assert adapter_meta["transformer.r"] == 8 and adapter_meta["transformer.lora_alpha"] == 32
-
-
-def test_saved_loras_load_into_stock_flux_pipeline_and_change_its_output(quickstart_run: Path):
-    pipe = FluxPipeline.from_pretrained(tiny_model_path("tiny:flux"))
-    pipe.set_progress_bar_config(disable=True)
-
-    def run():
-        return pipe(
-            "a red ball", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
-            generator=torch.Generator().manual_seed(0), output_type="pt",
-        ).images
-
-    base = run()
-    pipe.load_lora_weights(str(quickstart_run / "slow"), adapter_name="slow")
-    pipe.load_lora_weights(str(quickstart_run / "fast"), adapter_name="fast")
-    # alpha/rank came back from the metadata, not guessed from the shapes
-    layer = pipe.transformer.transformer_blocks[0].attn.to_q
-    assert layer.scaling["slow"] == pytest.approx(32 / 8)
-    pipe.set_adapters("slow")
-    with_slow = run()
-    pipe.set_adapters("fast")
-    with_fast = run()
-    assert (with_slow - base).abs().max() > 1e-4
-    assert (with_fast - with_slow).abs().max() > 1e-4
+SLOW = [1000.0, 986.9786, 973.2042, 958.6094, 943.1188]
+FAST = [926.6473, 825.7017, 677.9868, 441.1997, 60.5503]
 
 
 def test_fit_ckpt_path_last_continues_the_newest_run_in_place(repo: Path, tmp_path: Path, monkeypatch):
@@ -93,10 +36,20 @@ def test_fit_ckpt_path_last_continues_the_newest_run_in_place(repo: Path, tmp_pa
     assert state["global_step"] == 6  # a further `--ckpt_path last` continues from here
 
 
-def test_existing_run_directory_is_not_overwritten(repo: Path, quickstart_run: Path, monkeypatch):
+def test_existing_run_directory_is_not_overwritten(repo: Path, quickstart_run, monkeypatch):
+    run = quickstart_run("configs/quickstart.yaml")  # the family contract's FLUX quick start, shared
     monkeypatch.chdir(repo)
-    before = (quickstart_run / "slow" / "pytorch_lora_weights.safetensors").read_bytes()
+    before = (run / "slow" / "pytorch_lora_weights.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="output_dir"):
-        main(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.output_dir", str(quickstart_run),
-              "--trainer.default_root_dir", str(quickstart_run.parent.parent / "other")])
-    assert (quickstart_run / "slow" / "pytorch_lora_weights.safetensors").read_bytes() == before
+        main(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.output_dir", str(run),
+              "--trainer.default_root_dir", str(run.parent.parent / "other")])
+    assert (run / "slow" / "pytorch_lora_weights.safetensors").read_bytes() == before
+
+
+def test_max_steps_disagreeing_with_the_phases_is_refused(repo: Path, tmp_path: Path):
+    module = FluxGlance(pretrained_model="tiny:flux", timesteps=TimestepSettings(slow=SLOW, fast=FAST),
+                        slow_steps=3, fast_steps=3, max_sequence_length=32, output_dir=str(tmp_path / "o"))
+    data = GlanceDataModule(path=str(repo / "glance_lightning/assets/samples/t2i"), resolution=64)
+    trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=10, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="trainer.max_steps=10"):
+        trainer.fit(module, data)

@@ -115,11 +115,15 @@ def test_sample_command_writes_images_with_settings_and_never_overwrites(trained
             "--output", str(tmp_path / "out")]
     assert run_sample_command(argv) == 0
     out = capsys.readouterr().out
-    assert "from the LoRA metadata" in out and "slow" in out and "fast" in out
     images = sorted((tmp_path / "out").glob("*.png"))
+    # one line per image (path, seed, time per phase) and nothing else
+    assert [line.split("  ")[:2] for line in out.splitlines()] == [[str(images[0]), "seed 0"],
+                                                                     [str(images[1]), "seed 1"]]
+    assert all(line.endswith("s") and "  slow " in line and "  fast " in line for line in out.splitlines())
     assert [p.name for p in images] == ["p0_s0.png", "p0_s1.png"]
     text = json.loads(Image.open(images[0]).text["glance"])
     assert text["schedule"]["slow"] == pytest.approx(SLOW) and text["seed"] == 0 and text["prompt"] == PROMPT
+    assert text["from_metadata"] is True
     assert run_sample_command(argv) == 0
     assert len(list((tmp_path / "out").glob("*.png"))) == 4
 
@@ -129,7 +133,7 @@ def test_sample_refuses_loras_from_different_runs(trained: Path, tmp_path: Path,
     state = {k.removeprefix("transformer."): v for k, v in saved.items()}
     meta = read_glance_metadata(trained / "fast")
     meta["base_model"] = "some/other-model"
-    save_lora(tmp_path / "other_fast", state, {"r": 4, "lora_alpha": 8}, meta)
+    save_lora(tmp_path / "other_fast", state, {"r": 4, "lora_alpha": 4}, meta)  # the file's B is already scaled
     code = run_sample_command(["--model", "tiny:flux", "--slow", str(trained / "slow"), "--fast",
                                str(tmp_path / "other_fast"), "--prompt", "x", "--output", str(tmp_path / "o")])
     assert code == 2
@@ -155,8 +159,8 @@ def test_single_files_without_glance_metadata_need_family_and_get_the_derived_ch
     assert run_sample_command(argv) == 2
     assert "--family" in capsys.readouterr().err
     assert run_sample_command([*argv, "--family", "flux"]) == 0
-    out = capsys.readouterr().out
-    assert "derived: the LoRAs carry no schedule" in out and "986.9786" in out
+    note = capsys.readouterr().err  # stdout has the image lines only; a derived chain is a note on stderr
+    assert "derived: the LoRAs carry no schedule" in note and "986.9786" in note
 
 
 def test_sample_on_an_int8_base_with_a_chosen_attention_kernel_stays_close(trained: Path, tmp_path: Path):
@@ -178,3 +182,50 @@ def test_sample_refuses_unusable_speed_options_before_loading(trained: Path, tmp
     assert "--attention-backend='_native_cudnn'" in capsys.readouterr().err
     assert run_sample_command([*argv, "--base-quantization", "nf4"]) == 2
     assert "--base-quantization=nf4 needs a CUDA GPU" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ sample defaults, refusals
+
+
+def test_sample_defaults_to_the_training_resolution_of_the_loras(trained: Path, tmp_path: Path):
+    argv = ["--model", "tiny:flux", "--slow", str(trained / "slow"), "--fast", str(trained / "fast"),
+            "--prompt", PROMPT, "--output", str(tmp_path / "out")]
+    assert read_glance_metadata(trained / "slow")["resolution"] == 64
+    assert run_sample_command(argv) == 0
+    image = Image.open(tmp_path / "out" / "p0_s0.png")
+    assert image.size == (64, 64)  # the quick start's 64x64, not 1024
+    assert json.loads(image.text["glance"])["size"] == [64, 64]
+    assert run_sample_command([*argv, "--height", "32"]) == 0  # a given side is kept, the other defaulted
+    assert Image.open(tmp_path / "out" / "p0_s0-1.png").size == (64, 32)
+
+
+def test_sample_refuses_a_model_of_another_family_before_loading_it(trained: Path, tmp_path: Path, capsys):
+    common = ["--slow", str(trained / "slow"), "--fast", str(trained / "fast"), "--prompt", "x",
+              "--output", str(tmp_path / "o")]
+    assert run_sample_command(["--model", "tiny:qwen-image", *common]) == 2
+    err = capsys.readouterr().err
+    assert "qwen-image" in err and "trained for flux" in err
+    folder = tmp_path / "Qwen-Image"  # only a model_index.json: loading it would fail differently
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    assert run_sample_command(["--model", str(folder), *common]) == 2
+    err = capsys.readouterr().err
+    assert "QwenImagePipeline" in err and "give a flux model" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sample_warns_about_another_base_model_and_an_untrained_phase(trained: Path, tmp_path: Path, capsys):
+    from glance_lightning.lora_layouts import read_lora
+
+    fast = read_lora(trained / "fast")
+    meta = json.loads(fast.metadata["glance"])
+    meta["trained_steps"] = 0
+    save_lora(tmp_path / "fast", {k.removeprefix("transformer."): v for k, v in fast.tensors.items()},
+              {"r": 4, "lora_alpha": 4}, meta)
+    folder = tiny_model_path("tiny:flux")  # the same weights, named by a path: not the recorded "tiny:flux"
+    argv = ["--model", folder, "--slow", str(trained / "slow"), "--fast", str(tmp_path / "fast"), "--prompt", "x",
+            "--output", str(tmp_path / "o")]
+    assert run_sample_command(argv) == 0
+    err = capsys.readouterr().err
+    assert "trained on tiny:flux" in err and f"--model {folder}" in err
+    assert "Fast LoRA was trained for 0 steps" in err

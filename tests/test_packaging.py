@@ -24,5 +24,6 @@ def test_wheel_contains_only_the_glance_lightning_package(repo: Path, tmp_path: 
     code = [n for n in names if ".dist-info/" not in n]
     assert code and all(n.startswith("glance_lightning/") for n in code)
     for expected in ("glance_lightning/datamodules/glance.py", "glance_lightning/callbacks/samples.py",
-                     "glance_lightning/assets/samples/t2i/red_ball.png", "glance_lightning/families/flux.py"):
+                     "glance_lightning/assets/samples/t2i/red_ball.png", "glance_lightning/families/flux.py",
+                     "glance_lightning/commands/sample.py", "glance_lightning/tiny/builders.py"):
         assert expected in names

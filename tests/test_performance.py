@@ -155,6 +155,7 @@ def test_regional_compile_compiles_each_repeated_block_and_matches_eager(tiny_fl
     assert eager.transformer_blocks[0]._compiled_call_impl is None
     ref, _, _ = _run(eager)
     got, _, _ = _run(compiled)
+    assert ref and got.keys() == ref.keys()
     for name, grad in ref.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6)
 
@@ -275,10 +276,12 @@ def test_training_step_reads_nothing_back_from_the_device(repo: Path, tmp_path: 
     from test_faults import data, make, trainer
 
     reads: list[str] = []
+    steps: list[int] = []
     module = make(tmp_path / "out")
     step = module.training_step
 
     def guarded(*args, **kwargs):
+        steps.append(module.global_step)
         originals = {name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "__float__", "__int__")}
 
         def recorder(name):
@@ -297,6 +300,7 @@ def test_training_step_reads_nothing_back_from_the_device(repo: Path, tmp_path: 
 
     module.training_step = guarded
     trainer(tmp_path, log_every_n_steps=2).fit(module, datamodule=data(repo))
+    assert steps == list(range(6))  # every step went through the guard (else the check below is empty)
     assert reads == []
 
 

@@ -131,4 +131,4 @@ def test_every_config_copies_the_lists_its_family_derives(repo: Path):
             assert lists["slow"] == pytest.approx(expected["slow"], abs=1e-3), config.name
             assert lists["fast"] == pytest.approx(expected["fast"], abs=1e-3), config.name
             checked += 1
-    assert checked == 9  # every model config copies its lists
+    assert checked >= 9  # the shipped model configs copy their lists

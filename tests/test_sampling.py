@@ -43,7 +43,10 @@ def test_official_qwen_plan_walks_the_shifted_tables_but_conditions_on_the_train
     fast = [t / 1000 for t in (886.7053, 745.0728, 562.9505, 320.0802, 20.0)]
     plan = official_qwen_plan(slow, fast)
     assert [s.adapter for s in plan] == ["slow"] * 5 + ["fast"] * 5
-    assert [s.condition for s in plan] == pytest.approx(slow + fast)
+    # the trained timesteps as the official pipelines hold them: a bfloat16 tensor (980, not 979.1915), / 1000
+    bf16 = [1000.0, 980.0, 956.0, 936.0, 912.0, 888.0, 744.0, 564.0, 320.0, 20.0]
+    assert [s.condition for s in plan] == [float(torch.tensor(t, dtype=torch.float32) / 1000) for t in bf16]
+    assert all(s.as_scheduler for s in plan) and not any(s.as_scheduler for s in exact_plan(slow, fast))
     assert plan[4].sigma_next == pytest.approx(0.946, abs=1e-3)  # 5 intervals of the 50-step table
     assert [plan[5].sigma, *(s.sigma_next for s in plan[5:])] == pytest.approx(
         [1.0, 0.837, 0.633, 0.370, 0.02, 0.0], abs=1e-3)  # the shifted 5-step table
@@ -67,6 +70,23 @@ def test_state_is_integrated_in_float32():
     x = torch.zeros(1, dtype=torch.bfloat16)
     out = sample(lambda x, step: torch.full_like(x, 1e-3, dtype=torch.bfloat16), x, base_plan([1.0, 0.999, 0.0]))
     assert out.dtype == torch.float32
+
+
+def test_scheduler_steps_round_the_state_to_the_model_dtype_as_diffusers_does():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sigmas = [1.0, 0.9461, 0.5, 0.0]
+    v = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    plan = tuple(Step(s, n, s, None, as_scheduler=True) for s, n in zip(sigmas[:-1], sigmas[1:]))
+    ours = sample(lambda x, step: v, torch.ones(1, 64), plan)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    scheduler.sigmas = torch.tensor(sigmas)
+    scheduler.set_begin_index(0)
+    latents = torch.ones(1, 64).to(torch.bfloat16)  # the official pipelines hold latents in the model dtype
+    for _ in plan:
+        latents = scheduler.step(v, torch.tensor(500.0), latents, return_dict=False)[0]
+    assert latents.dtype == torch.bfloat16 and torch.equal(ours, latents.float())
+    assert not torch.equal(sample(lambda x, step: v, torch.ones(1, 64), base_plan(sigmas)), ours)
 
 
 def test_plans_need_steps():

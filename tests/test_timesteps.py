@@ -69,3 +69,8 @@ def test_lists_and_derive_together_are_refused():
                    timesteps=TimestepSettings(slow=[1000], fast=[500], derive=ScheduleDerivation()))
     with pytest.raises(ValueError, match="both `slow` and `fast`"):
         FluxGlance(pretrained_model="tiny:flux", timesteps=TimestepSettings(slow=[1000]))
+
+
+def test_lists_in_different_units_are_refused_not_read_as_one():
+    with pytest.raises(TimestepListError, match=r"slow=\[1000, 950\] reads as timesteps but fast=\[0.5, 0.1\]"):
+        GlanceTimesteps.from_lists([1000, 950], [0.5, 0.1])

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from glance_lightning import console
 from glance_lightning.performance import QUANTIZATIONS, check_performance_settings
 from glance_lightning.registry import family_names, get_family
 from glance_lightning.sampling import PLANS, Step
@@ -29,15 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slow", required=True, help="Slow LoRA: our output folder or a .safetensors file")
     p.add_argument("--fast", required=True, help="Fast LoRA: our output folder or a .safetensors file")
     p.add_argument("--family", choices=family_names(), help="needed only for LoRAs without Glance metadata")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
+    p.add_argument("--prompt-file", default=None, metavar="PATH",
+                   help="a text file of prompts, one per line (blank lines skipped), after any --prompt")
     p.add_argument("--negative-prompt", default=None, help="for families with classifier-free guidance")
     p.add_argument("--seed", type=int, action="append", help="repeat for several seeds (default 0)")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=None,
+                   help="default: the LoRAs' training resolution (their metadata), else 1024")
+    p.add_argument("--width", type=int, default=None,
+                   help="default: the LoRAs' training resolution (their metadata), else 1024")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="CFG scale (SD3, Qwen true CFG); FLUX.1-dev uses its guidance embedding (--guidance)")
     p.add_argument("--guidance", type=float, default=None, help="FLUX.1-dev guidance embedding (default: as trained)")
     p.add_argument("--control", action="append", default=[], help="control image(s) for edit families")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="multiplies both LoRAs' trained weight change (files without alpha load at 1.0 x this)")
     p.add_argument("--mode", choices=tuple(PLANS), default="exact",
                    help="exact chain (default) or the official Qwen Glance pipelines' arithmetic")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
@@ -60,8 +67,51 @@ def performance_settings(args: argparse.Namespace) -> PerformanceSettings:
                                base_quantization=getattr(args, "base_quantization", "none"))
 
 
+def _warn(message: str) -> None:
+    print(f"sample: warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_model(model: str, family: str, metadata: dict[str, dict | None]) -> None:
+    """Before anything is loaded: refuse a ``--model`` of another family than the LoRAs' (``tiny:<family>`` names it,
+    a folder's model_index.json names its pipeline class); warn when it is not the LoRAs' base model and about a
+    phase trained for 0 steps."""
+    from glance_lightning.inference import family_of_model, pipeline_class_name
+
+    model_family, class_name = family_of_model(model)
+    own = pipeline_class_name(get_family(family))
+    if model_family is not None and model_family != family and class_name != own:
+        raise ValueError(f"--model {model} is a {class_name or model_family} ({model_family}) but the LoRAs were "
+                         f"trained for {family} ({own}); give a {family} model")
+    if model_family is None and class_name is not None and class_name != own:
+        _warn(f"--model {model} holds a {class_name}, which is no registered family's pipeline; loading it as "
+              f"{pipeline_class_name(get_family(family))} for the {family} LoRAs")
+    base = next((m.get("base_model") for m in metadata.values() if m and m.get("base_model")), None)
+    if base is not None and not _same_model(base, model):
+        _warn(f"the LoRAs were trained on {base}, sampling with --model {model}: they may not fit this base model")
+    for phase, meta in metadata.items():
+        if meta and meta.get("trained_steps") == 0:
+            _warn(f"the {phase.capitalize()} LoRA was trained for 0 steps: it is its initialisation (lora_B = 0) and "
+                  "changes nothing; train that phase (model.init_args." + phase + "_steps) for a Glance chain")
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def default_size(args: argparse.Namespace, metadata: dict[str, dict | None]) -> tuple[int, int]:
+    """(height, width): as given, else the LoRAs' training resolution from their metadata, else 1024."""
+    trained = next((m.get("resolution") for m in metadata.values() if m and m.get("resolution")), None)
+    fallback = int(trained) if trained else 1024
+    height, width = getattr(args, "height", None), getattr(args, "width", None)
+    return (height if height is not None else fallback), (width if width is not None else fallback)
+
+
 def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
-    """Build the family module around one ``from_pretrained`` and load both LoRAs into it."""
+    """Build the family module, load its base model (in stages when ``args.prompt`` lists the prompts: encoded
+    first, text encoders freed, then the transformer) and both LoRAs into it."""
     from glance_lightning.inference import load_glance_loras, pair_timesteps, read_pair_metadata
     from glance_lightning.schedules import derive_timesteps
 
@@ -71,6 +121,7 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
         raise ValueError("--family is required: these LoRAs carry no Glance metadata naming their family")
     if slow_meta and args.family and args.family != family:
         raise ValueError(f"--family {args.family} but the LoRAs were trained for {family}")
+    check_model(args.model, family, {"slow": slow_meta, "fast": fast_meta})
     spec = get_family(family)
     low, high = spec.control_images
     if not low <= len(args.control) <= high:
@@ -91,11 +142,36 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
         pretrained_model=args.model, timesteps=TimestepSettings(slow=lists["slow"], fast=lists["fast"]),
         torch_dtype=args.dtype, performance=performance_settings(args), **kwargs,
     )
-    module.load_base_model(with_adapters=False)
+    height, width = default_size(args, {"slow": slow_meta, "fast": fast_meta})
+    args.height, args.width = height, width
+    if getattr(args, "prompt", None):  # the command: in stages as fit (prompts encoded, encoders freed, transformer)
+        scale = args.guidance_scale if args.guidance_scale is not None else 1.0
+        prompts = module.sampling_prompts(args.prompt, args.negative_prompt, scale)
+        module.load_for_sampling(prompts, control_pixels(args), args.device)
+    else:  # a caller without prompts (library use) keeps the text encoders for whatever it asks later
+        module.load_base_model(with_adapters=False)
     module.to(args.device)
-    load_glance_loras(module.pipe, args.slow, args.fast, chain)
-    info = {"family": family, "schedule": lists, "from_metadata": bool(slow_meta and fast_meta)}
+    loras = load_glance_loras(module.pipe, args.slow, args.fast, chain, lora_scale=getattr(args, "lora_scale", 1.0),
+                              family=family)
+    info = {"family": family, "schedule": lists, "from_metadata": bool(slow_meta and fast_meta),
+            "lora_scale": loras.lora_scale, "size": [height, width],
+            "lora_files": {phase: {"layout": r.layout, "alpha": r.alpha} for phase, r in loras.read.items()}}
     return module, info
+
+
+def lora_notice(info: dict) -> str | None:
+    """The line ``sample`` prints about how strongly the LoRAs were loaded, when it is not self-evident."""
+    files = info.get("lora_files", {})
+    scale = info.get("lora_scale", 1.0)
+    bare = [phase for phase, f in files.items() if f["alpha"] == "none" and f["layout"] == "diffusers"]
+    if bare:
+        return (f"the {' and '.join(bare)} LoRA file(s) carry no alpha (no adapter metadata, no .alpha tensors): "
+                f"loaded at 1.0 x --lora-scale {scale:g}. The official Glance releases are such files: they were "
+                "trained at alpha/rank = 4 and their published images were made at 1.0; --lora-scale 4 gives the "
+                "trained strength")
+    if scale != 1.0:
+        return f"LoRAs loaded at {scale:g} x their trained strength (--lora-scale)"
+    return None
 
 
 def run_sample_command(argv: list[str] | None = None) -> int:
@@ -104,6 +180,11 @@ def run_sample_command(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    if args.prompt_file is not None and not Path(args.prompt_file).is_file():
+        return _fail(f"--prompt-file {args.prompt_file}: no such file")
+    args.prompt = read_prompts(args)
+    if not args.prompt:
+        return _fail("give a prompt: --prompt TEXT (repeatable) or --prompt-file PATH (one per line)")
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         return _fail(f"--output {out_dir} exists and is not a folder")
@@ -119,21 +200,41 @@ def run_sample_command(argv: list[str] | None = None) -> int:
         module, info = load_sampler(args)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
+    args.height, args.width = info["size"]
+    notice = lora_notice(info)
+    if notice:
+        console.info(notice)
     rounded = {phase: [round(t, 4) for t in lists] for phase, lists in info["schedule"].items()}
-    print(f"family {info['family']}; chain {json.dumps(rounded)} "
-          f"({'from the LoRA metadata' if info['from_metadata'] else 'derived: the LoRAs carry no schedule'})")
-    written = generate_images(module, args, info)
-    for path, timing in written:
-        print(f"{path}  slow {timing['slow']:.3f}s  fast {timing['fast']:.3f}s")
+    if console.is_verbose() or not info["from_metadata"]:  # by default only a derived chain is worth a line
+        source = "from the LoRA metadata" if info["from_metadata"] else "derived: the LoRAs carry no schedule"
+        console.info(f"family {info['family']}; chain {json.dumps(rounded)} ({source})")
+    generate_images(module, args, info)  # prints one line per image
     return 0
+
+
+def control_pixels(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    """The --control images at about the output's area (read once)."""
+    from glance_lightning.datamodules.glance import load_pixels
+
+    if getattr(args, "control_pixels", None) is None:
+        area = round((args.width * args.height) ** 0.5)
+        args.control_pixels = tuple(load_pixels(Path(c), _control_size(Path(c), area)) for c in args.control)
+    return args.control_pixels
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt values, then the lines of --prompt-file."""
+    prompts = list(args.prompt)
+    if args.prompt_file is not None:
+        lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
+    return prompts
 
 
 def generate_images(module: Any, args: argparse.Namespace, info: dict) -> list[tuple[Path, dict]]:
     from glance_lightning.callbacks.samples import save_png_atomic, to_pil
-    from glance_lightning.datamodules.glance import load_pixels
 
-    area = round((args.width * args.height) ** 0.5)
-    controls = tuple(load_pixels(Path(c), _control_size(Path(c), area)) for c in args.control)
+    controls = control_pixels(args)
     scale = args.guidance_scale if args.guidance_scale is not None else 1.0
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +249,7 @@ def generate_images(module: Any, args: argparse.Namespace, info: dict) -> list[t
                     "guidance_scale": scale, "negative_prompt": args.negative_prompt, "model": args.model,
                     "slow": args.slow, "fast": args.fast, "controls": args.control, **info, "seconds": timing}
             save_png_atomic(image, path, {"glance": json.dumps(text)})
+            print(f"{path}  seed {seed}  slow {timing['slow']:.3f}s  fast {timing['fast']:.3f}s", flush=True)
             written.append((path, timing))
     return written
 

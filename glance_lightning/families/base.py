@@ -38,7 +38,7 @@ from glance_lightning.families.hooks import Conditioning, FamilyHooks
 from glance_lightning.families.latents import ShiftScaleLatents
 from glance_lightning.families.loading import AdaptedBaseModel
 from glance_lightning.lora_io import save_lora
-from glance_lightning.models import resolve_pretrained
+from glance_lightning.models import ResolvedModel
 from glance_lightning.registry import FamilySpec, get_family
 from glance_lightning.settings import (
     LoraSettings,
@@ -86,6 +86,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         offload_encoders: bool = True,
         output_dir: str | None = None,
         resolution: PositiveInt | None = None,
+        transformer: str | None = None,
+        encode_cache: str | None = "user",
     ) -> None:
         """
         Args:
@@ -106,6 +108,12 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
                 LoRA there is never overwritten by a new run.
             resolution: the training resolution, which derived lists are read off unless ``timesteps.derive``
                 names another; the command line sets it from ``data.init_args.resolution`` (default 1024).
+            transformer: the transformer from elsewhere than ``pretrained_model``: a diffusers transformer folder
+                or a single-file checkpoint (ComfyUI / original key layout); the rest comes from
+                ``pretrained_model``.
+            encode_cache: where encoded prompts and latents are kept between runs: ``user`` (the glance_lightning
+                cache dir, ``$GLANCE_LIGHTNING_CACHE/encoded``), a folder, or null for none. A run whose every
+                prompt is cached never loads its text encoders.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -129,6 +137,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         self.strict_loading = False  # checkpoints hold only the LoRA weights
         self.transformer: torch.nn.Module | None = None
         self._pipe: Any = None
+        self._resolved: ResolvedModel | None = None
+        self.transformer_override = transformer
         self._active_adapter: str | None = None
         self.init_caches()
         self.lora_dir: Path | None = Path(output_dir) if output_dir else None
@@ -176,10 +186,17 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
 
     # ------------------------------------------------------------------ lightning hooks
     def prepare_data(self) -> None:
-        """Build a ``tiny:`` model once, on one process per node, before any rank loads it (Lightning runs this
-        on local rank 0 and holds the others at a barrier). transformers writes weights on rank 0 only once
-        torch.distributed is up, so a build on another rank would be incomplete."""
-        resolve_pretrained(self.hparams.pretrained_model)
+        """Download a hub model's components, or build a ``tiny:`` model, once per node before any rank loads it
+        (Lightning runs this on local rank 0 and holds the others at a barrier). transformers writes weights on
+        rank 0 only once torch.distributed is up, so a tiny build on another rank would be incomplete."""
+        self.resolve_model()
+
+    def attached_trainer(self) -> L.Trainer | None:
+        """The trainer, or None when the module is used on its own (sampling, tests)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     @property
     def data(self) -> GlanceData:
@@ -200,13 +217,20 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
             preflight.check_output_dir(self.lora_dir)
         preflight.set_max_steps(trainer, self.total_steps)
         preflight.check_strategy(trainer.strategy)
-        self.check_samples(self.data.train_samples)
+        samples = self.data.train_samples
+        self.check_samples(samples)
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % (2**31)
-        self.load_base_model()
+        self.resolve_model()
+        # Staged, so host memory holds one large component at a time: encoders, encode, free, transformer.
+        if self._pipe is None:
+            self.load_encoders(text_encoders=not self.all_encoded(samples))
+        self.encode_before_transformer_moves(samples, trainer.strategy.root_device)
+        self.free_text_encoders()
+        if self.transformer is None:
+            self.load_transformer()
         if trainer.is_global_zero:
             need = 2 * sum(p.numel() * 4 for phase in PHASES for p in self.adapter_parameters(phase))
             preflight.check_free_space(self.lora_dir, need)
-        self.encode_before_transformer_moves(self.data.train_samples, trainer.strategy.root_device)
 
     def refuse_overwrite(self, resuming: bool) -> None:
         preflight.refuse_overwrite(self.lora_dir, resuming)
@@ -217,8 +241,10 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
 
     def configure_callbacks(self) -> list[L.Callback]:
         from glance_lightning.callbacks.monitor import TrainingMonitor
+        from glance_lightning.callbacks.progress import use_phase_progress_bar
         from glance_lightning.callbacks.safety import KeepLorasOnFailure
 
+        use_phase_progress_bar(self.trainer)  # Lightning's default bar -> phase, step in phase, loss, s/step
         return [KeepLorasOnFailure(), TrainingMonitor()]
 
     def on_fit_start(self) -> None:
@@ -328,7 +354,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         self.save_loras()
 
     def glance_metadata(self, phase: str) -> dict[str, Any]:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        trainer = self.attached_trainer()
+        datamodule = getattr(trainer, "datamodule", None)
         return {
             "family": self.family,
             "base_model": self.hparams.pretrained_model,
@@ -345,7 +372,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
 
     def save_loras(self, directory: str | os.PathLike | None = None) -> list[Path]:
         """Write both adapters as ``<dir>/slow`` and ``<dir>/fast`` in the diffusers LoRA format (rank 0)."""
-        if self._trainer is not None and not self.trainer.is_global_zero:
+        trainer = self.attached_trainer()
+        if trainer is not None and not trainer.is_global_zero:
             return []
         root = Path(directory) if directory is not None else self.lora_dir
         config = self.lora_config().to_dict()

@@ -13,6 +13,14 @@ from glance_lightning.sampling import Step, StepCallback, base_plan, build_plan,
 class GenerationMixin:
     """Sampling methods of GlanceModule (``self`` is the module)."""
 
+    def sampling_prompts(self, prompts: Sequence[str], negative_prompt: str | None,
+                         guidance_scale: float) -> list[str]:
+        """Every prompt sampling with these settings encodes (to register before the text encoders are freed)."""
+        if negative_prompt is not None:
+            return [*prompts, negative_prompt]
+        guided = guidance_scale > 1.0 and self.default_negative_prompt is not None
+        return [*prompts, *([self.default_negative_prompt] if guided else [])]
+
     def initial_noise(self, height: int, width: int, seed: int, batch_size: int = 1) -> torch.Tensor:
         shape = (batch_size, *self.latent_shape(height, width))
         generator = torch.Generator(device="cpu").manual_seed(seed)

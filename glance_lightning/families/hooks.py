@@ -2,9 +2,9 @@
 
 Four are required: ``encode_prompts``, ``encode_images``, ``decode_latents`` and ``predict_velocity``. The
 others have defaults that fit most families: ``guided_velocity`` (classifier-free guidance when sampling),
-``collate_conditions`` (variable-length text), ``conditioning_for`` (control images; in ``encoding``),
-``family_options`` and ``latent_shape``. ``self.pipe`` is the loaded diffusers pipeline, ``self.transformer``
-its transformer with the two adapters, ``self.device`` the device to encode on.
+``collate_conditions`` (variable-length text), ``encode_condition`` (control images; in ``encoding``),
+``family_options``, ``latent_shape`` and ``default_negative_prompt``. ``self.pipe`` is the loaded diffusers
+pipeline, ``self.transformer`` its transformer with the two adapters, ``self.device`` the device to encode on.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ Conditioning = dict[str, torch.Tensor]
 
 class FamilyHooks:
     """What a family says about its pipeline; mixed into ``GlanceModule``."""
+
+    # The negative prompt guided sampling uses when none is given (SD3's pipelines use ""); None: no default.
+    default_negative_prompt: str | None = None
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Text conditioning for a batch of prompts (tensors with batch first)."""

@@ -1,15 +1,19 @@
 """Loading a family's base model and putting the two LoRA adapters on its frozen transformer.
 
-One ``from_pretrained`` of the family's pipeline (``glance_lightning.models``), text encoders, VAE and
-transformer frozen, the attention backend, gradient checkpointing and regional compile applied
-(``glance_lightning.performance``), then the "slow" and "fast" peft adapters added with one LoRA shape.
+In stages (``glance_lightning.models``), so host memory holds one large component at a time: the pipeline
+without its transformer (VAE, text encoders unless every prompt is cached), the text encoders freed once the
+data is encoded, then the frozen transformer (quantised on load where configured) with the attention backend,
+gradient checkpointing and regional compile applied (``glance_lightning.performance``) and the "slow" and "fast"
+peft adapters added with one LoRA shape.
 Mixed into ``GlanceModule``.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +23,7 @@ from peft import LoraConfig
 from glance_lightning import performance as perf_ops
 from glance_lightning.families.encoding import encoders_of
 from glance_lightning.families.preflight import PHASES
-from glance_lightning.models import load_pipeline, resolve_pretrained
+from glance_lightning.models import TEXT_ENCODERS, ResolvedModel, load_pipeline, load_transformer, resolve_pretrained
 
 
 class AdaptedBaseModel:
@@ -35,32 +39,75 @@ class AdaptedBaseModel:
             target_modules=list(s.targets or self.default_lora_targets),
         )
 
-    def load_base_model(self, with_adapters: bool = True) -> None:
-        """One ``from_pretrained`` of the whole pipeline; adds the two adapters to the frozen transformer
-        (``with_adapters=False`` for sampling with LoRA files loaded by ``load_glance_loras``)."""
-        if self._pipe is not None:
-            return
-        with self.timed("load"):
-            self._load_base_model(with_adapters)
+    def resolve_model(self) -> ResolvedModel:
+        """What ``pretrained_model`` names (fetched from the hub once, without an overridden transformer)."""
+        if self._resolved is None:
+            skip = ("transformer",) if self.transformer_override else ()
+            self._resolved = resolve_pretrained(self.hparams.pretrained_model, skip=skip)
+        return self._resolved
 
-    def _load_base_model(self, with_adapters: bool) -> None:
+    def load_base_model(self, with_adapters: bool = True) -> None:
+        """The whole pipeline at once; adds the two adapters to the frozen transformer (``with_adapters=False``
+        for sampling with LoRA files loaded by ``load_glance_loras``). ``fit`` loads in stages instead."""
+        if self._pipe is None:
+            self.load_encoders()
+        if self.transformer is None:
+            self.load_transformer(with_adapters)
+
+    def load_for_sampling(self, prompts: Sequence[str], controls: Sequence[torch.Tensor] = (),
+                          device: torch.device | str = "cpu") -> None:
+        """Sampling in the same stages as ``fit``: encode every prompt (with the control images) on ``device``,
+        free the text encoders, then load the transformer (without adapters: LoRA files are loaded into it)."""
+        wanted = [(p, tuple(controls)) for p in prompts]
+        self.load_encoders(text_encoders=not self.conditions_stored(wanted))
+        with self.encoding_on(device), self.encoders_on_device(), torch.no_grad():
+            for prompt, given in wanted:
+                self.conditioning_for(prompt, given)
+        self.free_text_encoders()
+        self.load_transformer(with_adapters=False)
+
+    def load_encoders(self, text_encoders: bool = True) -> None:
+        """The pipeline without its transformer (and without its text encoders when ``text_encoders`` is
+        False: every prompt is in the encode cache), all frozen."""
         started = time.perf_counter()
-        rank_zero_info(f"glance_lightning: loading {self.hparams.pretrained_model} ...")
-        path = resolve_pretrained(self.hparams.pretrained_model)
+        rank_zero_info(f"glance_lightning: loading {self.hparams.pretrained_model} "
+                       f"({'VAE and text encoders' if text_encoders else 'VAE only: prompts are cached'}) ...")
+        skip = ("transformer",) if text_encoders else ("transformer", *TEXT_ENCODERS)
+        with self.timed("load"):
+            pipe = load_pipeline(self.family_spec, self.resolve_model(), getattr(torch, self.dtype_name), skip)
+        for module in encoders_of(pipe):
+            module.requires_grad_(False).eval()
+        self._pipe = pipe
+        rank_zero_info(f"glance_lightning: loaded {type(pipe).__name__} without its transformer in "
+                       f"{time.perf_counter() - started:.1f}s")
+
+    def free_text_encoders(self) -> None:
+        """Drop the text encoders entirely (host and device memory); later prompts must come from the caches."""
+        for name in TEXT_ENCODERS:
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.encoders_freed = True
+
+    def load_transformer(self, with_adapters: bool = True) -> None:
+        """The frozen transformer (quantised on load where configured), then the two adapters."""
+        started = time.perf_counter()
         if torch.cuda.is_available():
             # cuDNN's SDPA backward fails for FLUX-sized shapes on H100 (mha_graph.execute / CUBLAS errors);
             # flash / memory-efficient SDPA are as fast there, so it is never selected.
             torch.backends.cuda.enable_cudnn_sdp(False)
         dtype = getattr(torch, self.dtype_name)
-        quantization = perf_ops.quantization_config(self.perf.base_quantization, dtype)
-        pipe = load_pipeline(self.family_spec, path, dtype, quantization)
-        for module in encoders_of(pipe):
-            module.requires_grad_(False).eval()
-        transformer = pipe.transformer
+        with self.timed("load"):
+            transformer = load_transformer(self.resolve_model(), dtype,
+                                           perf_ops.quantization_config(self.perf.base_quantization, dtype),
+                                           self.transformer_override)
         transformer.requires_grad_(False)
         perf_ops.set_dispatcher_backend(transformer, self.perf.attention_backend)
-        self._pipe, self.transformer = pipe, transformer
-        rank_zero_info(f"glance_lightning: loaded {type(pipe).__name__} in {time.perf_counter() - started:.1f}s")
+        self.pipe.register_modules(transformer=transformer)
+        self.transformer = transformer
+        rank_zero_info(f"glance_lightning: loaded {type(transformer).__name__} in {time.perf_counter() - started:.1f}s")
         if not with_adapters:
             return
         config = self.lora_config()

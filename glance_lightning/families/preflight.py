@@ -86,6 +86,7 @@ def check_strategy(strategy: Any) -> None:
             "support yet; use one device, or ddp_find_unused_parameters_true across devices. To fit a large "
             "base model on one card, see model.performance (base_quantization, gradient_checkpointing)"
         )
+    # DDPStrategy keeps its DistributedDataParallel kwargs private (no public accessor in Lightning 2.x).
     if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
         raise ValueError(
             "trainer.strategy: DDP must be told that the inactive adapter gets no gradient; use "

@@ -17,7 +17,6 @@ size), e.g. to keep a tiny CPU run small; the defaults are what the stock pipeli
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -62,7 +61,6 @@ class QwenImageEditGlance(QwenImageGlance):
                 raise ValueError(f"model.{name}={value} must be positive (or null)")
         self.control_resolution = control_resolution
         self.condition_resolution = condition_resolution
-        self.edit_cache: dict[tuple[str, tuple[str, ...]], Conditioning] = {}
 
     def family_options(self) -> dict[str, Any]:
         return {
@@ -75,22 +73,9 @@ class QwenImageEditGlance(QwenImageGlance):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise ValueError(f"{self.family} encodes a prompt together with its control image(s): use conditioning_for")
 
-    def conditioning_for(self, prompt: str, controls: Sequence[torch.Tensor] = ()) -> Conditioning:
-        """Text + control conditioning, cached by prompt and control content (pixels [3, H, W] in [-1, 1])."""
-        low, high = self.family_spec.control_images
-        if not low <= len(controls) <= high:
-            raise ValueError(f"{self.family} takes {low} to {high} control image(s), got {len(controls)}")
-        key = (prompt, tuple(self._digest(c) for c in controls))
-        if key not in self.edit_cache:
-            with self.encoders_on_device(), torch.no_grad():
-                cond = self.encode_edit(prompt, controls)
-            self.edit_cache[key] = {k: v.detach() for k, v in cond.items()}
-        return self.edit_cache[key]
-
-    @staticmethod
-    def _digest(control: torch.Tensor) -> str:
-        data = control.detach().float().cpu().contiguous()
-        return f"{tuple(data.shape)}:{hashlib.sha1(data.numpy().tobytes()).hexdigest()}"
+    def encode_condition(self, prompt: str, controls: Sequence[torch.Tensor]) -> Conditioning:
+        """Text + control conditioning (the shared caches key it by prompt and control pixels)."""
+        return self.encode_edit(prompt, controls)
 
     def control_images_for(self, controls: Sequence[torch.Tensor]) -> tuple[list[Image.Image], list[torch.Tensor]]:
         """(images for the VL encoder, VAE pixels [1, 3, H, W]) of the controls, resized as the pipeline does."""

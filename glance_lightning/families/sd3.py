@@ -35,6 +35,7 @@ class SD3Glance(ShiftScaleLatents, GlanceModule):
     size_multiple = 16  # VAE factor 8 x transformer patch size 2
     repeated_blocks = ("JointTransformerBlock",)  # diffusers declares none for SD3
     timestep_scale = 1000.0  # StableDiffusion3Pipeline calls the transformer with the 0-1000 timestep
+    default_negative_prompt = ""  # StableDiffusion3Pipeline's negative prompt when none is given
 
     def __init__(self, *args: Any, max_sequence_length: int = 256, **kwargs: Any) -> None:
         """
@@ -81,7 +82,7 @@ class SD3Glance(ShiftScaleLatents, GlanceModule):
         if guidance_scale <= 1.0:
             return self.predict_velocity(noisy, sigma, cond)
         if negative is None:
-            negative = self.conditioning_for("")
+            negative = self.conditioning_for(self.default_negative_prompt)
         batch = noisy.shape[0]
         neg, pos = _expand(negative, batch), _expand(cond, batch)
         both = {k: torch.cat([neg[k], pos[k]]) for k in pos}

@@ -22,11 +22,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from glance_lightning.models import TINY_PREFIX, is_tiny
+from glance_lightning import console
+from glance_lightning.models import CACHE_ENV, TINY_PREFIX, cache_dir, is_tiny
 from glance_lightning.registry import FamilySpec, UnknownFamilyError, family_names, get_family, load_ref
 
 __all__ = [
@@ -40,13 +42,6 @@ __all__ = [
 ]
 
 TINY_VERSION = "v2"  # bump whenever what gets built changes, so stale cached builds are not reused
-CACHE_ENV = "GLANCE_LIGHTNING_CACHE"
-
-
-def cache_dir() -> Path:
-    """glance_lightning's cache root: ``$GLANCE_LIGHTNING_CACHE``, else ``~/.cache/glance_lightning``."""
-    root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "glance_lightning"
 
 
 def _tiny_spec(family: str) -> FamilySpec:
@@ -102,6 +97,9 @@ def _build_into_place(family: str, target: Path) -> None:
     a partial model; if a concurrent builder got there first, keep theirs and discard ours."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    started = time.perf_counter()
+    console.info(f"building the tiny {family} model once into {target} (random weights and a VAE trained for a "
+                 "few seconds; later runs reuse it) ...")
     try:
         build_tiny_model(family, staging)
         try:
@@ -111,6 +109,7 @@ def _build_into_place(family: str, target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    console.info(f"built the tiny {family} model in {time.perf_counter() - started:.1f}s")
 
 
 def _use_real_class_names(path: Path) -> None:

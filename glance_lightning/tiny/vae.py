@@ -30,6 +30,8 @@ from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 from torch import nn
 
+from glance_lightning.console import StepProgress
+
 LATENT_CHANNELS = 4
 VAE_TRAINING_STEPS = {"kl": 260, "qwen": 300}  # about 10 s on one CPU core each
 VAE_BATCH = 8
@@ -301,7 +303,9 @@ def _train_autoencoder(
         lr=VAE_LR,
         fused=True,
     )
+    progress = StepProgress("training the tiny VAE: step", steps)
     for step in range(steps):
+        progress.update(step)
         lr = VAE_LR * min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
             group["lr"] = lr * group["scale"]

@@ -1,0 +1,83 @@
+"""Write Glance LoRAs in another loader's key layout (ComfyUI, kohya, diffusers), at the same weight change.
+
+The default files a run writes already load at the trained strength in diffusers, ComfyUI and kohya-style
+loaders (alpha/rank folded into lora_B). ``export`` is for users who want a loader's native key names:
+
+- ``comfyui``: ComfyUI's module names, ``diffusion_model.<name>.lora_down/lora_up.weight`` + ``<name>.alpha``
+  (FLUX: BFL names, q/k/v fused into ``qkv``/``linear1``; SD3: MMDiT names; Qwen-Image: diffusers' names);
+- ``kohya``: the same modules as ``lora_unet_<name_with_underscores>`` (kohya sd-scripts / musubi-tuner keys);
+- ``diffusers``: the diffusers layout, scale folded (re-exports files written before the scale was folded, or
+  files in the other layouts).
+
+``--lora`` is a LoRA folder or .safetensors file, or a run folder holding ``slow/`` and ``fast/`` (both are
+exported). Each file goes beside its source as ``glance_<phase>_<format>.safetensors`` unless ``--output`` names
+a file (one LoRA) or a folder; an existing file is never overwritten. The Glance metadata is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from glance_lightning.lora_io import LORA_WEIGHT_NAME, read_glance_metadata
+from glance_lightning.lora_layouts import FORMATS, LoraLayoutError, export_lora
+from glance_lightning.registry import family_names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m glance_lightning export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--lora", required=True,
+                   help="a LoRA folder or .safetensors file, or a run folder holding slow/ and fast/")
+    p.add_argument("--format", required=True, choices=FORMATS, help="the key layout to write")
+    p.add_argument("--output", default=None,
+                   help="output file (one LoRA) or folder; default: beside each source, "
+                        "glance_<phase>_<format>.safetensors")
+    p.add_argument("--family", choices=family_names(), default=None,
+                   help="needed only for LoRA files without Glance metadata")
+    return p
+
+
+def _sources(path: Path) -> list[Path]:
+    if path.is_dir() and not (path / LORA_WEIGHT_NAME).is_file():
+        found = [path / phase for phase in ("slow", "fast") if (path / phase / LORA_WEIGHT_NAME).is_file()]
+        if not found:
+            raise FileNotFoundError(f"--lora {path}: no {LORA_WEIGHT_NAME} there nor in its slow/ or fast/")
+        return found
+    return [path]
+
+
+def _destination(source: Path, fmt: str, output: Path | None, several: bool) -> Path:
+    folder = source if source.is_dir() else source.parent
+    meta = read_glance_metadata(source) or {}
+    stem = source.name if source.is_dir() else source.stem
+    name = f"glance_{meta.get('phase') or stem}_{fmt}.safetensors"
+    if output is None:
+        return folder / name
+    if output.suffix == ".safetensors" and not several:
+        return output
+    return output / name
+
+
+def run_export_command(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    output = Path(args.output) if args.output else None
+    try:
+        sources = _sources(Path(args.lora))
+        if output is not None and output.suffix == ".safetensors" and len(sources) > 1:
+            raise ValueError(f"--output {output} is one file but --lora holds {len(sources)} LoRAs; give a folder")
+        targets = [(s, _destination(s, args.format, output, len(sources) > 1)) for s in sources]
+        existing = [str(t) for _, t in targets if t.exists()]
+        if existing:
+            raise FileExistsError(f"{', '.join(existing)} exist(s); existing files are never overwritten")
+        for source, target in targets:
+            written = export_lora(source, args.format, target, args.family)
+            print(f"{written}  ({args.format}, from {source})", flush=True)
+    except (ValueError, FileNotFoundError, FileExistsError, LoraLayoutError) as err:
+        print(f"export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
