@@ -7,10 +7,10 @@ the real CLI (`quickstart_run` in conftest.py) and every test here reads that ru
 
 (a) the quick start trains both LoRAs, writes their metadata and the chained sample;
 (b) its checkpoint and LoRA files hold only the trained adapters;
-(c) the saved LoRAs load into the stock diffusers pipeline, which then applies exactly the trained weight change
+(c) the transformer gets the stock pipeline's inputs (timestep convention included) and gives its velocity;
+(d) the saved LoRAs load into the stock diffusers pipeline, which then applies exactly the trained weight change
     (alpha/rank included), so each changes its output, and on the exact chain steps through the trained timesteps;
-(d) one training step moves only the active adapter's LoRA weights;
-(e) the transformer gets the stock pipeline's inputs (timestep convention included) and gives its velocity;
+(e) one training step moves only the active adapter's LoRA weights;
 (f) training lowered the flow-matching loss at the trained timesteps and pulled the chained sample towards the
     training image: the quick start's LoRAs against the same untrained module.
 """
@@ -214,10 +214,24 @@ def quickstart(quickstarts: dict[str, Quickstart], quickstart_run):
     return get
 
 
-def stock_pipeline(family: str) -> Any:
-    allow_qwen2vl_processor_without_torchvision()  # the edit pipelines' processor loads without torchvision
-    pipe = get_family(family).pipeline_class().from_pretrained(tiny_model_path(f"tiny:{family}"))
-    pipe.set_progress_bar_config(disable=True)
+_UNTOUCHED_PIPELINES: dict[str, Any] = {}  # stock pipelines a test used without loading LoRAs into them
+
+
+def stock_pipeline(family: str, *, reuse: bool = False) -> Any:
+    """The family's stock pipeline on tiny:<family>. ``reuse``: the caller loads no LoRAs and leaves no hooks
+    (it may put the pipeline on the exact chain), so the next test may have it; otherwise the caller may change
+    it and gets it for good.
+    The edit pipelines VAE-encode their controls at 1024x1024 on every call: the same latents (the mode of the
+    distribution) each time, so each control is encoded once per pipeline to keep the suite fast."""
+    pipe = _UNTOUCHED_PIPELINES.pop(family, None)
+    if pipe is None:
+        allow_qwen2vl_processor_without_torchvision()  # the edit pipelines' processor loads without torchvision
+        pipe = get_family(family).pipeline_class().from_pretrained(tiny_model_path(f"tiny:{family}"))
+        pipe.set_progress_bar_config(disable=True)
+        if hasattr(pipe, "_encode_vae_image"):
+            pipe._encode_vae_image = memoised_by_image(pipe._encode_vae_image)
+    if reuse:
+        _UNTOUCHED_PIPELINES[family] = pipe
     return pipe
 
 
@@ -362,7 +376,56 @@ def test_checkpoint_and_lora_files_hold_only_the_trained_adapters(family: str, q
             torch.testing.assert_close(in_file[name], delta, rtol=1e-5, atol=1e-7, msg=name)
 
 
-# ------------------------------------------------------------------------------------------ (c) stock pipeline
+# ------------------------------------------------------------------------------------------ (c) equivalence
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformer_gets_the_stock_pipelines_inputs_and_gives_its_velocity(family: str):
+    """Same latents, prompt, control images and sigma: the module calls the transformer with exactly the stock
+    pipeline's inputs (its timestep convention, prompt embeddings, packed control tokens, img_shapes...) and
+    so gets its velocity, at both steps of a two-step stock call."""
+    entry, spec = CONTRACT[family], get_family(family)
+    sigmas = (0.7, 0.3)
+    pipe = use_exact_chain(stock_pipeline(family, reuse=True))  # steps through exactly the sigmas given
+    stock: list[dict[str, Any]] = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda m, a, kw, out: stock.append({**kw, "out": out[0].clone()}), with_kwargs=True)
+    try:
+        pipe(**stock_call_kwargs(entry, sigmas=list(sigmas), num_inference_steps=2, output_type="latent"))
+    finally:
+        hook.remove()
+    assert len(stock) == 2
+    for call, sigma in zip(stock, sigmas, strict=True):
+        assert call["timestep"].tolist() == pytest.approx([sigma * entry.timestep_scale], abs=1e-4)
+    for key, expected in entry.stock_inputs.items():
+        assert stock[0][key] == expected, key
+
+    module = spec.module_class()(pretrained_model=f"tiny:{family}", timesteps={"slow": [1.0], "fast": [0.5]},
+                                 **entry.module_options)
+    assert module.timestep_scale == entry.timestep_scale  # the README table's timestep column
+    module.load_base_model()
+    module.transformer.eval()
+    cond = module.conditioning_for(entry.prompt, tuple(control_pixels(c) for c in entry.controls))
+    ours: list[dict[str, Any]] = []
+    module.transformer.register_forward_pre_hook(lambda m, a, kw: ours.append(kw), with_kwargs=True)
+    for call, sigma in zip(stock, sigmas, strict=True):
+        with torch.no_grad():
+            velocity = module.predict_velocity(latents_of(pipe, call["hidden_states"]), torch.tensor([sigma]), cond)
+        given = ours[-1]
+        assert set(given) <= set(call), sorted(set(given) - set(call))
+        for key, value in call.items():
+            if key in ("out", "return_dict") or isinstance(value, dict):
+                continue  # the output, and attention kwargs the stock call passes empty
+            if torch.is_tensor(value):
+                assert torch.is_tensor(given.get(key)), key
+                assert given[key].dtype == value.dtype, key
+                torch.testing.assert_close(given[key], value, rtol=1e-4, atol=1e-5, msg=key)
+            else:
+                assert given.get(key) == value, key
+        torch.testing.assert_close(velocity, latents_of(pipe, call["out"]), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ (d) stock pipeline
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -373,10 +436,6 @@ def test_saved_loras_load_into_the_stock_pipeline_and_change_its_output(family: 
     _, run = quickstart(family)
     entry = CONTRACT[family]
     pipe = use_exact_chain(stock_pipeline(family))  # for the base image: the same scheduler as with the LoRAs
-    if hasattr(pipe, "_encode_vae_image"):
-        # the edit pipelines VAE-encode their controls at 1024x1024 on every call: the same latents (the mode
-        # of the distribution) four times here, so encoded once to keep the suite fast
-        pipe._encode_vae_image = memoised_by_image(pipe._encode_vae_image)
 
     def generate() -> torch.Tensor:
         return pipe(**stock_call_kwargs(entry, num_inference_steps=2, output_type="pt")).images
@@ -416,7 +475,7 @@ def test_saved_loras_load_into_the_stock_pipeline_and_change_its_output(family: 
     assert [a for _, a in seen] == [["slow"]] * 5 + [["fast"]] * 5
 
 
-# ------------------------------------------------------------------------------------------ (d) training step
+# ------------------------------------------------------------------------------------------ (e) training step
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -454,52 +513,6 @@ def test_one_training_step_moves_only_the_active_adapters_lora_weights(family: s
         assert inputs[0][key] == expected, key
     meta = read_glance_metadata(tmp_path / "out" / "slow")
     assert meta["family"] == family and meta["trained_steps"] == 1
-
-
-# ------------------------------------------------------------------------------------------ (e) equivalence
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_transformer_gets_the_stock_pipelines_inputs_and_gives_its_velocity(family: str):
-    """Same latents, prompt, control images and sigma: the module calls the transformer with exactly the stock
-    pipeline's inputs (its timestep convention, prompt embeddings, packed control tokens, img_shapes...) and
-    so gets its velocity, at both steps of a two-step stock call."""
-    entry, spec = CONTRACT[family], get_family(family)
-    sigmas = (0.7, 0.3)
-    pipe = use_exact_chain(stock_pipeline(family))  # steps through exactly the sigmas given
-    stock: list[dict[str, Any]] = []
-    pipe.transformer.register_forward_hook(
-        lambda m, a, kw, out: stock.append({**kw, "out": out[0].clone()}), with_kwargs=True)
-    pipe(**stock_call_kwargs(entry, sigmas=list(sigmas), num_inference_steps=2, output_type="latent"))
-    assert len(stock) == 2
-    for call, sigma in zip(stock, sigmas, strict=True):
-        assert call["timestep"].tolist() == pytest.approx([sigma * entry.timestep_scale], abs=1e-4)
-    for key, expected in entry.stock_inputs.items():
-        assert stock[0][key] == expected, key
-
-    module = spec.module_class()(pretrained_model=f"tiny:{family}", timesteps={"slow": [1.0], "fast": [0.5]},
-                                 **entry.module_options)
-    assert module.timestep_scale == entry.timestep_scale  # the README table's timestep column
-    module.load_base_model()
-    module.transformer.eval()
-    cond = module.conditioning_for(entry.prompt, tuple(control_pixels(c) for c in entry.controls))
-    ours: list[dict[str, Any]] = []
-    module.transformer.register_forward_pre_hook(lambda m, a, kw: ours.append(kw), with_kwargs=True)
-    for call, sigma in zip(stock, sigmas, strict=True):
-        with torch.no_grad():
-            velocity = module.predict_velocity(latents_of(pipe, call["hidden_states"]), torch.tensor([sigma]), cond)
-        given = ours[-1]
-        assert set(given) <= set(call), sorted(set(given) - set(call))
-        for key, value in call.items():
-            if key in ("out", "return_dict") or isinstance(value, dict):
-                continue  # the output, and attention kwargs the stock call passes empty
-            if torch.is_tensor(value):
-                assert torch.is_tensor(given.get(key)), key
-                assert given[key].dtype == value.dtype, key
-                torch.testing.assert_close(given[key], value, rtol=1e-4, atol=1e-5, msg=key)
-            else:
-                assert given.get(key) == value, key
-        torch.testing.assert_close(velocity, latents_of(pipe, call["out"]), rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ (f) learning
