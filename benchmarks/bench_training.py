@@ -52,6 +52,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int8+ckpt+adamw8bit": {"base_quantization": "int8-weight-only", "gradient_checkpointing": 1.0,
                             "optimizer": "adamw8bit"},
     "nf4+ckpt+adamw8bit": {"base_quantization": "nf4", "gradient_checkpointing": 1.0, "optimizer": "adamw8bit"},
+    # Frozen weights of the recomputed blocks in pinned host memory, one block per transfer, prefetched on a side
+    # stream (GPU only; on a CPU host and device are one and nothing moves).
+    "offload+ckpt": {"offload": "block", "gradient_checkpointing": 1.0},
 }
 FULL_SIZE: dict[str, dict[str, Any]] = {  # the real transformers' widths and depths; the tiny VAE's latent
     # channels and tiny text encoders' widths are kept (input/output projections only; same token counts)

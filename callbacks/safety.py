@@ -3,7 +3,9 @@
 On an exception the current adapters are written next to the run's LoRAs when every weight is finite (they
 are then the last good ones: a non-finite loss is caught before its backward pass); otherwise the files
 already on disk are left untouched. Errors raised before training starts (bad config, existing output
-directory) never write anything.
+directory) never write anything. If saving fails too (a full disk stops the run, then this save), that is said
+in one line and the exception that ended the run is the one that propagates; the previous files stay intact
+(writes are atomic, ``glance_lightning.atomic``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ class KeepLorasOnFailure(L.Callback):
         if not all(torch.isfinite(p).all() for p in params):
             self.outcome = f"adapters are not finite; kept the LoRAs already saved in {pl_module.lora_dir}"
         else:
-            paths = pl_module.save_loras()
-            self.outcome = f"saved the LoRAs of step {trainer.global_step} to {', '.join(map(str, paths))}"
+            try:
+                paths = pl_module.save_loras()
+            except Exception as err:  # e.g. the disk that stopped the run is still full: report the run's error
+                self.outcome = (f"could not save the LoRAs of step {trainer.global_step} ({err}); kept the LoRAs "
+                                f"already saved in {pl_module.lora_dir}")
+            else:
+                self.outcome = f"saved the LoRAs of step {trainer.global_step} to {', '.join(map(str, paths))}"
         log.warning("%s: %s", type(exception).__name__, self.outcome)
         print(f"glance_lightning: {type(exception).__name__}: {self.outcome}", flush=True)

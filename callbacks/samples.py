@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from glance_lightning import console
+from glance_lightning.atomic import write_bytes
+from glance_lightning.errors import ConfigError
 from glance_lightning.families.preflight import run_dir
 
 log = logging.getLogger(__name__)
@@ -27,20 +28,15 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def save_png_atomic(image: Image.Image, path: Path, text: dict[str, str] | None = None) -> None:
+    """Write ``image`` as a PNG (with ``text`` chunks) all or nothing (``glance_lightning.atomic``)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for k, v in (text or {}).items():
         info.add_text(k, v)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    encoded = io.BytesIO()  # encoded in memory: Pillow's encoders may write to the fd past the file object
+    image.save(encoded, format="PNG", pnginfo=info)
+    write_bytes(path, encoded.getbuffer())
 
 
 class ChainedSampleCallback(L.Callback):
@@ -72,7 +68,7 @@ class ChainedSampleCallback(L.Callback):
             dirname: sub-folder of the run directory for the PNG files.
         """
         if every_n_steps < 0:
-            raise ValueError(f"ChainedSampleCallback.every_n_steps={every_n_steps} must be >= 0")
+            raise ConfigError(f"ChainedSampleCallback.every_n_steps={every_n_steps} must be >= 0")
         self.every_n_steps, self.prompts, self.seeds = every_n_steps, prompts, list(seeds or [0])
         self.height, self.width = height, width
         self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt

@@ -14,49 +14,61 @@ Two resize rules (``resize``):
   training scripts use): the longest side set to ``resolution``, the other scaled by the same factor and
   truncated (``int``), both floored to a multiple of ``size_multiple``, plain PIL resizes (bicubic), no crop: a
   slight stretch, and fewer tokens for non-square images.
+
+Opening an image (EXIF orientation, 16-bit, alpha, animation) and the size rules (aspect bound, upscale and
+degenerate-size findings) live in ``glance_lightning.datamodules.images``, shared with the validation, so the
+``validate-data`` report and training agree; ``setup`` prints each warning once, naming the file.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from glance_lightning.datamodules.validation import validate_dataset
+from glance_lightning.datamodules.images import (
+    ALPHA_MODES,
+    ImageRules,
+    longest_side_size,
+    open_image,
+    raise_or_warn,
+    resize_cover,
+    resize_longest_side,
+    target_size,
+    training_image,
+    warn_once,
+)
+from glance_lightning.datamodules.validation import DatasetError, scan_dataset
 from jsonargparse.typing import PositiveInt
 from PIL import Image
 
 from glance_lightning.draws import StepDraws, TrainSample, draws_dataloader
+from glance_lightning.errors import ConfigError
 from glance_lightning.settings import checked
 
 __all__ = ["RESIZE_RULES", "GlanceDataModule", "TrainSample", "load_pixels", "load_pixels_longest_side",
            "longest_side_size", "target_size"]
 
 ResizeRule = Literal["area", "longest-side"]
+AlphaRule = Literal["white", "black", "error"]
 RESIZE_RULES: tuple[str, ...] = ("area", "longest-side")
+DEFAULT_RULES = ImageRules()  # the defaults validate-data checks against are the DataModule's
 
 
-def target_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
-    """Scale to an area of about resolution^2 keeping the aspect ratio; round each side to ``multiple``."""
-    scale = math.sqrt(resolution * resolution / (width * height))
-    new_w = max(multiple, round(width * scale / multiple) * multiple)
-    new_h = max(multiple, round(height * scale / multiple) * multiple)
-    return new_w, new_h
+def load_pixels(path: Path, size: tuple[int, int], alpha: str = "white") -> torch.Tensor:
+    """Open ``path`` (``images.open_image``: upright 8-bit RGB), resize to cover ``size`` (width, height),
+    centre-crop, return [3, H, W] in [-1, 1]. Warnings are shown once per file; an error raises ImageError."""
+    opened = open_image(Path(path), alpha)
+    raise_or_warn(Path(path), opened.notes)
+    return _to_tensor(resize_cover(opened.image, size))
 
 
-def load_pixels(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Resize to cover ``size`` (width, height), centre-crop, return [3, H, W] in [-1, 1]."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        w, h = size
-        scale = max(w / img.width, h / img.height)
-        resized = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))),
-                             Image.Resampling.LANCZOS)
-        left, top = (resized.width - w) // 2, (resized.height - h) // 2
-        cropped = resized.crop((left, top, left + w, top + h))
-    return _to_tensor(cropped)
+def load_pixels_longest_side(path: Path, resolution: int, multiple: int, alpha: str = "white") -> torch.Tensor:
+    """The official Glance data path (``images.resize_longest_side``) on the opened image; [3, H, W] in [-1, 1]."""
+    opened = open_image(Path(path), alpha)
+    raise_or_warn(Path(path), opened.notes)
+    return _to_tensor(resize_longest_side(opened.image, resolution, multiple))
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
@@ -64,40 +76,17 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return data.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-def longest_side_size(
-    width: int, height: int, resolution: int, multiple: int
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The official rule's first resize (longest side = resolution, the other ``int``-truncated) and its floored
-    final size: ((w1, h1), (w2, h2))."""
-    if width >= height:
-        first = (resolution, int(resolution / width * height))
-    else:
-        first = (int(resolution / height * width), resolution)
-    w, h = (max(multiple, side // multiple * multiple) for side in first)
-    return first, (w, h)
-
-
-def load_pixels_longest_side(path: Path, resolution: int, multiple: int) -> torch.Tensor:
-    """The official Glance data path: ``image_resize(img, resolution)`` (longest side), then both sides floored to
-    ``multiple`` and resized again, PIL's default filter, no crop; [3, H, W] in [-1, 1]."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        first, final = longest_side_size(img.width, img.height, resolution, multiple)
-        img = img.resize(first)
-        if final != first:
-            img = img.resize(final)
-        return _to_tensor(img)
-
-
 class GlanceDataModule(L.LightningDataModule):
     def __init__(
         self,
         path: str,
         layout: Literal["auto", "flat", "edit"] = "auto",
-        resolution: PositiveInt = 1024,
-        size_multiple: PositiveInt = 32,
+        resolution: PositiveInt = DEFAULT_RULES.resolution,
+        size_multiple: PositiveInt = DEFAULT_RULES.size_multiple,
         batch_size: PositiveInt = 1,
         resize: ResizeRule = "area",
+        max_aspect_ratio: float = DEFAULT_RULES.max_aspect_ratio,
+        alpha: AlphaRule = DEFAULT_RULES.alpha,
     ) -> None:
         """
         Args:
@@ -109,27 +98,42 @@ class GlanceDataModule(L.LightningDataModule):
             resize: "area": about resolution x resolution pixels, aspect kept, centre-cropped to the multiple;
                 "longest-side": the official Glance rule, the longest side = resolution, the other floored to the
                 multiple, stretched, no crop. Control images follow the same rule, each at its own aspect.
+            max_aspect_ratio: an image more elongated than this (long side / short side, at least 1) is
+                centre-cropped to it, with a warning naming the file (default 4, i.e. 4:1).
+            alpha: transparent pixels are composited over "white" (default) or "black", with a warning naming the
+                file; "error" refuses such images. Images, controls included, are opened by
+                ``glance_lightning.datamodules.images.open_image`` (EXIF orientation, 16-bit, first frame).
         """
         super().__init__()
         resolution = checked(PositiveInt, resolution, "data.resolution")
         size_multiple = checked(PositiveInt, size_multiple, "data.size_multiple")
         batch_size = checked(PositiveInt, batch_size, "data.batch_size")
         if resize not in RESIZE_RULES:
-            raise ValueError(f"data.resize={resize!r}: use one of {', '.join(RESIZE_RULES)}")
+            raise ConfigError(f"data.resize={resize!r}: use one of {', '.join(RESIZE_RULES)}")
         if resolution % size_multiple:
-            raise ValueError(
+            raise ConfigError(
                 f"data.resolution={resolution} must be a multiple of data.size_multiple={size_multiple}"
             )
+        if alpha not in ALPHA_MODES:
+            raise ConfigError(f"data.alpha={alpha!r}: use one of {', '.join(ALPHA_MODES)}")
+        if not isinstance(max_aspect_ratio, (int, float)) or not max_aspect_ratio >= 1:
+            raise ConfigError(f"data.max_aspect_ratio={max_aspect_ratio!r}: must be a number >= 1 (4 means 4:1)")
         self.path, self.layout = Path(path), layout
         self.resolution, self.size_multiple = resolution, size_multiple
         self.batch_size = batch_size
         self.resize = resize
+        self.rules = ImageRules(resolution, size_multiple, resize, float(max_aspect_ratio), alpha)
         self.train_samples: list[TrainSample] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_samples:
             return
-        samples = validate_dataset(self.path, self.layout)
+        report = scan_dataset(self.path, self.layout, rules=self.rules)
+        if not report.ok:
+            raise DatasetError(report)
+        for problem in report.warnings:
+            warn_once(problem.path, problem.message)
+        samples = report.samples
         loaded = []
         for s in samples:
             # each control keeps its own aspect ratio (as the edit pipelines resize it), at about the same area
@@ -137,18 +141,14 @@ class GlanceDataModule(L.LightningDataModule):
             loaded.append(TrainSample(s.image, s.caption, pixels, tuple(controls)))
         shapes = {(tuple(s.pixels.shape), *(tuple(c.shape) for c in s.controls)) for s in loaded}
         if self.batch_size > 1 and len(shapes) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={self.batch_size} needs all images of {self.path} at one size after resizing; "
                 "use batch_size 1 or images of one aspect ratio"
             )
         self.train_samples = loaded
 
     def _load(self, path: Path) -> torch.Tensor:
-        if self.resize == "longest-side":
-            return load_pixels_longest_side(path, self.resolution, self.size_multiple)
-        with Image.open(path) as img:
-            size = target_size(img.width, img.height, self.resolution, self.size_multiple)
-        return load_pixels(path, size)
+        return _to_tensor(training_image(path, self.rules))
 
     def train_dataloader(self) -> StepDraws:
         return draws_dataloader(self.trainer, len(self.train_samples), self.batch_size)

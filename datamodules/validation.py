@@ -10,7 +10,12 @@ This module owns the on-disk dataset contract and its checks:
   ``control_3/`` requires ``control_2/``.
 
 :func:`scan_dataset` walks the whole dataset once and collects *every* problem (each naming its file) into a
-:class:`DatasetReport`; :func:`validate_dataset` raises :class:`DatasetError` unless the report is usable;
+:class:`DatasetReport`. Every image, control images included, is decoded by
+``glance_lightning.datamodules.images.open_image`` and checked by its ``size_notes`` against the DataModule's
+``ImageRules`` (the training defaults when none are given), exactly as training will load it: undecodable files,
+degenerate sizes and ``alpha="error"`` are errors; flattened alpha, animation frames dropped, extreme aspect
+ratios (centre-cropped) and large upscales are warnings; EXIF rotations and CMYK conversions are info lines.
+:func:`validate_dataset` raises :class:`DatasetError` unless the report is usable;
 ``python -m glance_lightning validate-data`` (``glance_lightning.commands.validate_data``) prints the report.
 Hidden files and folders (names starting with ``.``) are ignored everywhere.
 """
@@ -21,13 +26,15 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from glance_lightning.datamodules.images import ImageError, ImageRules, open_image, size_notes
+
+from glance_lightning.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTENSION = ".txt"
 CONTROL_DIRS = ("control", "control_2", "control_3")
 LAYOUTS = ("auto", "flat", "edit")
-SEVERITIES = ("error", "warning")
+SEVERITIES = ("error", "warning", "info")
 PROG = "python -m glance_lightning validate-data"
 
 _SUPPORTED = ", ".join(IMAGE_EXTENSIONS)
@@ -61,7 +68,7 @@ class Problem:
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
-            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+            raise ConfigError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
 
 
 @dataclass
@@ -82,6 +89,11 @@ class DatasetReport:
         return [p for p in self.problems if p.severity == "warning"]
 
     @property
+    def notes(self) -> list[Problem]:
+        """Info lines: what training does to a file that needs no action (an EXIF rotation, ...)."""
+        return [p for p in self.problems if p.severity == "info"]
+
+    @property
     def ok(self) -> bool:
         """True when there is no error and at least one sample."""
         return not self.errors and bool(self.samples)
@@ -94,11 +106,13 @@ class DatasetReport:
             _plural(len(self.errors), "error"),
             _plural(len(self.warnings), "warning"),
         ]
+        if self.notes:
+            counts.append(_plural(len(self.notes), "note"))
         lines.append(", ".join(counts))
         return "\n".join(lines)
 
 
-class DatasetError(ValueError):
+class DatasetError(ConfigError):
     """Raised by :func:`validate_dataset` when the dataset is not usable; ``.report`` has the details."""
 
     def __init__(self, report: DatasetReport) -> None:
@@ -149,16 +163,20 @@ class _FolderScan:
 
 
 class _Collector:
-    """Accumulates problems during one scan."""
+    """Accumulates problems during one scan; ``rules`` are the image rules the scan checks against."""
 
-    def __init__(self) -> None:
+    def __init__(self, rules: ImageRules) -> None:
         self.problems: list[Problem] = []
+        self.rules = rules
 
     def error(self, path: Path, message: str) -> None:
         self.problems.append(Problem(path, message, "error"))
 
     def warning(self, path: Path, message: str) -> None:
         self.problems.append(Problem(path, message, "warning"))
+
+    def add(self, path: Path, severity: str, message: str) -> None:
+        self.problems.append(Problem(path, message, severity))
 
     def sorted(self) -> list[Problem]:
         return sorted(self.problems, key=lambda p: (p.path.parts, SEVERITIES.index(p.severity), p.message))
@@ -207,16 +225,16 @@ def _check_images(scan: _FolderScan, out: _Collector) -> None:
 
 
 def _decodes(path: Path, out: _Collector) -> bool:
+    """Open the image as training will (``images.open_image``) and report its findings; False on an error."""
     try:
-        with Image.open(path) as image:
-            image.convert("RGB")
-    except UnidentifiedImageError:
-        out.error(path, "unreadable image: not a valid image file (PIL cannot identify its format)")
+        opened = open_image(path, out.rules.alpha)
+    except ImageError as exc:
+        out.error(path, exc.reason)
         return False
-    except Exception as exc:  # PIL raises many types on bad data (OSError, SyntaxError, ValueError, ...)
-        out.error(path, f"unreadable image: {type(exc).__name__}: {exc}")
-        return False
-    return True
+    notes = opened.notes + size_notes(opened.image.size, out.rules)
+    for note in notes:
+        out.add(path, note.severity, note.message)
+    return not any(note.severity == "error" for note in notes)
 
 
 def _read_captions(scan: _FolderScan, out: _Collector) -> dict[str, str]:
@@ -356,7 +374,7 @@ def _resolve_layout(root: Path, layout: str) -> str:
 def _control_range(num_controls: ControlCount) -> tuple[int, int]:
     low, high = (num_controls, num_controls) if isinstance(num_controls, int) else num_controls
     if not 0 <= low <= high:
-        raise ValueError(f"num_controls must be an int >= 0 or a (min, max) range, got {num_controls!r}")
+        raise ConfigError(f"num_controls must be an int >= 0 or a (min, max) range, got {num_controls!r}")
     return low, high
 
 
@@ -377,20 +395,23 @@ def _check_control_count(root: Path, found: int, num_controls: ControlCount, out
 
 
 def scan_dataset(
-    root: str | Path, layout: str = "auto", num_controls: ControlCount | None = None
+    root: str | Path, layout: str = "auto", num_controls: ControlCount | None = None,
+    rules: ImageRules | None = None,
 ) -> DatasetReport:
     """Check a dataset folder in one pass and return every problem found (sorted by path).
 
     ``layout`` is ``"auto"`` (edit when ``image/`` and ``control/`` exist, else flat), ``"flat"`` or
     ``"edit"``. ``num_controls`` (an int, or an inclusive ``(min, max)`` range such as ``(1, 3)``) is the
-    number of control images per sample the model family accepts; a mismatch is an error.
+    number of control images per sample the model family accepts; a mismatch is an error. ``rules`` (the
+    DataModule's resolution, size_multiple, resize, max_aspect_ratio, alpha; default ``ImageRules()``, the
+    DataModule defaults) decide the per-image findings.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if num_controls is not None:
         _control_range(num_controls)
     root = Path(root)
-    out = _Collector()
+    out = _Collector(rules or ImageRules())
     if not root.is_dir():
         out.error(root, "dataset path is not a directory" if root.exists() else "dataset path does not exist")
         return DatasetReport(root, layout, [], out.sorted())
@@ -405,10 +426,11 @@ def scan_dataset(
 
 
 def validate_dataset(
-    root: str | Path, layout: str = "auto", num_controls: ControlCount | None = None
+    root: str | Path, layout: str = "auto", num_controls: ControlCount | None = None,
+    rules: ImageRules | None = None,
 ) -> list[Sample]:
     """Return the dataset's samples, or raise :class:`DatasetError` listing every problem."""
-    report = scan_dataset(root, layout, num_controls)
+    report = scan_dataset(root, layout, num_controls, rules)
     if not report.ok:
         raise DatasetError(report)
     return report.samples

@@ -25,6 +25,7 @@ from typing import Any
 
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from glance_lightning.errors import ConfigError
 from glance_lightning.lora_io import lora_file, read_glance_metadata
 from glance_lightning.lora_layouts import (
     LoraFile,
@@ -82,13 +83,13 @@ def read_pair_metadata(slow: str | os.PathLike, fast: str | os.PathLike) -> tupl
     if slow_meta and fast_meta:
         for key in ("family", "base_model"):
             if slow_meta.get(key) != fast_meta.get(key):
-                raise ValueError(
+                raise ConfigError(
                     f"the Slow LoRA {lora_file(slow)} was trained for {key} {slow_meta.get(key)!r} but the Fast "
                     f"LoRA {lora_file(fast)} for {fast_meta.get(key)!r}; use two LoRAs from the same run"
                 )
         for phase, meta in (("slow", slow_meta), ("fast", fast_meta)):
             if meta.get("phase") not in (None, phase):
-                raise ValueError(f"{phase} LoRA file holds the {meta.get('phase')!r} adapter; swap the two paths")
+                raise ConfigError(f"{phase} LoRA file holds the {meta.get('phase')!r} adapter; swap the two paths")
     return slow_meta, fast_meta
 
 
@@ -97,14 +98,13 @@ def pair_timesteps(slow_meta: dict | None, fast_meta: dict | None, fallback: Gla
     if slow_meta and fast_meta:
         return GlanceTimesteps.from_lists(slow_meta["timesteps"], fast_meta["timesteps"], "timesteps")
     if fallback is None:
-        raise ValueError("these LoRAs carry no Glance timestep metadata; pass the slow/fast timestep lists")
+        raise ConfigError("these LoRAs carry no Glance timestep metadata; pass the slow/fast timestep lists")
     return fallback
 
 
 def pipeline_class_name(spec: FamilySpec) -> str:
     """The family's diffusers pipeline class name, without importing it."""
-    ref = spec.pipeline
-    return ref.rpartition(":")[2] if isinstance(ref, str) else ref.__name__
+    return spec.pipeline_name
 
 
 def family_of_pipeline(pipe: Any) -> str | None:
@@ -169,7 +169,7 @@ def load_glance_loras(
     chain = pair_timesteps(slow_meta, fast_meta, timesteps)
     family = family or (slow_meta or {}).get("family") or family_of_pipeline(pipe)
     if family is None:
-        raise ValueError(f"{type(pipe).__name__} is no registered family's pipeline; pass family=")
+        raise ConfigError(f"{type(pipe).__name__} is no registered family's pipeline; pass family=")
     read = {}
     for name, path in zip(adapters, (slow, fast)):
         read[name] = load_lora_file(pipe, path, name, family, lora_scale)
@@ -186,7 +186,7 @@ def chained_call(pipe: Any, loras: GlanceLoras, **kwargs: Any) -> Any:
         use_exact_chain(pipe)
     for key in ("sigmas", "num_inference_steps", "timesteps"):
         if key in kwargs:
-            raise ValueError(f"chained_call sets {key} from the Glance chain; do not pass it")
+            raise ConfigError(f"chained_call sets {key} from the Glance chain; do not pass it")
     user_callback: Callable | None = kwargs.pop("callback_on_step_end", None)
     num_slow = len(loras.timesteps.slow)
     slow_name, fast_name = loras.adapters

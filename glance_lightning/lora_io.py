@@ -8,7 +8,8 @@ only where a ``<module>.alpha`` tensor exists, else 1.0 (comfy/weight_adapter/lo
 .calculate_weight``), kohya-style loaders default a missing alpha to the rank (1.0 again). An unfolded file
 (rank 8, alpha 32) loads at 1/4 strength in ComfyUI; adding ``.alpha`` tensors instead breaks diffusers' FLUX
 and Qwen loaders. The ``glance`` metadata (family, base model, phase, timestep lists, the trained rank/alpha,
-resolution) is kept in every file. Writes are atomic: a temporary file renamed into place.
+resolution) is kept in every file. Writes are atomic (``glance_lightning.atomic``): a temporary file in the
+same folder, fsynced and renamed into place.
 
 Exports to other tools' key layouts and reading theirs live in ``glance_lightning.lora_layouts``.
 """
@@ -18,14 +19,18 @@ import json
 import math
 import os
 import re
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from glance_lightning.atomic import write_bytes
+from glance_lightning.errors import ConfigError, MissingFileError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 GLANCE_METADATA_KEY = "glance"
@@ -40,16 +45,9 @@ def jsonable(value: Any) -> Any:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file through a temporary sibling so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a safetensors file all or nothing (``glance_lightning.atomic.write_bytes``): a failed write leaves
+    the previous file intact and reports the write's own error."""
+    write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
 # ---------------------------------------------------------------------------------------------- scales
@@ -116,14 +114,31 @@ def lora_file(path: str | os.PathLike) -> Path:
     if path.is_dir():
         path = path / LORA_WEIGHT_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"LoRA not found: {path}; give a directory holding {LORA_WEIGHT_NAME} or a .safetensors file"
         )
     return path
 
 
+@contextmanager
+def open_lora(path: str | os.PathLike) -> Iterator[Any]:
+    """``safe_open`` of a LoRA file; a damaged or non-safetensors file is a message naming it."""
+    file = lora_file(path)
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error type, OSError or ValueError)
+        raise ConfigError(f"LoRA {file}: not a readable .safetensors file ({str(err)[:100]}); it is damaged or of "
+                          "another format: give the LoRA folder or its pytorch_lora_weights.safetensors") from None
+    with handle as f:
+        yield f
+
+
 def read_glance_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
     """The ``glance`` metadata of a LoRA file, or None for files written by other tools."""
-    with safe_open(str(lora_file(path)), framework="pt") as f:
+    with open_lora(path) as f:
         raw = (f.metadata() or {}).get(GLANCE_METADATA_KEY)
-    return json.loads(raw) if raw else None
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        raise ConfigError(f"LoRA {lora_file(path)}: its glance metadata is not valid JSON; the file was "
+                          "edited or damaged, re-export it") from None

@@ -28,13 +28,14 @@ from typing import Any
 
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-from safetensors import safe_open
 
+from glance_lightning.errors import ConfigError, ExistingFileError
 from glance_lightning.lora_io import (
     GLANCE_METADATA_KEY,
     atomic_save_safetensors,
     jsonable,
     lora_file,
+    open_lora,
     peft_scale,
 )
 
@@ -43,7 +44,7 @@ FORMATS = ("diffusers", "comfyui", "kohya")
 Modules = dict[str, tuple[torch.Tensor, torch.Tensor]]  # diffusers module name -> (lora_A, lora_B with scale folded)
 
 
-class LoraLayoutError(ValueError):
+class LoraLayoutError(ConfigError):
     """A LoRA file whose keys this module cannot map onto the family's modules."""
 
 
@@ -241,7 +242,7 @@ def export_tensors(modules: Modules, family: str, layout: str) -> dict[str, torc
             tensors[f"transformer.{module}.lora_B.weight"] = up
         return tensors
     if layout not in FORMATS:
-        raise ValueError(f"format {layout!r}: use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"format {layout!r}: use one of {', '.join(FORMATS)}")
     tensors = {}
     for name, (down, up) in native_modules(modules, family).items():
         key = f"diffusion_model.{name}" if layout == "comfyui" else f"lora_unet_{name.replace('.', '_')}"
@@ -257,11 +258,11 @@ def export_lora(
     """Write ``source`` (any layout ``read_lora_modules`` reads) as ``output`` in ``layout``; never overwrites."""
     output = Path(output)
     if output.exists():
-        raise FileExistsError(f"{output} exists; choose another --output (existing files are never overwritten)")
+        raise ExistingFileError(f"{output} exists; choose another --output (existing files are never overwritten)")
     lora = read_lora(source)
     family = family or (lora.glance or {}).get("family")
     if family is None:
-        raise ValueError(f"{lora.path} carries no Glance metadata naming its family; pass --family")
+        raise ConfigError(f"{lora.path} carries no Glance metadata naming its family; pass --family")
     modules, _ = read_lora_modules(lora, family)
     metadata = {"format": "pt"}
     if lora.glance is not None or layout != "diffusers":
@@ -296,11 +297,23 @@ class LoraFile:
 
 
 def read_lora(path: str | os.PathLike) -> LoraFile:
-    file = lora_file(path)
-    with safe_open(str(file), framework="pt") as f:
+    file = check_lora_file(path)
+    with open_lora(file) as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         metadata = dict(f.metadata() or {})
     return LoraFile(file, tensors, metadata)
+
+
+def check_lora_file(path: str | os.PathLike) -> Path:
+    """The file of LoRA ``path``, refused (naming it) unless it opens and holds LoRA tensors: reads the header."""
+    file = lora_file(path)
+    with open_lora(file) as f:
+        keys = list(f.keys())  # noqa: SIM118
+    if not any("lora" in key.lower() or key.endswith((".down.weight", ".up.weight")) for key in keys):
+        sample = ", ".join(keys[:3]) or "no tensors at all"
+        raise LoraLayoutError(f"LoRA {file}: holds no LoRA tensors (lora_A/B, lora_down/up, lora1.down/up), only "
+                              f"{sample}...; it is not a LoRA (a model checkpoint?): give a LoRA file")
+    return file
 
 
 _SUFFIXES = (

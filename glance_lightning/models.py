@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from glance_lightning.errors import MissingFileError
 from glance_lightning.registry import FamilySpec
 
 TINY_PREFIX = "tiny:"
@@ -37,7 +38,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(MissingFileError):
     """A model name names nothing that can be opened; the message says what to give instead."""
 
 
@@ -186,6 +187,43 @@ def load_pipeline(spec: FamilySpec, model: ResolvedModel, dtype: torch.dtype, sk
     pipe = pipeline_class.from_pretrained(model.path, dtype=dtype, **{c: None for c in skip if c in present})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_model_family(model: ResolvedModel, spec: FamilySpec, setting: str = "model.pretrained_model") -> None:
+    """Before loading: refuse a model whose ``model_index.json`` declares another family's pipeline or a
+    transformer class other than the family's."""
+    from glance_lightning.registry import family_names, get_family
+
+    index = json.loads((Path(model.path) / "model_index.json").read_text(encoding="utf-8"))
+    declared, own = index.get("_class_name"), spec.pipeline_name
+    if declared == own:
+        return
+    others = [n for n in family_names() if get_family(n).pipeline_name == declared]
+    expected = _annotated_transformer(spec)
+    found = _declared_components(index).get("transformer", (None, None))[1]
+    if others or (expected and found and found != expected):
+        what = f"a {others[0]} model" if others else f"a {declared} with a {found}"
+        module = get_family(others[0]).module if others else None
+        hint = f"for it, set model.class_path: {module.replace(':', '.')}; or " if isinstance(module, str) else ""
+        raise ModelNotFoundError(f"{setting}={model.name!r} is {what} ({declared}), not {spec.name} ({own}); "
+                                 f"{hint}give a {spec.name} model")
+
+
+def _annotated_transformer(spec: FamilySpec) -> str | None:
+    """The transformer class the family's pipeline declares in its constructor."""
+    parameter = inspect.signature(spec.pipeline_class().__init__).parameters.get("transformer")
+    annotation = getattr(parameter, "annotation", None)
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None)
+
+
+def transformer_module_names(model: ResolvedModel, override: str | None = None) -> set[str]:
+    """Names of the transformer's modules, from its config on the meta device (no weights read)."""
+    cls = transformer_class(model)
+    folder = Path(override).expanduser() if override and Path(override).expanduser().is_dir() else None
+    config = cls.load_config(str(folder)) if folder else cls.load_config(model.path, subfolder="transformer")
+    with torch.device("meta"):
+        transformer = cls.from_config(config)
+    return {name for name, _ in transformer.named_modules() if name}
 
 
 def transformer_class(model: ResolvedModel) -> type:

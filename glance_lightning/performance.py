@@ -11,6 +11,7 @@ checked by ``check_performance_settings`` before any model is loaded:
   recomputing everything but the matmuls (PyTorch's selective checkpoint contexts).
 - a quantised frozen base through diffusers' quantisation configs (torchao int8 / float8, bitsandbytes NF4).
 - 8-bit AdamW states (bitsandbytes) for the LoRA optimizer.
+- block-level offloading of the recomputed blocks' frozen weights to host memory (``glance_lightning.offload``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from glance_lightning.settings import BaseQuantization, OptimizerSettings, PerformanceSettings
+from glance_lightning.errors import ConfigError, MissingPackageError, SetupError
+from glance_lightning.settings import BaseQuantization, Offload, OptimizerSettings, PerformanceSettings
 
 SDPA_KERNELS: dict[str, list[SDPBackend]] = {
     "sdpa": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
@@ -33,6 +35,7 @@ SDPA_KERNELS: dict[str, list[SDPBackend]] = {
     "sdpa-math": [SDPBackend.MATH],
 }
 QUANTIZATIONS: tuple[str, ...] = get_args(BaseQuantization)
+OFFLOADS: tuple[str, ...] = get_args(Offload)
 _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
             torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_dot_product_flash_attention.default,
             torch.ops.aten._scaled_dot_product_efficient_attention.default}
@@ -42,27 +45,48 @@ def check_performance_settings(settings: PerformanceSettings, optimizer: Optimiz
     """Refuse an unusable combination with the setting's name, before anything is loaded."""
     _check_attention(settings.attention_backend)
     if not 0.0 <= float(settings.gradient_checkpointing) <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"model.performance.gradient_checkpointing={settings.gradient_checkpointing}: give the share of "
             "transformer blocks to recompute, from 0 (none) to 1 (all), or true/false"
         )
     _check_quantization(settings.base_quantization)
     if settings.compile_blocks and settings.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise ValueError(f"model.performance.compile_backend={settings.compile_backend!r} is not a torch.compile "
+        raise ConfigError(f"model.performance.compile_backend={settings.compile_backend!r} is not a torch.compile "
                          f"backend; use one of {torch._dynamo.list_backends()}")
     if settings.compile_blocks and settings.base_quantization not in ("none", "nf4"):
-        raise ValueError(
+        raise ConfigError(
             f"model.performance.compile_blocks=true with base_quantization={settings.base_quantization}: "
             "torch.compile cannot yet differentiate through torchao's quantised weights (AOTAutograd refuses "
             "tensor-subclass outputs that alias); turn one of the two off"
         )
+    _check_offload(settings)
     if optimizer.name == "adamw8bit":
         _require("bitsandbytes", "model.optimizer.name=adamw8bit")
 
 
+def _check_offload(settings: PerformanceSettings) -> None:
+    if settings.offload not in OFFLOADS:
+        raise ConfigError(f"model.performance.offload={settings.offload!r}: use one of {', '.join(OFFLOADS)}")
+    if isinstance(settings.offload_blocks_per_group, bool) or int(settings.offload_blocks_per_group) < 1:
+        raise ConfigError(f"model.performance.offload_blocks_per_group={settings.offload_blocks_per_group!r}: give "
+                          "a whole number of blocks, 1 or more")
+    if settings.offload == "none":
+        return
+    if not float(settings.gradient_checkpointing):
+        raise ConfigError("model.performance.offload=block needs gradient_checkpointing > 0: only recomputed blocks "
+                          "can leave the device (autograd keeps a block's weights for its backward pass otherwise)")
+    if settings.compile_blocks:
+        raise ConfigError("model.performance.offload=block with compile_blocks=true: the compiled blocks would "
+                          "guard on weights that move every step; turn one of the two off")
+    if settings.base_quantization != "none":
+        raise ConfigError(f"model.performance.offload=block with base_quantization={settings.base_quantization}: "
+                          "moving quantised weights (torchao subclasses, bitsandbytes 4-bit states) in training is "
+                          "not supported yet; turn one of the two off")
+
+
 def _require(package: str, setting: str) -> None:
     if importlib.util.find_spec(package) is None:
-        raise ModuleNotFoundError(f"{setting} needs the `{package}` package: pip install 'glance-lightning[lowmem]'")
+        raise MissingPackageError(f"{setting} needs the `{package}` package: pip install 'glance-lightning[lowmem]'")
 
 
 def _check_attention(name: str) -> None:
@@ -72,35 +96,35 @@ def _check_attention(name: str) -> None:
 
     known = {b.value for b in AttentionBackendName}
     if "cudnn" in name:
-        raise ValueError(f"model.performance.attention_backend={name!r}: cuDNN attention's backward fails for "
+        raise ConfigError(f"model.performance.attention_backend={name!r}: cuDNN attention's backward fails for "
                          "FLUX-sized shapes on H100, so it is not offered; use sdpa (the default) or sdpa-flash")
     if name.endswith("_hub"):
-        raise ValueError(f"model.performance.attention_backend={name!r} downloads kernels from the Hugging Face Hub "
+        raise ConfigError(f"model.performance.attention_backend={name!r} downloads kernels from the Hugging Face Hub "
                          "at run time; install the kernel package instead (e.g. flash-attn: 'flash')")
     if name not in known:
-        raise ValueError(f"model.performance.attention_backend={name!r}: use one of {sorted(SDPA_KERNELS)} or a "
+        raise ConfigError(f"model.performance.attention_backend={name!r}: use one of {sorted(SDPA_KERNELS)} or a "
                          f"diffusers attention backend ({', '.join(sorted(k for k in known if 'hub' not in k))})")
     from diffusers.models.attention_dispatch import _check_attention_backend_requirements
 
     try:  # the kernel package (flash-attn, sageattention, xformers, ...) is there
         _check_attention_backend_requirements(AttentionBackendName(name))
     except (RuntimeError, ImportError) as err:
-        raise RuntimeError(f"model.performance.attention_backend={name!r}: {err}") from err
+        raise SetupError(f"model.performance.attention_backend={name!r}: {err}") from err
 
 
 def _check_quantization(name: str) -> None:
     if name not in QUANTIZATIONS:
-        raise ValueError(f"model.performance.base_quantization={name!r}: use one of {', '.join(QUANTIZATIONS)}")
+        raise ConfigError(f"model.performance.base_quantization={name!r}: use one of {', '.join(QUANTIZATIONS)}")
     setting = f"model.performance.base_quantization={name}"
     if name in ("int8-weight-only", "float8-weight-only", "float8-dynamic"):
         _require("torchao", setting)
     if name == "nf4":
         _require("bitsandbytes", setting)
         if not torch.cuda.is_available():
-            raise RuntimeError(f"{setting} needs a CUDA GPU (bitsandbytes quantises on the GPU); use "
+            raise SetupError(f"{setting} needs a CUDA GPU (bitsandbytes quantises on the GPU); use "
                                "int8-weight-only on this machine")
     if name == "float8-dynamic" and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):
-        raise RuntimeError(f"{setting} needs float8 matmuls (an NVIDIA GPU of compute capability 8.9+: Ada, "
+        raise SetupError(f"{setting} needs float8 matmuls (an NVIDIA GPU of compute capability 8.9+: Ada, "
                            "Hopper); use float8-weight-only or int8-weight-only here")
 
 
@@ -137,7 +161,7 @@ def set_dispatcher_backend(transformer: torch.nn.Module, name: str) -> None:
         return
     routed = [m for m in transformer.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
     if not routed:
-        raise ValueError(
+        raise ConfigError(
             f"model.performance.attention_backend={name!r}: {type(transformer).__name__}'s attention does not go "
             f"through diffusers' attention dispatcher; use one of {sorted(SDPA_KERNELS)} for this family"
         )
@@ -149,7 +173,7 @@ def repeated_blocks(transformer: torch.nn.Module, names: tuple[str, ...]) -> lis
     wanted = set(names or getattr(transformer, "_repeated_blocks", ()))
     blocks = [m for m in transformer.modules() if type(m).__name__ in wanted]
     if not blocks:
-        raise ValueError(f"{type(transformer).__name__} has no blocks named {sorted(wanted)}")
+        raise ConfigError(f"{type(transformer).__name__} has no blocks named {sorted(wanted)}")
     return blocks
 
 
@@ -204,7 +228,7 @@ def build_optimizer(
     common = dict(lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay, eps=settings.eps)
     if settings.name == "adamw8bit":
         if settings.fused:
-            raise ValueError("model.optimizer.fused=true is for name=adamw; bitsandbytes' adamw8bit has its own "
+            raise ConfigError("model.optimizer.fused=true is for name=adamw; bitsandbytes' adamw8bit has its own "
                              "kernels, leave fused unset")
         import bitsandbytes as bnb
 

@@ -22,10 +22,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from glance_lightning.errors import ConfigError
+
 ENTRY_POINT_GROUP = "glance_lightning.families"
 
 
-class UnknownFamilyError(ValueError):
+class UnknownFamilyError(ConfigError):
     """A family name that is not registered; the message lists the registered ones."""
 
 
@@ -67,6 +69,12 @@ class FamilySpec:
     def pipeline_class(self) -> type:
         return load_ref(self.pipeline)
 
+    @property
+    def pipeline_name(self) -> str:
+        """The pipeline's class name (what a model's ``model_index.json`` declares), without importing it."""
+        ref = self.pipeline
+        return ref.rpartition(":")[2] if isinstance(ref, str) else ref.__name__
+
     def scheduler(self) -> dict[str, Any]:
         """A copy of the published scheduler config (callers may change it)."""
         return copy.deepcopy(dict(self.scheduler_config))
@@ -94,12 +102,12 @@ def register_family(spec: FamilySpec, *, replace: bool = False) -> FamilySpec:
     """Add a family (``replace=True`` to redefine one); returns the spec."""
     _load_builtins()
     if not spec.name or ":" in spec.name or spec.name != spec.name.strip():
-        raise ValueError(f"family name {spec.name!r}: use a plain name such as 'my-family'")
+        raise ConfigError(f"family name {spec.name!r}: use a plain name such as 'my-family'")
     if spec.name in _REGISTRY and not replace and _REGISTRY[spec.name] != spec:
-        raise ValueError(f"family {spec.name!r} is already registered; pass replace=True to redefine it")
+        raise ConfigError(f"family {spec.name!r} is already registered; pass replace=True to redefine it")
     low, high = spec.control_images
     if not 0 <= low <= high:
-        raise ValueError(f"family {spec.name!r}: control_images={spec.control_images} must be (min, max) with "
+        raise ConfigError(f"family {spec.name!r}: control_images={spec.control_images} must be (min, max) with "
                          "0 <= min <= max")
     _REGISTRY[spec.name] = spec
     return spec

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glance_lightning.errors import ConfigError
 from glance_lightning.timesteps import GlanceTimesteps
 
 OFFICIAL_QWEN_TABLE_STEPS = 50
@@ -124,7 +125,7 @@ def _official_qwen(timesteps: GlanceTimesteps, family: str, resolution: tuple[in
     from glance_lightning.registry import get_family
 
     if not get_family(family).official_qwen:
-        raise ValueError(f"mode 'official-qwen' reproduces the official Qwen pipelines; not for {family}")
+        raise ConfigError(f"mode 'official-qwen' reproduces the official Qwen pipelines; not for {family}")
     return official_qwen_plan(timesteps.slow, timesteps.fast, family, resolution)
 
 
@@ -137,5 +138,5 @@ PLANS: dict[str, Callable[[GlanceTimesteps, str, tuple[int, int]], Plan]] = {
 def build_plan(mode: str, timesteps: GlanceTimesteps, family: str, resolution: tuple[int, int]) -> Plan:
     """The plan of a sampling ``mode`` for trained ``timesteps`` at ``resolution`` (width, height)."""
     if mode not in PLANS:
-        raise ValueError(f"mode={mode!r}; expected one of {', '.join(PLANS)}")
+        raise ConfigError(f"mode={mode!r}; expected one of {', '.join(PLANS)}")
     return PLANS[mode](timesteps, family, resolution)

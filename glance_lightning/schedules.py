@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from glance_lightning.errors import ConfigError, MissingFileError
 from glance_lightning.registry import FamilySpec, UnknownFamilyError, family_names, get_family
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ _SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 _CONFIG_FILE = Path("scheduler") / "scheduler_config.json"
 
 
-class ScheduleError(ValueError):
+class ScheduleError(ConfigError):
     """A bad schedule setting; ``settings`` names the offending parameter(s) (Python names)."""
 
     def __init__(self, settings: str | Sequence[str], detail: str) -> None:
@@ -272,7 +273,7 @@ def load_scheduler_config(path: str | Path) -> dict:
     ``scheduler_config.json`` directly inside it) or from a json file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"scheduler config: {path} does not exist; pass a model directory or a json file"
         )
     file = path if path.is_file() else _config_file_in(path)
@@ -290,7 +291,7 @@ def _config_file_in(directory: Path) -> Path:
     for candidate in (directory / _CONFIG_FILE, directory / _CONFIG_FILE.name):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"scheduler config: {directory} has no {_CONFIG_FILE} (nor {_CONFIG_FILE.name}); pass the model's "
         "root directory (the one holding model_index.json) or the json file itself"
     )

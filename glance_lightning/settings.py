@@ -14,6 +14,7 @@ from jsonargparse.typing import (
     restricted_number_type,
 )
 
+from glance_lightning.errors import ConfigError, explain_restriction
 from glance_lightning.timesteps import GlanceTimesteps, Unit
 
 # [0, 1): a probability that must leave some steps to the real value (caption and LoRA dropout).
@@ -45,9 +46,9 @@ class TimestepSettings:
         """The validated lists: as given, or read off ``family``'s schedule (at ``derive.resolution``, else the
         training ``resolution``, else 1024)."""
         if (self.slow is None) != (self.fast is None):
-            raise ValueError("model.timesteps: give both `slow` and `fast` lists, or neither to derive them")
+            raise ConfigError("model.timesteps: give both `slow` and `fast` lists, or neither to derive them")
         if self.slow is not None and self.derive is not None:
-            raise ValueError("model.timesteps: give lists or `derive`, not both")
+            raise ConfigError("model.timesteps: give lists or `derive`, not both")
         if self.slow is not None:
             return GlanceTimesteps.from_lists(self.slow, self.fast, self.unit)
         from glance_lightning.schedules import derive_timesteps
@@ -68,6 +69,14 @@ class LoraSettings:
     init: Literal["gaussian", "default"] = "gaussian"
     dropout: Probability = 0.0
 
+    def __post_init__(self) -> None:  # the command line checks these types; Python callers get the same checks
+        checked(PositiveInt, self.rank, "model.lora.rank")
+        checked(PositiveFloat, self.alpha, "model.lora.alpha")
+        checked(Probability, self.dropout, "model.lora.dropout")
+        if self.targets is not None and (not self.targets or not all(isinstance(t, str) and t for t in self.targets)):
+            raise ConfigError(f"model.lora.targets={self.targets!r}: give module names such as [to_q, to_k, to_v], "
+                              "or leave it unset for the family's default")
+
 
 @dataclass
 class OptimizerSettings:
@@ -87,8 +96,18 @@ class OptimizerSettings:
     warmup_steps: NonNegativeInt = 10  # per phase; 0: the full lr from the first step (the official runs)
     fused: bool | None = None  # None: the fused CUDA kernel on GPUs, the default implementation elsewhere
 
+    def __post_init__(self) -> None:
+        checked(PositiveFloat, self.lr, "model.optimizer.lr")
+        checked(NonNegativeFloat, self.weight_decay, "model.optimizer.weight_decay")
+        checked(PositiveFloat, self.eps, "model.optimizer.eps")
+        checked(NonNegativeInt, self.warmup_steps, "model.optimizer.warmup_steps")
+        if len(self.betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in self.betas):
+            raise ConfigError(f"model.optimizer.betas={list(self.betas)}: give two numbers in [0, 1), "
+                              "e.g. [0.9, 0.999]")
+
 
 BaseQuantization = Literal["none", "int8-weight-only", "float8-weight-only", "float8-dynamic", "nf4"]
+Offload = Literal["none", "block"]
 
 
 @dataclass
@@ -101,6 +120,20 @@ class PerformanceSettings:
     gradient_checkpointing: bool | float = False  # share of repeated blocks recomputed in backward; true = 1, false = 0
     checkpoint_policy: Literal["full", "save-matmuls"] = "full"
     base_quantization: BaseQuantization = "none"
+    offload: Offload = "none"
+    """``block``: the frozen base weights of the recomputed blocks (``gradient_checkpointing`` > 0, which it needs)
+    live in host memory (pinned) and visit the device one group at a time, in the forward pass and in the backward
+    pass's recomputation (``glance_lightning.offload``). On the device stay: every module outside the repeated
+    blocks (embeddings, final norm and projection), the blocks that are not recomputed, all LoRA parameters with
+    their gradients and optimizer state, and the frozen weights of at most two groups of recomputed blocks with
+    ``offload_stream`` (the one computing, the next one being prefetched), one without. Host memory holds every
+    offloaded weight once, pinned. Refused before loading with gradient_checkpointing=0, compile_blocks or a
+    quantised base; on a CPU it runs, but host and device are one and nothing moves."""
+    offload_blocks_per_group: PositiveInt = 1
+    """Recomputed blocks moved together per transfer (one group); fewer, larger transfers for more device memory."""
+    offload_stream: bool = True
+    """Copy the next group on a side CUDA stream while the current one computes (prefetch); false: each group is
+    copied when first needed and copied back to the host after use (diffusers' synchronous path)."""
 
 
 def plain_data(value: Any) -> Any:
@@ -136,4 +169,4 @@ def checked(kind: type, value: Any, setting: str) -> Any:
     try:
         return kind(value)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{setting}={value!r}: {err}") from None
+        raise ConfigError(f"{setting}={value!r}: {explain_restriction(str(err))}") from None

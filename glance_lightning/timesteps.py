@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from glance_lightning.errors import ConfigError
+
 Unit = Literal["auto", "timesteps", "sigmas"]
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-class TimestepListError(ValueError):
+class TimestepListError(ConfigError):
     """A configured timestep list is unusable; the message names the setting and the fix."""
 
 

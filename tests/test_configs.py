@@ -47,10 +47,9 @@ def test_config_model_and_data_instantiate(config: Path):
 
 def test_unknown_config_key_is_an_error(repo: Path, monkeypatch, capsys):
     monkeypatch.chdir(repo)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.lora.rnak", "4", "--print_config"])
-    assert exit_info.value.code != 0
-    assert "rnak" in capsys.readouterr().err
+    code = main(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.lora.rnak", "4", "--print_config"])
+    assert code == 2
+    assert "model.init_args.lora.rnak: no such setting" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=[p.name for p in OVERLAYS])

@@ -36,13 +36,13 @@ def test_fit_ckpt_path_last_continues_the_newest_run_in_place(repo: Path, tmp_pa
     assert state["global_step"] == 6  # a further `--ckpt_path last` continues from here
 
 
-def test_existing_run_directory_is_not_overwritten(repo: Path, quickstart_run, monkeypatch):
+def test_existing_run_directory_is_not_overwritten(repo: Path, quickstart_run, monkeypatch, capsys):
     run = quickstart_run("configs/quickstart.yaml")  # the family contract's FLUX quick start, shared
     monkeypatch.chdir(repo)
     before = (run / "slow" / "pytorch_lora_weights.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match="output_dir"):
-        main(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.output_dir", str(run),
-              "--trainer.default_root_dir", str(run.parent.parent / "other")])
+    code = main(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.output_dir", str(run),
+                 "--trainer.default_root_dir", str(run.parent.parent / "other")])
+    assert code == 2 and "model.output_dir" in capsys.readouterr().err
     assert (run / "slow" / "pytorch_lora_weights.safetensors").read_bytes() == before
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from glance_lightning.datamodules.images import ImageRules
 from glance_lightning.datamodules.validation import (
     IMAGE_EXTENSIONS,
     DatasetError,
@@ -23,8 +28,9 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def make_image(path: Path, color: tuple[int, int, int] = (200, 10, 10)) -> Path:
+    """A 256x256 image: no upscale warning at the default resolution 1024 (4x is the limit)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), color).save(path, format=FORMATS.get(path.suffix.lower(), "PNG"))
+    Image.new("RGB", (256, 256), color).save(path, format=FORMATS.get(path.suffix.lower(), "PNG"))
     return path
 
 
@@ -502,3 +508,112 @@ def test_command_bad_arguments(argv: list[str], capsys: pytest.CaptureFixture[st
 def test_command_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_validate_data_command(["--help"]) == 0
     assert "--layout" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ image kinds
+# validate-data opens every image exactly as training does (datamodules/images.py) and reports per file.
+
+
+def save_pair(folder: Path, name: str, image: Image.Image, **save: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / name, **save)
+    make_caption(folder / (Path(name).stem + ".txt"))
+    return folder / name
+
+
+def findings(report: DatasetReport, path: Path) -> list[tuple[str, str]]:
+    return [(p.severity, p.message) for p in report.problems if p.path == path]
+
+
+def image_zoo(root: Path) -> dict[str, Path]:
+    """One file of each kind that needs handling, each with a caption."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = [Image.new("RGB", (256, 256), c) for c in ((200, 0, 0), (0, 0, 200))]
+    return {
+        "good": save_pair(root, "good.png", Image.new("RGB", (256, 256), (1, 2, 3))),
+        "grey16": save_pair(root, "grey16.png", Image.fromarray(np.full((256, 256), 32896, np.uint16))),
+        "phone": save_pair(root, "phone.jpg", Image.new("RGB", (512, 256)), exif=exif),
+        "cutout": save_pair(root, "cutout.png", Image.new("RGBA", (256, 256), (0, 0, 0, 0))),
+        "anim": save_pair(root, "anim.webp", frames[0], save_all=True, append_images=frames[1:]),
+        "cmyk": save_pair(root, "cmyk.jpg", Image.new("CMYK", (256, 256))),
+        "dot": save_pair(root, "dot.png", Image.new("RGB", (1, 1))),
+        "strip": save_pair(root, "strip.png", Image.new("RGB", (8, 4000))),
+        "thumb": save_pair(root, "thumb.png", Image.new("RGB", (64, 64))),
+    }
+
+
+def test_every_image_kind_is_reported_per_file_in_one_pass(tmp_path: Path) -> None:
+    files = image_zoo(tmp_path)
+    report = scan_dataset(tmp_path)
+    assert findings(report, files["good"]) == [] and findings(report, files["grey16"]) == []
+    assert findings(report, files["phone"]) == [
+        ("info", "EXIF orientation 6 applied (rotated 90° clockwise): used as 256x512, as image viewers show it")]
+    ((severity, message),) = findings(report, files["cutout"])
+    assert severity == "warning" and "flattened onto white (data.alpha=white)" in message
+    assert findings(report, files["anim"]) == [("warning", "animated image (2 frames): only the first frame is used; "
+                                                           "save the frame you want as a still image to silence this")]
+    assert [s for s, _ in findings(report, files["cmyk"])] == ["info"]
+    single_error(report, files["dot"], "degenerate size 1x1", "under 8 px")
+    strip = [m for s, m in findings(report, files["strip"]) if s == "warning"]
+    assert any("aspect ratio 500.0:1 (8x4000)" in m and "data.max_aspect_ratio=4" in m for m in strip), strip
+    assert any("small image 8x32: upscaled 64.0x to 512x2048" in m for m in strip), strip
+    ((severity, message),) = findings(report, files["thumb"])
+    assert severity == "warning"
+    assert "small image 64x64: upscaled 16.0x to 1024x1024 for data.resolution=1024" in message
+    assert not report.ok  # the 1x1 image
+    assert sorted(s.image.name for s in report.samples) == sorted(p.name for k, p in files.items() if k != "dot")
+    assert report.format().splitlines()[-1] == "8 samples, 1 error, 5 warnings, 2 notes"
+
+
+def test_rules_are_the_datamodule_settings(tmp_path: Path) -> None:
+    thumb = save_pair(tmp_path, "thumb.png", Image.new("RGB", (64, 64)))
+    cutout = save_pair(tmp_path, "cutout.png", Image.new("RGBA", (256, 256), (0, 0, 0, 0)))
+    strip = save_pair(tmp_path, "strip.png", Image.new("RGB", (256, 1536)))
+    report = scan_dataset(tmp_path, rules=ImageRules(resolution=256, alpha="error", max_aspect_ratio=8))
+    assert findings(report, thumb) == [] and findings(report, strip) == []  # 4x at 256; 6:1 is within 8:1
+    single_error(report, cutout, "data.alpha=error")
+    assert [s.image.name for s in report.samples] == ["strip.png", "thumb.png"]
+
+
+def test_edit_control_images_follow_the_same_rules(tmp_path: Path) -> None:
+    make_edit(tmp_path, ["a", "b"])
+    Image.new("LA", (256, 256), (0, 0)).save(tmp_path / "control" / "a.png")
+    Image.new("RGB", (1, 1)).save(tmp_path / "control" / "b.png")
+    report = scan_dataset(tmp_path)
+    assert [s for s, _ in findings(report, tmp_path / "control/a.png")] == ["warning"]
+    single_error(report, tmp_path / "control/b.png", "degenerate size 1x1")
+    assert [s.image.name for s in report.samples] == ["a.jpg"]
+
+
+def validate_data_cli(path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLANCE_LIGHTNING_DEBUG": ""}
+    return subprocess.run([sys.executable, "-m", "glance_lightning", "validate-data", "--path", str(path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_validate_data_cli_names_each_image_without_a_traceback(tmp_path: Path) -> None:
+    files = image_zoo(tmp_path)
+    bad = validate_data_cli(tmp_path)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr
+    assert f"{files['dot']}: error: degenerate size 1x1" in bad.stdout
+    for kind in ("cutout", "anim", "strip", "thumb"):
+        assert f"{files[kind]}: warning: " in bad.stdout, kind
+    assert f"{files['phone']}: info: EXIF orientation 6 applied" in bad.stdout
+    files["dot"].unlink()
+    files["dot"].with_suffix(".txt").unlink()
+    good = validate_data_cli(tmp_path)
+    assert good.returncode == 0, good.stdout + good.stderr  # warnings alone do not fail a dataset
+    assert "8 samples, 0 errors, 5 warnings, 2 notes" in good.stdout and "Traceback" not in good.stderr
+
+
+def test_multi_picture_jpeg_is_a_note_not_an_animation(tmp_path: Path) -> None:
+    """Cameras write MPO JPEGs (photo + depth map or preview): the photo is used, no warning."""
+    photo, extra = Image.new("RGB", (256, 256), (200, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 200))
+    photo.save(tmp_path / "cam.mpo", format="MPO", save_all=True, append_images=[extra])
+    (tmp_path / "cam.mpo").rename(tmp_path / "cam.jpg")
+    make_caption(tmp_path / "cam.txt")
+    report = scan_dataset(tmp_path)
+    assert report.ok and findings(report, tmp_path / "cam.jpg") == [
+        ("info", "multi-picture JPEG (MPO, 2 pictures): the first (main) picture is used")]

@@ -17,9 +17,10 @@ a file (one LoRA) or a folder; an existing file is never overwritten. The Glance
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from glance_lightning import errors
+from glance_lightning.errors import ConfigError, ExistingFileError, MissingFileError
 from glance_lightning.lora_io import LORA_WEIGHT_NAME, read_glance_metadata
 from glance_lightning.lora_layouts import FORMATS, LoraLayoutError, export_lora
 from glance_lightning.registry import family_names
@@ -42,7 +43,7 @@ def _sources(path: Path) -> list[Path]:
     if path.is_dir() and not (path / LORA_WEIGHT_NAME).is_file():
         found = [path / phase for phase in ("slow", "fast") if (path / phase / LORA_WEIGHT_NAME).is_file()]
         if not found:
-            raise FileNotFoundError(f"--lora {path}: no {LORA_WEIGHT_NAME} there nor in its slow/ or fast/")
+            raise MissingFileError(f"--lora {path}: no {LORA_WEIGHT_NAME} there nor in its slow/ or fast/")
         return found
     return [path]
 
@@ -69,15 +70,14 @@ def run_export_command(argv: list[str] | None = None) -> int:
     try:
         sources = _sources(Path(args.lora))
         if output is not None and output.suffix == ".safetensors" and len(sources) > 1:
-            raise ValueError(f"--output {output} is one file but --lora holds {len(sources)} LoRAs; give a folder")
+            raise ConfigError(f"--output {output} is one file but --lora holds {len(sources)} LoRAs; give a folder")
         targets = [(s, _destination(s, args.format, output, len(sources) > 1)) for s in sources]
         existing = [str(t) for _, t in targets if t.exists()]
         if existing:
-            raise FileExistsError(f"{', '.join(existing)} exist(s); existing files are never overwritten")
+            raise ExistingFileError(f"{', '.join(existing)} exist(s); existing files are never overwritten")
         for source, target in targets:
             written = export_lora(source, args.format, target, args.family)
             print(f"{written}  ({args.format}, from {source})", flush=True)
     except (ValueError, FileNotFoundError, FileExistsError, LoraLayoutError) as err:
-        print(f"export: error: {err}", file=sys.stderr)
-        return 2
+        return errors.report(str(err), "export", traceback_hint=False)
     return 0

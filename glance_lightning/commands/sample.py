@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from glance_lightning import console
+from glance_lightning import console, errors
+from glance_lightning.errors import ConfigError
+from glance_lightning.lora_layouts import check_lora_file
 from glance_lightning.performance import QUANTIZATIONS, check_performance_settings
 from glance_lightning.registry import family_names, get_family
 from glance_lightning.sampling import PLANS, Step
@@ -57,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    print(f"sample: error: {message}", file=sys.stderr)
-    return 2
+    return errors.report(message, "sample", traceback_hint=False)
 
 
 def performance_settings(args: argparse.Namespace) -> PerformanceSettings:
@@ -80,7 +81,7 @@ def check_model(model: str, family: str, metadata: dict[str, dict | None]) -> No
     model_family, class_name = family_of_model(model)
     own = pipeline_class_name(get_family(family))
     if model_family is not None and model_family != family and class_name != own:
-        raise ValueError(f"--model {model} is a {class_name or model_family} ({model_family}) but the LoRAs were "
+        raise ConfigError(f"--model {model} is a {class_name or model_family} ({model_family}) but the LoRAs were "
                          f"trained for {family} ({own}); give a {family} model")
     if model_family is None and class_name is not None and class_name != own:
         _warn(f"--model {model} holds a {class_name}, which is no registered family's pipeline; loading it as "
@@ -109,6 +110,28 @@ def default_size(args: argparse.Namespace, metadata: dict[str, dict | None]) -> 
     return (height if height is not None else fallback), (width if width is not None else fallback)
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+
+
+def check_size(height: int, width: int, multiple: int) -> None:
+    """Image sides the family can make: positive multiples of its latent patch size in pixels."""
+    for name, side in (("--height", height), ("--width", width)):
+        if side <= 0 or side % multiple:
+            near = max(multiple, round(side / multiple) * multiple)
+            raise ConfigError(f"{name} {side}: give a positive multiple of {multiple} (e.g. {near})")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """What can be checked before anything is read or loaded."""
+    for seed in args.seed or ():
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"--seed {seed}: give a whole number from 0 to {MAX_SEED}")
+    if args.lora_scale != args.lora_scale or abs(args.lora_scale) == float("inf"):
+        raise ConfigError(f"--lora-scale {args.lora_scale}: give a finite number (1 = the trained strength)")
+    for name in ("slow", "fast"):
+        check_lora_file(getattr(args, name))
+
+
 def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
     """Build the family module, load its base model (in stages when ``args.prompt`` lists the prompts: encoded
     first, text encoders freed, then the transformer) and both LoRAs into it."""
@@ -118,15 +141,15 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
     slow_meta, fast_meta = read_pair_metadata(args.slow, args.fast)
     family = (slow_meta or {}).get("family") or args.family
     if family is None:
-        raise ValueError("--family is required: these LoRAs carry no Glance metadata naming their family")
+        raise ConfigError("--family is required: these LoRAs carry no Glance metadata naming their family")
     if slow_meta and args.family and args.family != family:
-        raise ValueError(f"--family {args.family} but the LoRAs were trained for {family}")
+        raise ConfigError(f"--family {args.family} but the LoRAs were trained for {family}")
     check_model(args.model, family, {"slow": slow_meta, "fast": fast_meta})
     spec = get_family(family)
     low, high = spec.control_images
     if not low <= len(args.control) <= high:
         wanted = "no --control images" if high == 0 else f"{low} to {high} --control image(s)"
-        raise ValueError(f"{family} takes {wanted}, got {len(args.control)}")
+        raise ConfigError(f"{family} takes {wanted}, got {len(args.control)}")
     fallback = None
     if not (slow_meta and fast_meta):
         lists = derive_timesteps(family)
@@ -136,13 +159,14 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
     kwargs: dict[str, Any] = dict((slow_meta or {}).get("family_options") or {})
     if args.guidance is not None:
         if family != "flux":
-            raise ValueError(f"--guidance is FLUX.1-dev's guidance embedding; {family} uses --guidance-scale")
+            raise ConfigError(f"--guidance is FLUX.1-dev's guidance embedding; {family} uses --guidance-scale")
         kwargs["guidance"] = args.guidance
     module = spec.module_class()(
         pretrained_model=args.model, timesteps=TimestepSettings(slow=lists["slow"], fast=lists["fast"]),
         torch_dtype=args.dtype, performance=performance_settings(args), **kwargs,
     )
     height, width = default_size(args, {"slow": slow_meta, "fast": fast_meta})
+    check_size(height, width, spec.module_class().size_multiple)
     args.height, args.width = height, width
     if getattr(args, "prompt", None):  # the command: in stages as fit (prompts encoded, encoders freed, transformer)
         scale = args.guidance_scale if args.guidance_scale is not None else 1.0
@@ -191,6 +215,7 @@ def run_sample_command(argv: list[str] | None = None) -> int:
     missing = [c for c in args.control if not Path(c).is_file()]
     if missing:
         return _fail(f"--control: no such file(s): {', '.join(missing)}")
+    check_options(args)
     try:
         check_performance_settings(performance_settings(args), OptimizerSettings())
     except (ValueError, RuntimeError, ImportError) as err:
@@ -256,12 +281,11 @@ def generate_images(module: Any, args: argparse.Namespace, info: dict) -> list[t
 
 def _control_size(path: Path, area: int) -> tuple[int, int]:
     """A control image keeps its own aspect ratio at about the output's area (the family resizes it further)."""
-    from PIL import Image
-
     from glance_lightning.datamodules.glance import target_size
+    from glance_lightning.datamodules.images import upright_size
 
-    with Image.open(path) as img:
-        return target_size(img.width, img.height, area, 16)
+    width, height = upright_size(path)  # EXIF orientation applied, as the image is loaded
+    return target_size(width, height, area, 16)
 
 
 def _timed_generate(module: Any, prompt: str, seed: int, args: argparse.Namespace, scale: float,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from glance_lightning.datamodules.images import ImageRules
 from glance_lightning.datamodules.validation import LAYOUTS, PROG, scan_dataset
+from glance_lightning.errors import ConfigError, MissingFileError
 from glance_lightning.registry import family_names, get_family
 
 
@@ -16,7 +20,12 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Check a training dataset (images, captions, control images) before training; "
         "lists every problem at once. Exit status: 0 usable, 1 dataset has errors, 2 bad arguments.",
     )
-    parser.add_argument("--path", required=True, type=Path, help="dataset folder")
+    parser.add_argument("--path", type=Path, default=None, help="dataset folder (default: the --config's data.path)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="a fit config: its data settings (path, resolution, size_multiple, resize, "
+                        "max_aspect_ratio, alpha) and its model's family are checked against")
+    parser.add_argument("--resolution", type=int, default=None, help="as data.resolution (default 1024)")
+    parser.add_argument("--size-multiple", type=int, default=None, help="as data.size_multiple")
     parser.add_argument(
         "--layout", choices=LAYOUTS, default="auto",
         help="flat: images + same-name .txt captions; edit: image/ + control/ (+ control_2/, control_3/); "
@@ -29,6 +38,27 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RULES = {f.name for f in dataclasses.fields(ImageRules)}
+
+
+def _from_config(path: Path) -> tuple[dict[str, Any], str | None]:
+    """The data settings and the model family of a fit config (relative data paths as fit reads them)."""
+    import yaml
+
+    if not path.is_file():
+        raise MissingFileError(f"--config {path}: no such file")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = dict((config.get("data") or {}).get("init_args") or {})
+    class_path = str((config.get("model") or {}).get("class_path", ""))
+    family = next((n for n in family_names()
+                   if isinstance(get_family(n).module, str) and get_family(n).module.replace(":", ".") == class_path),
+                  None)
+    return data, family
+
+
 def _exit_code(exc: SystemExit) -> int:
     if exc.code is None:
         return 0
@@ -37,12 +67,25 @@ def _exit_code(exc: SystemExit) -> int:
 
 def run_validate_data_command(argv: Iterable[str] | None = None) -> int:
     """``python -m glance_lightning validate-data``: print the report, return the exit status."""
+    parser = _build_parser()
     try:
-        args = _build_parser().parse_args(None if argv is None else list(argv))
+        args = parser.parse_args(None if argv is None else list(argv))
+        if args.path is None and args.config is None:
+            parser.error("give --path DIR, or --config FILE (a fit config: its data.init_args.path)")
     except SystemExit as exc:  # argparse already printed usage / help
         return _exit_code(exc)
-    num_controls = get_family(args.family).control_images if args.family else None
-    report = scan_dataset(args.path, args.layout, num_controls)
+    settings, family = _from_config(args.config) if args.config else ({}, None)
+    family = args.family or family
+    path = args.path or settings.pop("path", None)
+    settings.pop("path", None)
+    if path is None:
+        raise ConfigError(f"--config {args.config}: it sets no data.init_args.path; give --path DIR")
+    for name in ("resolution", "size_multiple"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    rules = ImageRules(**{k: v for k, v in settings.items() if k in _RULES})
+    num_controls = get_family(family).control_images if family else None
+    report = scan_dataset(Path(path), args.layout, num_controls, rules=rules)
     print(report.format())
     if report.ok:
         print(f"OK: {report.root} ({report.layout} layout) is ready for training.")

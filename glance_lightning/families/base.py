@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -30,8 +30,10 @@ from torchmetrics import MeanMetric
 
 from glance_lightning import flow
 from glance_lightning import performance as perf_ops
+from glance_lightning.atomic import install_checkpoint_io
 from glance_lightning.draws import Draws, DrawSpec, GlanceData
-from glance_lightning.families import preflight
+from glance_lightning.errors import ConfigError, UserError
+from glance_lightning.families import preflight, resume
 from glance_lightning.families.encoding import EncodeOnce
 from glance_lightning.families.generation import GenerationMixin
 from glance_lightning.families.hooks import Conditioning, FamilyHooks
@@ -57,7 +59,7 @@ PHASES = preflight.PHASES
 __all__ = ["Conditioning", "GlanceModule", "NonFiniteLossError", "ShiftScaleLatents"]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN/inf: training stops before the bad step touches the adapters."""
 
 
@@ -79,7 +81,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         fast_steps: NonNegativeInt = 60,
         lora: LoraSettings | None = None,
         optimizer: OptimizerSettings | None = None,
-        torch_dtype: str = "float32",
+        torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         performance: PerformanceSettings | None = None,
         caption_dropout: Probability = 0.0,
         dropout_prompt: str = " ",
@@ -122,11 +124,11 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         slow_steps = checked(NonNegativeInt, slow_steps, "model.slow_steps")
         fast_steps = checked(NonNegativeInt, fast_steps, "model.fast_steps")
         if slow_steps + fast_steps == 0:
-            raise ValueError("model.slow_steps and model.fast_steps are both 0; train at least one phase")
+            raise ConfigError("model.slow_steps and model.fast_steps are both 0; train at least one phase")
         checked(Probability, caption_dropout, "model.caption_dropout")
         self.dtype_name = torch_dtype
         if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
-            raise ValueError(f"model.torch_dtype={torch_dtype!r} is not a torch dtype; use float32 or bfloat16")
+            raise ConfigError(f"model.torch_dtype={torch_dtype!r} is not a torch dtype; use float32 or bfloat16")
         self.phase_steps = {"slow": slow_steps, "fast": fast_steps}
         self.lora_settings = coerce_settings(LoraSettings, lora)
         self.optim_settings = coerce_settings(OptimizerSettings, optimizer)
@@ -212,6 +214,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
             return
         trainer = self.trainer
         self.fit_started, self.fit_timings = time.perf_counter(), {}
+        install_checkpoint_io(trainer.strategy)  # checkpoints written all or nothing (glance_lightning.atomic)
         self.lora_dir = preflight.output_dir(trainer, self.lora_dir, trainer.ckpt_path)
         if trainer.is_global_zero:
             preflight.check_output_dir(self.lora_dir)
@@ -221,6 +224,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         self.check_samples(samples)
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % (2**31)
         self.resolve_model()
+        self.check_model_settings()
         # Staged, so host memory holds one large component at a time: encoders, encode, free, transformer.
         if self._pipe is None:
             self.load_encoders(text_encoders=not self.all_encoded(samples))
@@ -229,8 +233,9 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         if self.transformer is None:
             self.load_transformer()
         if trainer.is_global_zero:
-            need = 2 * sum(p.numel() * 4 for phase in PHASES for p in self.adapter_parameters(phase))
-            preflight.check_free_space(self.lora_dir, need)
+            weights = sum(p.numel() * p.element_size() for phase in PHASES for p in self.adapter_parameters(phase))
+            preflight.check_free_space(self.lora_dir, 2 * weights,
+                                       preflight.checkpoint_needs(trainer, weights, self.total_steps))
 
     def refuse_overwrite(self, resuming: bool) -> None:
         preflight.refuse_overwrite(self.lora_dir, resuming)
@@ -345,9 +350,13 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["glance_seed"] = self.seed
+        checkpoint[resume.IDENTITY_KEY] = resume.training_identity(self)
+        checkpoint[resume.LORA_DIR_KEY] = str(self.lora_dir) if self.lora_dir is not None else None
         self.save_loras()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self.attached_trainer()
+        resume.check_resume(checkpoint, resume.training_identity(self), getattr(trainer, "ckpt_path", None))
         self.seed = checkpoint.get("glance_seed", self.seed)
 
     def on_train_end(self) -> None:

@@ -21,13 +21,14 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from glance_lightning.draws import TrainSample
 from glance_lightning.encode_store import EncodeStore, tensor_digest
+from glance_lightning.errors import ConfigError
 from glance_lightning.families.hooks import Conditioning
 from glance_lightning.models import TEXT_ENCODERS, cache_dir
 
 ENCODER_NAMES = (*TEXT_ENCODERS, "vae")
 
 
-class UnencodedPromptError(ValueError):
+class UnencodedPromptError(ConfigError):
     """A prompt asked for after the text encoders were freed, which was not registered before."""
 
 
@@ -150,8 +151,8 @@ class EncodeOnce:
         low, high = self.family_spec.control_images
         if not low <= len(controls) <= high:
             if high == 0:
-                raise ValueError(f"{self.family} takes no control images; use an edit family for image/ + control/")
-            raise ValueError(f"{self.family} takes {low} to {high} control image(s), got {len(controls)}")
+                raise ConfigError(f"{self.family} takes no control images; use an edit family for image/ + control/")
+            raise ConfigError(f"{self.family} takes {low} to {high} control image(s), got {len(controls)}")
         key = self._condition_key(prompt, controls)
         if key not in self.prompt_cache:
             self.prompt_cache[key] = self._encoded_condition(prompt, controls, key)

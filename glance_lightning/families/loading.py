@@ -14,6 +14,7 @@ import gc
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,9 +22,19 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
 
 from glance_lightning import performance as perf_ops
+from glance_lightning.errors import ConfigError
 from glance_lightning.families.encoding import encoders_of
 from glance_lightning.families.preflight import PHASES
-from glance_lightning.models import TEXT_ENCODERS, ResolvedModel, load_pipeline, load_transformer, resolve_pretrained
+from glance_lightning.models import (
+    TEXT_ENCODERS,
+    ModelNotFoundError,
+    ResolvedModel,
+    check_model_family,
+    load_pipeline,
+    load_transformer,
+    resolve_pretrained,
+    transformer_module_names,
+)
 
 
 class AdaptedBaseModel:
@@ -44,7 +55,25 @@ class AdaptedBaseModel:
         if self._resolved is None:
             skip = ("transformer",) if self.transformer_override else ()
             self._resolved = resolve_pretrained(self.hparams.pretrained_model, skip=skip)
+            check_model_family(self._resolved, self.family_spec)
         return self._resolved
+
+    def check_model_settings(self) -> None:
+        """Before any weight is read: the transformer override exists and every LoRA target names modules of this
+        transformer (its config built on the meta device)."""
+        override = self.transformer_override
+        if override and not Path(override).expanduser().exists():
+            raise ModelNotFoundError(f"model.transformer={override!r}: no such folder or file; give a diffusers "
+                                     "transformer folder or a single-file checkpoint (.safetensors)")
+        targets = self.lora_settings.targets
+        if not targets:
+            return
+        names = transformer_module_names(self.resolve_model(), self.transformer_override)
+        unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if unknown:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+            raise ConfigError(f"model.lora.targets: {unknown} match no module of the {self.family} transformer; "
+                              f"module names it has include {', '.join(leaves[:40])}")
 
     def load_base_model(self, with_adapters: bool = True) -> None:
         """The whole pipeline at once; adds the two adapters to the frozen transformer (``with_adapters=False``
@@ -103,11 +132,17 @@ class AdaptedBaseModel:
             transformer = load_transformer(self.resolve_model(), dtype,
                                            perf_ops.quantization_config(self.perf.base_quantization, dtype),
                                            self.transformer_override)
+        self.pipe.register_modules(transformer=transformer)
+        rank_zero_info(f"glance_lightning: loaded {type(transformer).__name__} in {time.perf_counter() - started:.1f}s")
+        self.adapt_transformer(transformer, with_adapters)
+
+    def adapt_transformer(self, transformer: torch.nn.Module, with_adapters: bool = True) -> None:
+        """Freeze a loaded transformer, set its attention backend and (``with_adapters``) add the two adapters with
+        checkpointing and compile as configured; it becomes ``self.transformer``. The planner calls this on a
+        full-size transformer of fake tensors, so training is planned on exactly this code."""
         transformer.requires_grad_(False)
         perf_ops.set_dispatcher_backend(transformer, self.perf.attention_backend)
-        self.pipe.register_modules(transformer=transformer)
         self.transformer = transformer
-        rank_zero_info(f"glance_lightning: loaded {type(transformer).__name__} in {time.perf_counter() - started:.1f}s")
         if not with_adapters:
             return
         config = self.lora_config()
@@ -126,14 +161,32 @@ class AdaptedBaseModel:
 
     def _speed_up_training(self, transformer: torch.nn.Module) -> None:
         perf = self.perf
+        chosen: list[torch.nn.Module] = []
         if perf.gradient_checkpointing:
             chosen = perf_ops.enable_checkpointing(transformer, self.repeated_blocks,
                                                       float(perf.gradient_checkpointing), perf.checkpoint_policy)
             rank_zero_info(f"glance_lightning: gradient checkpointing ({perf.checkpoint_policy}) on {len(chosen)} "
                            "transformer blocks")
+        if perf.offload == "block":
+            self._offload_blocks(transformer, chosen)
         if perf.compile_blocks:
             count = perf_ops.compile_blocks(transformer, self.repeated_blocks, perf.compile_backend)
             rank_zero_info(f"glance_lightning: {count} transformer blocks compiled ({perf.compile_backend})")
+
+    def _offload_blocks(self, transformer: torch.nn.Module, recomputed: list[torch.nn.Module]) -> None:
+        """Frozen weights of the recomputed blocks to host memory (``glance_lightning.offload``), before the
+        strategy moves the module to the device; DDP is told not to broadcast them."""
+        from glance_lightning.offload import offload_blocks, offloaded_names
+
+        if not recomputed:
+            share = self.perf.gradient_checkpointing
+            raise ConfigError(f"model.performance.offload=block: gradient_checkpointing={share} recomputes none of "
+                              "the transformer's blocks, so none can be offloaded; raise it")
+        offloader = offload_blocks(transformer, recomputed, int(self.perf.offload_blocks_per_group),
+                                   self.perf.offload_stream)
+        self._ddp_params_and_buffers_to_ignore = offloaded_names(self)
+        rank_zero_info(f"glance_lightning: {len(recomputed)} transformer blocks offloaded to host memory in "
+                       f"{len(offloader.groups)} groups{' with prefetch' if self.perf.offload_stream else ''}")
 
     def attention(self) -> Any:
         """Context every transformer forward runs in (the configured SDPA kernels)."""

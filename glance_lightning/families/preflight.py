@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from glance_lightning.draws import TrainSample
+from glance_lightning.errors import ConfigError, DiskSpaceError, ExistingFileError, UnwritableError
 
 PHASES = ("slow", "fast")
 
@@ -32,14 +34,17 @@ def output_dir(trainer: Any, configured: str | os.PathLike | None, ckpt_path: st
     return run_dir(trainer)
 
 
-def check_output_dir(path: Path) -> None:
+def check_output_dir(path: Path, setting: str = "model.output_dir") -> None:
     """Create ``path`` or report why it cannot be written (call on global rank 0)."""
+    if path.exists() and not path.is_dir():
+        raise UnwritableError(f"{setting}: {path} is a file, not a folder; choose a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OSError(f"model.output_dir: cannot create {path} ({err}); choose a writable folder") from err
+        raise UnwritableError(f"{setting}: cannot create {path} ({err.strerror or err}); choose a writable "
+                              "folder") from err
     if not os.access(path, os.W_OK):
-        raise PermissionError(f"model.output_dir: {path} is not writable; choose another folder")
+        raise UnwritableError(f"{setting}: {path} is not writable; choose another folder")
 
 
 def refuse_overwrite(path: Path | None, resuming: bool) -> None:
@@ -48,18 +53,78 @@ def refuse_overwrite(path: Path | None, resuming: bool) -> None:
         return
     existing = [path / p for p in PHASES if (path / p).exists()]
     if existing:
-        raise FileExistsError(
+        raise ExistingFileError(
             f"model.output_dir: {', '.join(map(str, existing))} already exist(s) and would be "
             "overwritten; choose another output_dir, move them away, or resume with --ckpt_path"
         )
 
 
-def check_free_space(path: Path, need_bytes: int) -> None:
-    free = shutil.disk_usage(path).free
-    if free < need_bytes:
-        raise OSError(
-            f"model.output_dir: {path} has {free / 2**20:.1f} MiB free but saving both LoRAs needs "
-            f"about {need_bytes / 2**20:.1f} MiB; free some space or choose another output_dir"
+@dataclass(frozen=True)
+class SpaceNeed:
+    """Bytes a fit will write into ``path`` at most (with the temporary copy an atomic write makes), for what."""
+
+    path: Path
+    need_bytes: int
+    what: str
+
+
+def checkpoint_needs(trainer: Any, adapter_bytes: int, total_steps: int) -> list[SpaceNeed]:
+    """What the trainer's ModelCheckpoint callbacks will keep on disk: each checkpoint holds the LoRA weights and
+    their two AdamW moments (3 x ``adapter_bytes``, plus bookkeeping), times the files kept (``save_top_k``, all
+    of a ``-1`` run's saves, ``save_last``) plus the one being written before an older one is removed."""
+    from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    size = 3 * adapter_bytes + 64 * 1024
+    needs = []
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        directory = callback.dirpath or run_dir(trainer) / "checkpoints"
+        if not _is_local_file_protocol(directory):
+            continue
+        every = callback._every_n_train_steps  # no public accessor (Lightning 2.x)
+        saves = total_steps // every if every > 0 else 1
+        top_k = saves if callback.save_top_k < 0 else min(callback.save_top_k, saves)
+        kept = top_k + (1 if callback.save_last and callback.save_last != "link" else 0)
+        last = f", save_last={callback.save_last}" if callback.save_last else ""
+        if kept:
+            needs.append(SpaceNeed(Path(directory), (kept + 1) * size,
+                                   f"{kept} checkpoint(s) of about {size / 2**20:.1f} MiB (ModelCheckpoint "
+                                   f"save_top_k={callback.save_top_k}{last})"))
+    return needs
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (a checkpoint folder is made by the first save)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(path: Path, need_bytes: int, checkpoints: Sequence[SpaceNeed] = ()) -> None:
+    """Refuse a fit whose LoRAs (``need_bytes`` in ``path``) and checkpoints would not fit on their disks; the
+    needs of folders on one filesystem are added up."""
+    needs = [SpaceNeed(path, need_bytes, "both LoRAs"), *checkpoints]
+    groups: dict[int, list[SpaceNeed]] = {}
+    for need in needs:
+        groups.setdefault(os.stat(_existing(need.path)).st_dev, []).append(need)
+    for group in groups.values():
+        free = shutil.disk_usage(_existing(group[0].path)).free
+        total = sum(need.need_bytes for need in group)
+        if free >= total:
+            continue
+        parts = " and ".join(f"{need.what} in {need.path}" for need in group)
+        if all(need in checkpoints for need in group):
+            setting, fix = "checkpoints", "keep fewer checkpoints (ModelCheckpoint save_top_k) or set its dirpath"
+        elif any(need in checkpoints for need in group):
+            setting, fix = "model.output_dir and checkpoints", "keep fewer checkpoints, or choose another disk"
+        else:
+            setting, fix = "model.output_dir", "choose another output_dir"
+        raise DiskSpaceError(
+            f"{setting}: {group[0].path} has {free / 2**20:.1f} MiB free but {parts} need(s) about "
+            f"{total / 2**20:.1f} MiB; free some space or {fix}"
         )
 
 
@@ -68,7 +133,7 @@ def set_max_steps(trainer: Any, total_steps: int) -> None:
     if trainer.max_steps == -1:
         trainer.fit_loop.epoch_loop.max_steps = total_steps
     elif trainer.max_steps != total_steps:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.max_steps={trainer.max_steps} but model.slow_steps + model.fast_steps = "
             f"{total_steps}; leave trainer.max_steps unset (the phases decide it)"
         )
@@ -81,14 +146,14 @@ def check_strategy(strategy: Any) -> None:
     if not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
         # Sharding strategies (FSDP, DeepSpeed, model parallel) would leave each rank with a shard of the
         # LoRA weights when they are saved; that path is not implemented, so it is refused, not guessed.
-        raise ValueError(
+        raise ConfigError(
             f"trainer.strategy: {type(strategy).__name__} shards parameters, which glance_lightning does not "
             "support yet; use one device, or ddp_find_unused_parameters_true across devices. To fit a large "
             "base model on one card, see model.performance (base_quantization, gradient_checkpointing)"
         )
     # DDPStrategy keeps its DistributedDataParallel kwargs private (no public accessor in Lightning 2.x).
     if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-        raise ValueError(
+        raise ConfigError(
             "trainer.strategy: DDP must be told that the inactive adapter gets no gradient; use "
             "strategy: ddp_find_unused_parameters_true (or ddp_spawn_find_unused_parameters_true)"
         )
@@ -100,13 +165,13 @@ def check_samples(samples: Sequence[TrainSample], family: str, size_multiple: in
     low, high = control_images
     for item in samples:
         if item.pixels.shape[-1] % size_multiple or item.pixels.shape[-2] % size_multiple:
-            raise ValueError(
+            raise ConfigError(
                 f"{item.image}: size {tuple(item.pixels.shape[-2:])} is not a multiple of "
                 f"{size_multiple} as {family} needs; set data.size_multiple to a multiple of it"
             )
         if not low <= len(item.controls) <= high:
             wanted = "no control images" if high == 0 else f"{low} to {high} control image(s)"
-            raise ValueError(
+            raise ConfigError(
                 f"{item.image}: has {len(item.controls)} control image(s) but {family} takes "
                 f"{wanted}; use a family that matches the dataset layout (flat vs image/ + control/)"
             )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from glance_lightning.errors import ConfigError
 from glance_lightning.families.base import Conditioning, GlanceModule
 
 # The LoRA targets of the official Glance Qwen-Image runs.
@@ -21,6 +22,14 @@ QWEN_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
     "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1",
 )
+
+
+def _no_padding(mask: torch.Tensor) -> bool:
+    """Whether no text token is padding. A mask without values (the planner's fake tensors) counts as none: every
+    single-prompt encoding is unpadded, and the planner plans one prompt's tokens."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return True if is_fake(mask) else bool(mask.all())
 
 
 class QwenImageGlance(GlanceModule):
@@ -39,7 +48,7 @@ class QwenImageGlance(GlanceModule):
         """
         super().__init__(*args, **kwargs)
         if not 0 < max_sequence_length <= 1024:
-            raise ValueError(f"model.max_sequence_length={max_sequence_length} must be in 1..1024")
+            raise ConfigError(f"model.max_sequence_length={max_sequence_length} must be in 1..1024")
         self.max_sequence_length = max_sequence_length
 
     def family_options(self) -> dict[str, Any]:
@@ -127,7 +136,7 @@ class QwenImageGlance(GlanceModule):
             guidance=None,  # Qwen-Image has no guidance embedding (true CFG instead)
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
             # no mask when nothing is padding, as the pipeline does (same result, cheaper attention)
-            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            encoder_hidden_states_mask=None if _no_padding(mask) else mask,
             img_shapes=img_shapes,
             return_dict=False,
         )[0]

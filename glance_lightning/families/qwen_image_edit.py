@@ -25,6 +25,7 @@ import torch
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus_module
 from PIL import Image
 
+from glance_lightning.errors import ConfigError
 from glance_lightning.families.base import Conditioning
 from glance_lightning.families.qwen_image import QwenImageGlance
 
@@ -35,6 +36,15 @@ def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
     """(width, height) of about ``area`` pixels at aspect ``ratio`` = w / h, each a multiple of 32: the edit
     pipelines' own ``calculate_dimensions``."""
     return edit_plus_module.calculate_dimensions(area, ratio)
+
+
+def _host_rows(shapes: torch.Tensor) -> list[list[list[int]]]:
+    """``control_shapes`` (a CPU tensor) as Python lists, read once per call; outside any fake-tensor mode, so
+    that the planner's full-size step on fake tensors can pass the real grid."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return shapes.tolist()
 
 
 class QwenImageEditGlance(QwenImageGlance):
@@ -58,7 +68,7 @@ class QwenImageEditGlance(QwenImageGlance):
         for name, value in (("control_resolution", control_resolution),
                             ("condition_resolution", condition_resolution)):
             if value is not None and value <= 0:
-                raise ValueError(f"model.{name}={value} must be positive (or null)")
+                raise ConfigError(f"model.{name}={value} must be positive (or null)")
         self.control_resolution = control_resolution
         self.condition_resolution = condition_resolution
 
@@ -130,10 +140,10 @@ class QwenImageEditGlance(QwenImageGlance):
         controls = cond["control_latents"].to(packed.device, packed.dtype)
         if controls.shape[0] != packed.shape[0]:
             controls = controls.expand(packed.shape[0], -1, -1)
-        shapes = [tuple(s) for s in cond["control_shapes"][0].tolist()]
-        if any(cond["control_shapes"][i].tolist() != cond["control_shapes"][0].tolist()
-               for i in range(1, cond["control_shapes"].shape[0])):
-            raise ValueError("a batch of edit samples needs control images of one size; use data.batch_size 1")
+        rows = _host_rows(cond["control_shapes"])
+        shapes = [tuple(s) for s in rows[0]]
+        if any(row != rows[0] for row in rows[1:]):
+            raise ConfigError("a batch of edit samples needs control images of one size; use data.batch_size 1")
         img_shapes = [[(1, h // 2, w // 2), *shapes]] * packed.shape[0]
         return torch.cat([packed, controls], dim=1), img_shapes
 

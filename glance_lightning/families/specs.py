@@ -44,33 +44,59 @@ QWEN_IMAGE_SCHEDULER = {
     "use_karras_sigmas": False,
 }
 
+# Full-size transformer configs (the published transformer/config.json of each checkpoint, as diffusers' class
+# defaults agree): the planner builds these on fake tensors. SD3 plans SD3.5-Large unless told otherwise
+# (SD35_MEDIUM_TRANSFORMER is kept beside it, chosen when the model id names 3.5-medium).
+FLUX_DEV_TRANSFORMER = {
+    "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "out_channels": None,
+    "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
+    "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+SD35_LARGE_TRANSFORMER = {
+    "_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2, "in_channels": 16,
+    "num_layers": 38, "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
+    "dual_attention_layers": [], "qk_norm": "rms_norm",
+}
+SD35_MEDIUM_TRANSFORMER = {
+    **SD35_LARGE_TRANSFORMER, "num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536,
+    "pos_embed_max_size": 384, "dual_attention_layers": list(range(13)),
+}
+QWEN_IMAGE_TRANSFORMER = {
+    "_class_name": "QwenImageTransformer2DModel", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+    "num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584,
+    "guidance_embeds": False, "axes_dims_rope": [16, 56, 56],
+}
+
 _TINY = "glance_lightning.tiny.builders"
 _QWEN_CFG = "true CFG (negative \" \", norm rescale)"
 
 register_family(FamilySpec(
     name="flux", module="glance_lightning.families.flux:FluxGlance", pipeline="diffusers:FluxPipeline",
-    scheduler_config=FLUX_SCHEDULER, tiny_builder=f"{_TINY}:flux",
+    scheduler_config=FLUX_SCHEDULER, tiny_builder=f"{_TINY}:flux", architecture=FLUX_DEV_TRANSFORMER,
     guidance="guidance embedding (`guidance`, as trained)",
 ))
 register_family(FamilySpec(
     name="sd3", module="glance_lightning.families.sd3:SD3Glance", pipeline="diffusers:StableDiffusion3Pipeline",
     scheduler_config=SD3_SCHEDULER, linspace_sigmas=False, tiny_builder=f"{_TINY}:sd3",
+    architecture=SD35_LARGE_TRANSFORMER, extra={"architectures": {"3.5-medium": SD35_MEDIUM_TRANSFORMER}},
     guidance="CFG with a negative prompt",
 ))
 register_family(FamilySpec(
     name="qwen-image", module="glance_lightning.families.qwen_image:QwenImageGlance",
     pipeline="diffusers:QwenImagePipeline", scheduler_config=QWEN_IMAGE_SCHEDULER, official_qwen=True,
-    tiny_builder=f"{_TINY}:qwen_image", guidance=_QWEN_CFG,
+    tiny_builder=f"{_TINY}:qwen_image", guidance=_QWEN_CFG, architecture=QWEN_IMAGE_TRANSFORMER,
 ))
 register_family(FamilySpec(
     name="qwen-image-edit", module="glance_lightning.families.qwen_image_edit:QwenImageEditGlance",
     pipeline="diffusers:QwenImageEditPipeline", scheduler_config=QWEN_IMAGE_SCHEDULER, official_qwen=True,
-    control_images=(1, 1), tiny_builder=f"{_TINY}:qwen_image_edit",
+    control_images=(1, 1), tiny_builder=f"{_TINY}:qwen_image_edit", architecture=QWEN_IMAGE_TRANSFORMER,
     guidance=f"{_QWEN_CFG}; prompt encoded with the control",
 ))
 register_family(FamilySpec(
     name="qwen-image-edit-plus", module="glance_lightning.families.qwen_image_edit:QwenImageEditPlusGlance",
     pipeline="diffusers:QwenImageEditPlusPipeline", scheduler_config=QWEN_IMAGE_SCHEDULER, official_qwen=True,
-    control_images=(1, 3), tiny_builder=f"{_TINY}:qwen_image_edit_plus",
+    control_images=(1, 3), tiny_builder=f"{_TINY}:qwen_image_edit_plus", architecture=QWEN_IMAGE_TRANSFORMER,
     guidance=f"{_QWEN_CFG}; one to three controls",
 ))

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from glance_lightning import console
+from glance_lightning.errors import ConfigError, ExistingFileError, SetupError
 from glance_lightning.models import CACHE_ENV, TINY_PREFIX, cache_dir, is_tiny
 from glance_lightning.registry import FamilySpec, UnknownFamilyError, family_names, get_family, load_ref
 
@@ -53,7 +54,7 @@ def _tiny_spec(family: str) -> FamilySpec:
     if spec is None or not spec.tiny_builder:
         with_builders = [name for name in family_names() if get_family(name).tiny_builder]
         problem = "has no tiny builder" if spec is not None else "is not a registered family"
-        raise ValueError(
+        raise ConfigError(
             f"no tiny model of family {family!r}: it {problem}; families with one: {', '.join(with_builders)}"
         )
     return spec
@@ -65,7 +66,7 @@ def build_tiny_model(family: str, path: str | os.PathLike[str], seed: int = 0) -
     builder = load_ref(_tiny_spec(family).tiny_builder)
     path = Path(path)
     if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"cannot build a tiny {family} model into non-empty {path}")
+        raise ExistingFileError(f"cannot build a tiny {family} model into non-empty {path}")
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         pipeline = builder(seed)
     pipeline.save_pretrained(path, safe_serialization=True)
@@ -78,13 +79,13 @@ def build_tiny_model(family: str, path: str | os.PathLike[str], seed: int = 0) -
 def tiny_model_path(name: str) -> str:
     """'tiny:<family>' -> path of a tiny model built once into the cache dir and reused."""
     if not is_tiny(name):
-        raise ValueError(f"{name!r} is not a tiny model name; expected {TINY_PREFIX}<family>")
+        raise ConfigError(f"{name!r} is not a tiny model name; expected {TINY_PREFIX}<family>")
     family = name[len(TINY_PREFIX) :]
     _tiny_spec(family)
     target = cache_dir() / "tiny" / f"{family}-{TINY_VERSION}"
     if not (target / "model_index.json").is_file():
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-            raise RuntimeError(
+            raise SetupError(
                 f"{name}: not built yet, and rank {torch.distributed.get_rank()} cannot build it (transformers "
                 "saves weights on rank 0 only); build it before launching, or let GlanceModule.prepare_data do it"
             )

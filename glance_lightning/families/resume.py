@@ -1,0 +1,100 @@
+"""Resuming a fit: the checkpoint must be readable and must have been trained with the same settings.
+
+A checkpoint records the run's *training identity* (everything that decides which LoRA weights a step produces:
+family, the Slow/Fast lists, the step counts, LoRA shape, optimizer, caption dropout, base dtype and quantisation,
+resolution, the family's own options) and where the run keeps its LoRAs. Resuming with any of these changed
+would relabel or mix what was trained, so it is refused before any model is loaded, naming each setting with the
+checkpoint's and the new value; only the Fast phase may be given more steps (to train on from a finished run).
+Settings about where and how fast (paths, attention kernels, checkpointing,
+compile, caches) may change. A resumed run writes its LoRAs where the checkpoint's run did, so that every resume
+of one run updates the same ``slow/`` and ``fast/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glance_lightning.errors import ConfigError
+from glance_lightning.settings import plain_data
+
+IDENTITY_KEY = "glance_identity"
+LORA_DIR_KEY = "glance_lora_dir"
+# The last phase may be lengthened (or shortened to no less than what was trained): no trained step changes label.
+EXTENDABLE = frozenset({"model.fast_steps"})
+
+
+def training_identity(module: Any) -> dict[str, Any]:
+    """What a resume must not change, keyed by the setting's name as a config spells it."""
+    lora, optim = module.lora_settings, module.optim_settings
+    identity: dict[str, Any] = {
+        "model.class_path (family)": module.family,
+        "model.timesteps (slow, 0-1000)": [round(t, 4) for t in module.glance_timesteps.as_timesteps()["slow"]],
+        "model.timesteps (fast, 0-1000)": [round(t, 4) for t in module.glance_timesteps.as_timesteps()["fast"]],
+        "model.slow_steps": module.phase_steps["slow"],
+        "model.fast_steps": module.phase_steps["fast"],
+        "model.lora.rank": int(lora.rank),
+        "model.lora.alpha": float(lora.alpha),
+        "model.lora.targets": sorted(lora.targets or module.default_lora_targets),
+        "model.lora.init": lora.init,
+        "model.lora.dropout": float(lora.dropout),
+        "model.optimizer.name": optim.name,
+        "model.optimizer.lr": float(optim.lr),
+        "model.optimizer.betas": [float(b) for b in optim.betas],
+        "model.optimizer.weight_decay": float(optim.weight_decay),
+        "model.optimizer.eps": float(optim.eps),
+        "model.optimizer.warmup_steps": int(optim.warmup_steps),
+        "model.caption_dropout": float(module.hparams.get("caption_dropout", 0.0)),
+        "model.dropout_prompt": module.hparams.get("dropout_prompt", " "),
+        "model.torch_dtype": module.dtype_name,
+        "model.performance.base_quantization": module.perf.base_quantization,
+        "model.resolution (data.resolution)": module.hparams.get("resolution"),
+    }
+    identity.update({f"model.{k}": v for k, v in module.family_options().items()})
+    return plain_data(identity)  # checkpoints must load with torch.load(weights_only=True)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents (only LoRA weights and optimizer state: small), or a message naming the file and
+    the checkpoints beside it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ckpt_path {path}: no such file{_neighbours(path)}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 (zip, pickle and I/O errors all mean: this file is unusable)
+        detail = str(err).split(". ")[0][:100]
+        raise ConfigError(f"--ckpt_path {path}: cannot be read ({detail}): it is damaged (a full disk or a killed "
+                          f"copy?) or not a checkpoint{_neighbours(path)}") from None
+
+
+def _neighbours(path: Path) -> str:
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime)
+    if not others:
+        return ""
+    return f"; resume from the newest one beside it instead: --ckpt_path {others[-1]}"
+
+
+def check_resume(checkpoint: dict[str, Any], current: dict[str, Any], path: str | Path) -> None:
+    """Refuse a resume whose settings differ from the checkpoint's, naming every difference."""
+    saved = checkpoint.get(IDENTITY_KEY)
+    if saved is None:
+        return  # written before identities were recorded: nothing to compare
+    changed = [f"{key}: the checkpoint has {saved[key]!r}, this run {value!r}"
+               for key, value in current.items() if key in saved and saved[key] != value and key not in EXTENDABLE]
+    done, total = checkpoint.get("global_step", 0), current["model.slow_steps"] + current["model.fast_steps"]
+    if total < done:
+        changed.append(f"model.fast_steps: the checkpoint is at step {done}, past this run's {total} steps in all")
+    if changed:
+        raise ConfigError(
+            f"--ckpt_path {path} was trained with other settings; a resume must repeat them (or start a new run "
+            "without --ckpt_path):\n  " + "\n  ".join(changed)
+        )
+
+
+def resumed_lora_dir(checkpoint: dict[str, Any]) -> Path | None:
+    """Where the checkpoint's run keeps its LoRAs (None for checkpoints that do not say)."""
+    saved = checkpoint.get(LORA_DIR_KEY)
+    return Path(saved) if saved else None

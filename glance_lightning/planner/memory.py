@@ -1,0 +1,286 @@
+"""The project's own training step at full size on fake tensors: peak GPU memory, its breakdown and a roofline time.
+
+``simulate_step`` builds the family's transformer from its full-size config on fake CPU tensors, quantised where
+configured (``quant``), hands it to the module's own ``adapt_transformer`` (the same peft adapters, LoRA targets,
+gradient checkpointing share and policy as ``fit``), fills the module's encode-once caches with fake latents and
+prompt embeddings of the real widths and lengths (text encoders are never simulated in the step: the module
+trains from its caches), and runs two optimizer steps the way Lightning's automatic optimisation does (autocast
+forward, zero_grad, backward, gradient clipping, AdamW step) under ``PlannerMemTracker`` and, for the second step,
+``RooflineEstimator``. Logging (``self.log``) is not part of it: it needs a Trainer and allocates only scalars.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import diffusers
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from glance_lightning import performance as perf_ops
+from glance_lightning.draws import draw_micro_batch
+from glance_lightning.planner.fake import PlannerMemTracker, cuda_behaviour
+from glance_lightning.planner.quant import QUANTIZED, emulate_quantised_base, optimizer_state_bytes
+from glance_lightning.planner.runtime import GpuSpec, RooflineEstimator
+
+GIB = 2**30
+LATENT_CHANNELS = 16  # every built-in family's VAE (FLUX/SD3 AutoencoderKL, Qwen's causal VAE)
+VAE_FACTOR = 8
+CLIP_TOKENS = 77  # SD3 puts 77 CLIP tokens before the T5 tokens
+
+
+@dataclass
+class StepPlan:
+    """What one simulated training step needs besides the module (read from the fit config by ``plan``)."""
+
+    architecture: dict[str, Any]
+    height: int = 1024
+    width: int = 1024
+    batch: int = 1
+    text_tokens: int = 512
+    precision: str = "bf16-mixed"
+    gradient_clip: float | None = 1.0
+    quantization: str = "none"
+    optimizer: str = "adamw"
+    gpu: GpuSpec | None = None
+    other_gpus: tuple[GpuSpec, ...] = ()  # more cards to time the same ops on (step_s_on)
+
+
+@dataclass
+class StepMemory:
+    """Bytes at the peak by kind, the roofline time and what the simulation took."""
+
+    peak: int
+    base: int
+    lora: int
+    optimizer: int
+    gradients: int
+    activations: int
+    step_s: float | None
+    flops: int
+    wall_s: float
+    notes: list[str] = field(default_factory=list)
+    time_by_kind: dict[str, float] = field(default_factory=dict)
+    recomputed_block_bytes: list[int] = field(default_factory=list)  # frozen weights of each checkpointed block
+    step_s_on: dict[str, float] = field(default_factory=dict)  # roofline s/step per GPU name
+    optimizer_adamw: int = 0  # optimizer state bytes as torch AdamW (simulated) ...
+    optimizer_8bit: int = 0  # ... and as bitsandbytes AdamW8bit (formula)
+    grad_input_linear_bytes: int = 0  # bf16 bytes of the nn.Linear weights whose input needs a gradient
+    lora_numel: int = 0  # LoRA parameters of both adapters
+
+    def breakdown_gib(self) -> dict[str, float]:
+        return {"base_weights": self.base / GIB, "lora_and_optimizer": (self.lora + self.optimizer + self.gradients)
+                / GIB, "activations": self.activations / GIB}
+
+
+class _PlanPipe:
+    """Stands in for the loaded pipeline: the family hooks use only its static helpers and VAE factor."""
+
+    vae_scale_factor = VAE_FACTOR
+
+    def __init__(self, pipeline_class: type) -> None:
+        self._pipeline_class = pipeline_class
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipeline_class, name)
+
+    def register_modules(self, **modules: Any) -> None:
+        pass
+
+
+@dataclass
+class _PlanTrainer:
+    """What the training step reads of its Trainer."""
+
+    global_step: int = 0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 0
+    should_stop: bool = False
+
+
+def build_transformer(architecture: dict[str, Any], dtype: torch.dtype) -> torch.nn.Module:
+    """The family's transformer at full size (call under a FakeTensorMode: no memory is allocated)."""
+    config = dict(architecture)
+    cls = getattr(diffusers, config.pop("_class_name"))
+    for key, value in config.items():
+        if isinstance(value, list):
+            config[key] = tuple(value)
+    model = cls.from_config(config)
+    for module in model.modules():  # ``.to(dtype)`` would swap tensors, which fake tensors refuse
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point():
+                module._parameters[name] = torch.nn.Parameter(param.to(dtype), requires_grad=param.requires_grad)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                module._buffers[name] = buffer.to(dtype)
+    return model
+
+
+def fake_conditioning(module: Any, plan: StepPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Latents [B, 16, H/8, W/8] and the family's conditioning at full width and length (fake tensors)."""
+    from glance_lightning.families.flux import FluxGlance
+    from glance_lightning.families.qwen_image import QwenImageGlance
+    from glance_lightning.families.qwen_image_edit import QwenImageEditGlance
+    from glance_lightning.families.sd3 import SD3Glance
+
+    arch, h, w = plan.architecture, plan.height // VAE_FACTOR, plan.width // VAE_FACTOR
+    latents = torch.randn(1, LATENT_CHANNELS, h, w)
+    text = arch["joint_attention_dim"]
+    if isinstance(module, FluxGlance):
+        return latents, {"prompt_embeds": torch.randn(1, plan.text_tokens, text),
+                         "pooled_prompt_embeds": torch.randn(1, arch["pooled_projection_dim"])}
+    if isinstance(module, SD3Glance):
+        return latents, {"prompt_embeds": torch.randn(1, CLIP_TOKENS + plan.text_tokens, text),
+                         "pooled_prompt_embeds": torch.randn(1, arch["pooled_projection_dim"])}
+    if isinstance(module, QwenImageGlance):
+        cond = {"prompt_embeds": torch.randn(1, plan.text_tokens, text),
+                "prompt_embeds_mask": torch.ones(1, plan.text_tokens, dtype=torch.long)}
+        if isinstance(module, QwenImageEditGlance):  # one control at the target's size (control_resolution 1024)
+            cond["control_latents"] = torch.randn(1, (h // 2) * (w // 2), arch["in_channels"])
+        return latents, cond
+    from glance_lightning.planner.plan import PlanError
+
+    raise PlanError(f"the planner has no conditioning for {type(module).__name__}; plan a built-in family")
+
+
+def _control_shapes(module: Any, plan: StepPlan) -> torch.Tensor | None:
+    """Edit families read their control grid on the host: a real (not fake) tensor, made before the fake mode."""
+    from glance_lightning.families.qwen_image_edit import QwenImageEditGlance
+
+    if not isinstance(module, QwenImageEditGlance):
+        return None
+    return torch.tensor([[(1, plan.height // 16, plan.width // 16)]], dtype=torch.long)
+
+
+def _linears_with_grad_inputs(transformer: torch.nn.Module) -> dict[str, int]:
+    """Filled during the step: bf16 bytes of each frozen ``nn.Linear`` whose input needs a gradient (torchao keeps a
+    dequantised copy of exactly those for backward); the search reads it."""
+    found: dict[str, int] = {}
+
+    def hook(name: str, module: torch.nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad and name not in found:
+            shape = getattr(module, "_planned_shape", None) or tuple(module.weight.shape)
+            found[name] = _rounded(shape[0] * shape[1] * 2)
+
+    for name, module in transformer.named_modules():
+        if type(module) is torch.nn.Linear and "lora_" not in name:
+            module.register_forward_pre_hook(lambda m, a, name=name: hook(name, m, a))
+    return found
+
+
+def _collate_keeping_host(module: Any, key: str) -> None:
+    """The module's collate, with ``key`` (a host-side tensor the step reads as a list) batched as a real tensor
+    rather than turned into a fake one."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    collate = module.collate_conditions
+
+    def collate_conditions(conds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = collate([{k: v for k, v in c.items() if k != key} for c in conds])
+        with unset_fake_temporarily():
+            batch[key] = torch.cat([c[key] for c in conds])
+        return batch
+
+    module.collate_conditions = collate_conditions
+
+
+def _autocast(precision: str) -> Any:
+    if precision.endswith("-mixed"):
+        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        return torch.autocast("cpu", dtype=dtype)
+    return nullcontext()
+
+
+def _rounded(n: int) -> int:
+    return math.ceil(n / 512) * 512
+
+
+def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True) -> StepMemory:
+    """Two training steps of ``module`` (a GlanceModule, not set up) at full size on fake tensors (``fake=False``:
+    on real CPU tensors, with the same CUDA behaviours: what the planner's test compares against)."""
+    started = time.perf_counter()
+    notes: list[str] = []
+    dtype = getattr(torch, module.dtype_name)
+    spec = module.draw_spec()
+    draws = [draw_micro_batch(spec, s, 0, 0, plan.batch, 1) for s in range(steps)]
+    controls = _control_shapes(module, plan)
+    with ExitStack() as stack:
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext())
+        stack.enter_context(cuda_behaviour())
+        transformer = build_transformer(plan.architecture, dtype)
+        if plan.quantization in QUANTIZED:
+            emulate_quantised_base(transformer, plan.quantization, dtype)
+        module._pipe = _PlanPipe(module.family_spec.pipeline_class())
+        module.adapt_transformer(transformer)
+        if plan.precision.startswith(("bf16-true", "16-true")):
+            module.to(torch.bfloat16 if plan.precision.startswith("bf16") else torch.float16)
+        latents, cond = fake_conditioning(module, plan)
+        if controls is not None:
+            cond["control_shapes"] = controls
+            _collate_keeping_host(module, "control_shapes")
+        module.latent_cache, module.cond_cache, module.dropout_cache = [latents], [cond], [cond]
+        module._trainer = _PlanTrainer()
+        module._log_losses = lambda *args, **kwargs: None  # logging needs a Trainer; it allocates only scalars
+        groups = [{"params": module.adapter_parameters(p), "name": p} for p in ("slow", "fast")]
+        optimizer = torch.optim.AdamW(groups, lr=1e-4, foreach=False)  # as fused AdamW: no multi-tensor temps
+        params = [p for g in groups for p in g["params"]]
+        lora_bytes = sum(_rounded(p.untyped_storage().nbytes()) for p in params)
+        grad_inputs = _linears_with_grad_inputs(transformer)
+        tracker = PlannerMemTracker()
+        tracker.track_external(transformer, latents, *cond.values())
+        estimator = RooflineEstimator(plan.gpu, plan.other_gpus) if plan.gpu is not None else None
+        with tracker:
+            for step, batch in enumerate(draws):
+                timing = estimator if (estimator is not None and step == steps - 1) else nullcontext()
+                with timing:
+                    module._trainer.global_step = step
+                    with _autocast(plan.precision):
+                        loss = module.training_step(batch, step)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if plan.gradient_clip:
+                        torch.nn.utils.clip_grad_norm_(params, plan.gradient_clip)
+                    optimizer.step()
+                del loss
+        peak = tracker.peak_breakdown()
+        recomputed = [_frozen_bytes(b) for b in _checkpointed(module)]
+        simulated_opt, eight_bit = optimizer_state_bytes(optimizer)
+    opt = peak.get("Optstate", 0)
+    total = peak.get("Total", 0)
+    if plan.optimizer == "adamw8bit":
+        total += eight_bit - simulated_opt
+        opt = opt - simulated_opt + eight_bit
+        notes.append("8-bit AdamW states by formula (bitsandbytes refuses fake tensors)")
+    if plan.quantization in QUANTIZED:
+        notes.append(f"{plan.quantization} base emulated on fake tensors (library storage layout and what its "
+                     "backward keeps)")
+    base = peak.get("Parameter", 0) + peak.get("Buffer", 0) - lora_bytes
+    return StepMemory(
+        peak=total, base=base, lora=lora_bytes, optimizer=opt, gradients=peak.get("Gradient", 0),
+        activations=peak.get("Activation", 0) + peak.get("Temp", 0) + peak.get("Other", 0),
+        step_s=estimator.seconds if estimator is not None else None,
+        flops=estimator.flops if estimator is not None else 0,
+        wall_s=time.perf_counter() - started, notes=notes,
+        time_by_kind=dict(estimator.by_kind) if estimator is not None else {},
+        recomputed_block_bytes=recomputed,
+        step_s_on=dict(estimator.seconds_on) if estimator is not None else {},
+        optimizer_adamw=simulated_opt, optimizer_8bit=eight_bit,
+        grad_input_linear_bytes=sum(grad_inputs.values()), lora_numel=sum(p.numel() for p in params),
+    )
+
+
+def _checkpointed(module: Any) -> list[torch.nn.Module]:
+    """The repeated blocks the module's checkpointing share selects (after ``adapt_transformer``)."""
+    blocks = perf_ops.repeated_blocks(module.transformer, module.repeated_blocks)
+    share = float(module.perf.gradient_checkpointing)
+    return [blocks[i] for i in perf_ops.chosen_for_checkpointing(len(blocks), share)]
+
+
+def _frozen_bytes(block: torch.nn.Module) -> int:
+    """Device bytes of a block's frozen parameters and buffers (what block offloading moves to the host)."""
+    frozen = [p for n, p in block.named_parameters() if "lora_" not in n] + list(block.buffers())
+    return sum(_rounded(t.untyped_storage().nbytes()) for t in frozen)

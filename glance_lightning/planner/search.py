@@ -1,0 +1,217 @@
+"""``plan --search``: the fastest combination of the performance options predicted to fit the card.
+
+Options searched: gradient checkpointing share (0, 1/4, 1/2, 3/4, 1) and policy (full, save-matmuls), the
+quantised base (none, int8-weight-only, nf4; float8 weight-only plans like int8), AdamW or 8-bit AdamW, and block
+offload (with a bf16 base and checkpointing, as ``performance.offload`` allows), for the config's family,
+resolution and rank. It is cheap because peak memory is close to additive: base weights + LoRA/grads/optimizer
+state + activations, with activations close to linear in the checkpointed share. So only three steps are
+simulated (share 0; share 1 with each policy, all with a bf16 base and AdamW); every other candidate is
+interpolated from them, with the base's bytes per layout, the 8-bit states, torchao's kept bf16 weights (in
+blocks that are not recomputed) and the offloaded blocks by formula; the time adds dequantisation traffic and
+offload transfers. The chosen candidate is then simulated for real and both figures are reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from glance_lightning import performance as perf_ops
+from glance_lightning.planner.memory import GIB, StepMemory, build_transformer
+from glance_lightning.planner.plan import CUDA_CONTEXT_GIB, PlanRequest, encode_stage_gib, make_plan, offloaded_bytes
+from glance_lightning.planner.quant import linear_weight_bytes
+from glance_lightning.planner.request import build_request
+
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+POLICIES = ("full", "save-matmuls")
+QUANTS = ("none", "int8-weight-only", "nf4")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+@dataclass
+class Candidate:
+    share: float
+    policy: str
+    quantization: str
+    optimizer: str
+    offload: str
+    peak_gib: float
+    step_s: float
+
+    def overlay(self) -> dict[str, Any]:
+        """The config overlay (model.init_args) of this candidate."""
+        perf: dict[str, Any] = {"gradient_checkpointing": self.share, "base_quantization": self.quantization,
+                                "offload": self.offload}
+        if self.share:
+            perf["checkpoint_policy"] = self.policy
+        return {"performance": perf, "optimizer": {"name": self.optimizer}}
+
+    def label(self) -> str:
+        policy = f" {self.policy}" if self.share else ""
+        offload = " +offload" if self.offload != "none" else ""
+        return f"ckpt {self.share:g}{policy}, {self.quantization}, {self.optimizer}{offload}"
+
+
+@dataclass
+class SearchResult:
+    card_gib: float
+    candidates: list[Candidate]
+    best: Candidate | None
+    simulated_best: dict[str, Any] | None
+    simulations: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "predicted": True, "card_gib": self.card_gib,
+            "best": None if self.best is None else {**self.best.__dict__, "overlay": self.best.overlay()},
+            "best_simulated": self.simulated_best,
+            "fitting": [c.__dict__ for c in self.candidates if c.peak_gib + CUDA_CONTEXT_GIB <= self.card_gib][:10],
+            "simulations": self.simulations, "search_s": round(self.seconds, 1), "notes": self.notes,
+        }
+
+    def format(self) -> str:
+        fitting = [c for c in self.candidates if c.peak_gib + CUDA_CONTEXT_GIB <= self.card_gib]
+        lines = [f"search for a {self.card_gib:.1f} GiB card ({self.simulations} steps simulated in "
+                 f"{self.seconds:.0f} s, the rest interpolated; all figures predicted):"]
+        for c in fitting[:8]:
+            lines.append(f"  {c.step_s:6.2f} s/step  {c.peak_gib:6.2f} GiB  {c.label()}")
+        if self.best is None:
+            lines.append("nothing fits: lower the resolution or the rank, or use a card with more memory")
+        else:
+            sim = self.simulated_best or {}
+            lines.append(f"best: {self.best.label()}: interpolated {self.best.peak_gib:.2f} GiB, simulated "
+                         f"{sim.get('peak_gib', float('nan')):.2f} GiB, {sim.get('step_s') or self.best.step_s:.2f} "
+                         "s/step")
+            lines.append("as a config overlay (model.init_args):")
+            for key, value in self.best.overlay().items():
+                lines.append(f"  {key}: {value}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _variant(request: PlanRequest, share: float, policy: str, quant: str = "none", optimizer: str = "adamw",
+             offload: str = "none") -> PlanRequest:
+    raw = request.raw
+    init = {**raw["init"]}
+    init["performance"] = {**(init.get("performance") or {}), "gradient_checkpointing": share,
+                           "checkpoint_policy": policy, "base_quantization": quant, "offload": offload}
+    init["optimizer"] = {**(init.get("optimizer") or {}), "name": optimizer}
+    return build_request(raw["cls"], init, raw["data"], raw["trainer"], raw["gpu"], raw["gpu_memory"],
+                         raw["text_tokens"], raw["architecture"])
+
+
+def _simulate(request: PlanRequest) -> StepMemory:
+    from glance_lightning import console
+
+    with contextlib.redirect_stdout(io.StringIO()), console.quiet_info(True):
+        return make_plan(request).memory
+
+
+@dataclass
+class Anchors:
+    """The three simulated steps and the layout figures every candidate is interpolated from."""
+
+    steps: dict[tuple[float, str], StepMemory]
+    layouts: dict[str, tuple[int, int]]
+    blocks: int
+    encode_gib: float
+    seconds: float
+
+
+def simulate_anchors(request: PlanRequest) -> Anchors:
+    import time
+
+    started = time.perf_counter()
+    steps = {(0.0, "full"): _simulate(_variant(request, 0.0, "full")),
+             (1.0, "full"): _simulate(_variant(request, 1.0, "full")),
+             (1.0, "save-matmuls"): _simulate(_variant(request, 1.0, "save-matmuls"))}
+    with torch.device("meta"):
+        model = build_transformer(request.step.architecture, torch.bfloat16)
+    layouts = {q: linear_weight_bytes(model, q) for q in QUANTS}
+    blocks = len(perf_ops.repeated_blocks(model, request.module.repeated_blocks))
+    encode, _ = encode_stage_gib(request.module.family_spec, request.module.dtype_name,
+                                 request.step.height * request.step.width)
+    return Anchors(steps, layouts, blocks, encode, time.perf_counter() - started)
+
+
+def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors | None = None) -> SearchResult:
+    """The fastest candidate predicted to fit ``card_gib`` (default: the request's card), checked by one more
+    simulation; ``anchors`` from an earlier search of the same config are reused."""
+    import time
+
+    started = time.perf_counter()
+    card = card_gib or request.gpu_memory_gib or (request.gpu.memory_gib if request.gpu else 0.0)
+    simulated_anchors = anchors is None
+    anchors = anchors or simulate_anchors(request)
+    encode = anchors.encode_gib
+    candidates = _candidates(request, anchors.steps, anchors.layouts, anchors.blocks)
+    candidates.sort(key=lambda c: (c.step_s, c.peak_gib))
+    fitting = [c for c in candidates if c.peak_gib + CUDA_CONTEXT_GIB <= card]
+    best = fitting[0] if fitting else None
+    simulated = None
+    if best is not None:
+        from glance_lightning import console
+
+        with console.quiet_info(True), contextlib.redirect_stdout(io.StringIO()):
+            check = make_plan(_variant(request, best.share, best.policy, best.quantization, best.optimizer,
+                                       best.offload))
+        simulated = {"peak_gib": round(check.peak_gib, 3), "step_s": check.memory.step_s,
+                     "fits": check.peak_gib + CUDA_CONTEXT_GIB <= card}
+    notes = ["3 anchor steps simulated (share 0, share 1 x 2 policies; bf16 base, AdamW); others interpolated: "
+             "activations linear in the checkpointed share, quantised layouts / 8-bit states / offload by formula"]
+    if encode + CUDA_CONTEXT_GIB > card:
+        notes.append(f"the encode stage needs {encode:.1f} GiB on the device: fill the encode cache first on the "
+                     "CPU (python -m glance_lightning cache --config ... --trainer.accelerator cpu); fit then "
+                     "loads no text encoder")
+    seconds = time.perf_counter() - started + (anchors.seconds if simulated_anchors else 0.0)
+    return SearchResult(card, candidates, best, simulated, 3 * simulated_anchors + (best is not None), seconds,
+                        notes)
+
+
+def _candidates(request: PlanRequest, anchors: dict[tuple[float, str], StepMemory],
+                layouts: dict[str, tuple[int, int]], blocks: int) -> list[Candidate]:
+    gpu = request.gpu
+    bandwidth = (gpu.bandwidth_gbs if gpu else 1000.0) * 0.8e9
+    host_link = (gpu.host_link_gbs if gpu else 25.0) * 1e9
+    zero, per_group = anchors[(0.0, "full")], int(request.settings.get("offload_blocks_per_group", 1))
+    out = []
+    for policy in POLICIES:
+        one = anchors[(1.0, policy)]
+        block_bytes = one.recomputed_block_bytes
+        for share in SHARES:
+            if share == 0 and policy != "full":
+                continue
+            lora_part = [m.lora + m.gradients + m.optimizer for m in (zero, one)]
+            rest = _lerp(zero.peak - zero.base - lora_part[0], one.peak - one.base - lora_part[1], share)
+            step = _lerp(zero.step_s or 0.0, one.step_s or 0.0, share)
+            chosen = len(perf_ops.chosen_for_checkpointing(blocks, share))
+            for quant in QUANTS:
+                bf16, packed = layouts[quant]
+                base = one.base - bf16 + packed
+                # torchao keeps a bf16 copy of each weight whose input needs a gradient, in blocks not recomputed
+                extra = (1 - share) * zero.grad_input_linear_bytes if quant == "int8-weight-only" else 0.0
+                passes = {"none": 0.0, "int8-weight-only": 1 + share, "nf4": 2 + share}[quant]
+                quant_time = passes * (bf16 + packed) / bandwidth
+                # peft makes the LoRA in the base weight's dtype, float32 over bitsandbytes' uint8 weights
+                widen = 4 * one.lora_numel / max(1, one.lora) if quant == "nf4" else 1.0
+                for optimizer in OPTIMIZERS:
+                    states = one.optimizer_8bit if optimizer == "adamw8bit" else one.optimizer * widen
+                    peak = base + rest + extra + (one.lora + one.gradients) * widen + states
+                    out.append(Candidate(share, policy, quant, optimizer, "none", peak / GIB, step + quant_time))
+                    if quant == "none" and chosen:
+                        mean = sum(block_bytes) / max(1, len(block_bytes))
+                        moved = offloaded_bytes([int(mean)] * chosen, per_group)
+                        transfer = 2 * chosen * mean / host_link
+                        out.append(Candidate(share, policy, quant, optimizer, "block", (peak - moved) / GIB,
+                                             max(step, transfer)))
+    return out
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    return a + (b - a) * t
