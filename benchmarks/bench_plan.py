@@ -155,9 +155,9 @@ def _fits(d: dict[str, Any], gpu: str) -> str:
     return "yes" if d["encode_peak_gib"] + d["cuda_context_gib"] <= card else "yes (encode cache first)"
 
 
-def config_table(sink: Any) -> list[str]:
+def config_table(sink: Any, match: str = "") -> list[str]:
     shipped = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs/official").glob("*.yaml"))
-    configs = [p for p in shipped if not p.name.startswith("quickstart")]
+    configs = [p for p in shipped if not p.name.startswith("quickstart") and match in str(p.relative_to(ROOT))]
     rows = ["| config | variant | peak GiB | breakdown (base / LoRA+opt / act) | encode GiB | H100 s/step | "
             "H100 fits | 4090 s/step | 4090 fits |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     jobs = [(str(c.relative_to(ROOT)), name, extra) for c in configs for name, extra in OVERLAYS.items()]
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="reference,configs,presets", help="comma list of reference, configs, "
                         "presets")
+    parser.add_argument("--match", default="", help="configs table: only configs whose path contains this")
     parser.add_argument("--jsonl", type=Path, default=None, help="append each row here as JSON when done")
     parser.add_argument("--no-autocast", action="store_true",
                         help="reference rows without bf16 autocast (the reference loop as bench_training.py has it)")
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     if "reference" in tables:
         print("\n".join(reference_table(sink, not args.no_autocast)) + "\n")
     if "configs" in tables:
-        print("\n".join(config_table(sink)) + "\n")
+        print("\n".join(config_table(sink, args.match)) + "\n")
     if "presets" in tables:
         print("\n".join(presets_table(sink)))
 

@@ -107,8 +107,9 @@ def parse_error_message(message: str) -> str:
         return message.strip().splitlines()[-1] if message.strip() else "invalid arguments"
     unknown = re.match(r"Option '([^']+)' is not accepted", reason)
     if unknown:
-        return (f"{path}{'.init_args' if path in ('model', 'data') else ''}.{unknown.group(1)}: no such setting; "
-                f"`fit --{path}.help CLASS` lists the settings of a class")
+        group = path in ("model", "data")
+        hint = f"`fit --{path}.help CLASS_PATH` lists its settings" if group else "check the spelling"
+        return f"{path}{'.init_args' if group else ''}.{unknown.group(1)}: no such setting; {hint}"
     choices = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", reason)
     if choices:
         return f"{path}={choices.group(2)}: use one of {choices.group(1).replace(chr(39), '')}"

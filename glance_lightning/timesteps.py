@@ -65,7 +65,7 @@ class GlanceTimesteps:
             units = {detect_unit(slow), detect_unit(fast)} if finite else set()
             if len(units) > 1:
                 raise TimestepListError(
-                    f"timesteps: slow={list(slow)} reads as {detect_unit(slow)} but fast={list(fast)} as "
+                    f"model.timesteps: slow={list(slow)} reads as {detect_unit(slow)} but fast={list(fast)} as "
                     f"{detect_unit(fast)}; give both lists in one unit (0-1000 timesteps or [0, 1] sigmas)"
                 )
             understood = "sigmas" if detect_unit(list(slow) + list(fast)) == "sigmas" else "timesteps"

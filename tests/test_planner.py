@@ -190,3 +190,27 @@ def test_block_offload_is_accounted_for():
     moved = plans["none"].memory.peak - plans["block"].memory.peak
     assert moved > 0 and any("offload" in n for n in plans["block"].notes)
     assert plans["block"].host_gib["training"] > plans["none"].host_gib["training"]
+
+
+@pytest.mark.parametrize("family, billions", [("flux", 11.9), ("qwen-image", 20.4), ("sd3", 8.1)])
+def test_registry_architectures_are_the_full_size_models(family, billions):
+    """The registry's full-size transformer configs have the published parameter counts (built on meta)."""
+    from glance_lightning.planner.memory import build_transformer
+    from glance_lightning.registry import get_family
+
+    with torch.device("meta"):
+        model = build_transformer(dict(get_family(family).architecture), torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, rel=0.02)
+
+
+def test_edit_family_step_runs_on_fake_tensors():
+    """Qwen-Image-Edit reads its control grid on the host: the planner passes the real one through the step."""
+    from glance_lightning.families.qwen_image_edit import QwenImageEditGlance
+
+    arch = {"_class_name": "QwenImageTransformer2DModel", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+            "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+            "axes_dims_rope": [4, 6, 6]}
+    module = QwenImageEditGlance(pretrained_model="tiny:qwen-image-edit", torch_dtype="bfloat16",
+                                 performance={"gradient_checkpointing": True})
+    edit = simulate_step(module, StepPlan(architecture=arch, height=256, width=256, text_tokens=16))
+    assert edit.peak > edit.base > 0 and edit.activations > 0

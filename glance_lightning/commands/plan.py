@@ -83,7 +83,7 @@ def format_plan(d: dict[str, Any]) -> str:
     b, host = d["breakdown_gib"], d["host_ram_gib"]
     fits = {True: "yes", False: "NO", None: "-"}[d["fits"]]
     card = f"{d['gpu']} ({d['gpu_memory_gib']:.1f} GiB)" if d["gpu"] else f"{d['gpu_memory_gib']} GiB"
-    step = "-" if d["step_s"] is None else f"{d['step_s']:.2f} s/step ({d['step_tflop']} TFLOP)"
+    step = "-" if d["step_s"] is None else f"{d['step_s']:.3g} s/step ({d['step_tflop']} TFLOP)"
     rows = [
         ("family", f"{d['family']}  ({d['architecture']})"),
         ("settings", ", ".join(f"{k}={v}" for k, v in d["settings"].items())),
@@ -96,6 +96,8 @@ def format_plan(d: dict[str, Any]) -> str:
         (f"time on {card}", step),
         ("fits", f"{fits}  (training step: peak + {d['cuda_context_gib']} GiB CUDA context)"),
     ]
+    if d["fits"] is False:
+        rows.append(("", "--search proposes checkpointing / quantisation / 8-bit states / offload that fit"))
     if d["encode_fits"] is False:
         rows.append(("encode stage", "does NOT fit: fill the encode cache on the CPU first (python -m glance_lightning "
                      "cache --config ... --trainer.accelerator cpu); fit then loads no text encoder"))

@@ -133,12 +133,16 @@ def make_plan(request: PlanRequest) -> Plan:
     spec = request.module.family_spec
     pixels = request.step.height * request.step.width
     encode, encoders = encode_stage_gib(spec, request.module.dtype_name, pixels)
+    tiny = str(request.module.hparams.pretrained_model).startswith("tiny:")
+    if tiny:  # the published encoders' sizes say nothing about a tiny model's
+        encode, encoders = 0.0, 0.0
     notes = [
         "predicted on fake tensors (no weights, no GPU); time is a roofline estimate, +-40%",
         "encode stage and host RAM are analytic (parameter counts of the published encoders)",
     ]
     if encode == 0.0:
-        notes.append(f"no encoder figures for family {spec.name}: encode stage not planned")
+        notes.append("tiny model: encode stage not planned" if tiny else
+                     f"no encoder figures for family {spec.name}: encode stage not planned")
     bf16_transformer = memory.base / GIB if request.step.quantization == "none" else \
         _bf16_params(request.step.architecture) * 2 / GIB
     host = host_ram_gib(bf16_transformer, encoders)

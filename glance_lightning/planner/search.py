@@ -169,7 +169,7 @@ def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors
         notes.append(f"the encode stage needs {encode:.1f} GiB on the device: fill the encode cache first on the "
                      "CPU (python -m glance_lightning cache --config ... --trainer.accelerator cpu); fit then "
                      "loads no text encoder")
-    seconds = time.perf_counter() - started + (anchors.seconds if simulated_anchors else 0.0)
+    seconds = time.perf_counter() - started  # the anchors' simulation included when done here
     return SearchResult(card, candidates, best, simulated, 3 * simulated_anchors + (best is not None), seconds,
                         notes)
 
