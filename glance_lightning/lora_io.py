@@ -133,6 +133,18 @@ def open_lora(path: str | os.PathLike) -> Iterator[Any]:
         yield f
 
 
+def check_lora_file(path: str | os.PathLike) -> Path:
+    """The file of LoRA ``path``, refused (naming it) unless it opens and holds LoRA tensors: reads the header."""
+    file = lora_file(path)
+    with open_lora(file) as f:
+        keys = list(f.keys())  # noqa: SIM118
+    if not any("lora" in key.lower() or key.endswith((".down.weight", ".up.weight")) for key in keys):
+        sample = ", ".join(keys[:3]) or "no tensors at all"
+        raise ConfigError(f"LoRA {file}: holds no LoRA tensors (lora_A/B, lora_down/up, lora1.down/up), only "
+                      f"{sample}...; it is not a LoRA (a model checkpoint?): give a LoRA file")
+    return file
+
+
 def read_glance_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
     """The ``glance`` metadata of a LoRA file, or None for files written by other tools."""
     with open_lora(path) as f:

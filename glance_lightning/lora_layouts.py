@@ -33,8 +33,8 @@ from glance_lightning.errors import ConfigError, ExistingFileError
 from glance_lightning.lora_io import (
     GLANCE_METADATA_KEY,
     atomic_save_safetensors,
+    check_lora_file,
     jsonable,
-    lora_file,
     open_lora,
     peft_scale,
 )
@@ -302,18 +302,6 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         metadata = dict(f.metadata() or {})
     return LoraFile(file, tensors, metadata)
-
-
-def check_lora_file(path: str | os.PathLike) -> Path:
-    """The file of LoRA ``path``, refused (naming it) unless it opens and holds LoRA tensors: reads the header."""
-    file = lora_file(path)
-    with open_lora(file) as f:
-        keys = list(f.keys())  # noqa: SIM118
-    if not any("lora" in key.lower() or key.endswith((".down.weight", ".up.weight")) for key in keys):
-        sample = ", ".join(keys[:3]) or "no tensors at all"
-        raise LoraLayoutError(f"LoRA {file}: holds no LoRA tensors (lora_A/B, lora_down/up, lora1.down/up), only "
-                              f"{sample}...; it is not a LoRA (a model checkpoint?): give a LoRA file")
-    return file
 
 
 _SUFFIXES = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +32,9 @@ class ScheduleDerivation:
     num_steps: PositiveInt = 50
     slow_indices: list[int] = field(default_factory=lambda: [0, 2, 4, 6, 8])
     fast_indices: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 49])
+
+    def __post_init__(self) -> None:
+        check_restricted_fields(self, "model.timesteps.derive")
 
 
 @dataclass
@@ -69,10 +73,8 @@ class LoraSettings:
     init: Literal["gaussian", "default"] = "gaussian"
     dropout: Probability = 0.0
 
-    def __post_init__(self) -> None:  # the command line checks these types; Python callers get the same checks
-        checked(PositiveInt, self.rank, "model.lora.rank")
-        checked(PositiveFloat, self.alpha, "model.lora.alpha")
-        checked(Probability, self.dropout, "model.lora.dropout")
+    def __post_init__(self) -> None:
+        check_restricted_fields(self, "model.lora")
         if self.targets is not None and (not self.targets or not all(isinstance(t, str) and t for t in self.targets)):
             raise ConfigError(f"model.lora.targets={self.targets!r}: give module names such as [to_q, to_k, to_v], "
                               "or leave it unset for the family's default")
@@ -97,10 +99,7 @@ class OptimizerSettings:
     fused: bool | None = None  # None: the fused CUDA kernel on GPUs, the default implementation elsewhere
 
     def __post_init__(self) -> None:
-        checked(PositiveFloat, self.lr, "model.optimizer.lr")
-        checked(NonNegativeFloat, self.weight_decay, "model.optimizer.weight_decay")
-        checked(PositiveFloat, self.eps, "model.optimizer.eps")
-        checked(NonNegativeInt, self.warmup_steps, "model.optimizer.warmup_steps")
+        check_restricted_fields(self, "model.optimizer")
         if len(self.betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in self.betas):
             raise ConfigError(f"model.optimizer.betas={list(self.betas)}: give two numbers in [0, 1), "
                               "e.g. [0.9, 0.999]")
@@ -161,6 +160,14 @@ def coerce_settings(kind: type, value: Any) -> Any:
     if kind is TimestepSettings and isinstance(value.get("derive"), dict):
         value = {**value, "derive": ScheduleDerivation(**value["derive"])}
     return kind(**value)
+
+
+def check_restricted_fields(settings: Any, prefix: str) -> None:
+    """Every field annotated with a restricted number type (PositiveInt, Probability...) checked as the command line
+    checks it, so that Python callers get the same one-line errors."""
+    for name, kind in typing.get_type_hints(type(settings)).items():
+        if isinstance(kind, type) and issubclass(kind, (int, float)) and kind not in (int, float, bool):
+            checked(kind, getattr(settings, name), f"{prefix}.{name}")
 
 
 def checked(kind: type, value: Any, setting: str) -> Any:

@@ -279,3 +279,18 @@ def test_validate_data_reads_a_fit_configs_data_settings(repo, capsys, monkeypat
     assert code == 0 and "upscaled 8.0x" in out, out  # the default 1024
     code, out = run_cli(capsys, "validate-data", "--config", "no-such.yaml")
     assert_user_error(code, out, "--config no-such.yaml: no such file", max_lines=2)
+
+
+@pytest.mark.parametrize(("kind", "values", "named"), [
+    ("LoraSettings", {"rank": 0}, "model.lora.rank=0: must be > 0"),
+    ("LoraSettings", {"dropout": 1.5}, "model.lora.dropout=1.5: must be in [0, 1)"),
+    ("OptimizerSettings", {"warmup_steps": -2}, "model.optimizer.warmup_steps=-2: must be >= 0"),
+    ("OptimizerSettings", {"betas": (0.9, 1.0)}, "model.optimizer.betas=[0.9, 1.0]"),
+    ("ScheduleDerivation", {"num_steps": 0}, "model.timesteps.derive.num_steps=0: must be > 0"),
+])
+def test_python_callers_get_the_command_lines_checks(kind, values, named):
+    import glance_lightning.settings as settings
+
+    with pytest.raises(errors.ConfigError) as info:
+        getattr(settings, kind)(**values)
+    assert named in str(info.value)

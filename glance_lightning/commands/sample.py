@@ -18,7 +18,7 @@ import torch
 
 from glance_lightning import console, errors
 from glance_lightning.errors import ConfigError
-from glance_lightning.lora_layouts import check_lora_file
+from glance_lightning.lora_io import check_lora_file
 from glance_lightning.performance import QUANTIZATIONS, check_performance_settings
 from glance_lightning.registry import family_names, get_family
 from glance_lightning.sampling import PLANS, Step
