@@ -12,13 +12,15 @@ Third-party setup bars (diffusers' "Loading pipeline components", transformers' 
 vanish when it ends: the project's own lines say what is being loaded. ``info`` prints a project line;
 ``StepProgress`` reports "what i/n" for a long loop, and nothing for a short one.
 
-Which imports print what (torch 2.13, torchao 0.18, diffusers 0.42, transformers 5, bitsandbytes 0.50): ``import
-peft`` imports transformers' quantizers, whose torchao module imports torchao whenever it is installed (the
-"Failed to load .../torchao/_C*.so" lines, and torch's pytree warnings about torchao's enums), and peft's
-helpers import bitsandbytes (its CPU "gemm_4bit_forward" line). Importing a diffusers pipeline imports
-diffusers' torchao quantizer ("Unable to import `torchao` Tensor objects") and transformers' image processors
-(the torchvision fall-backs). The project imports torchao/bitsandbytes only for a quantised base, but these
-third-party imports happen on every run where the packages are installed, so they are filtered, not avoided.
+Which imports print what (torch 2.13, torchao 0.18, diffusers 0.42, transformers 5, bitsandbytes 0.50, kernels
+0.19): ``import peft`` imports transformers' quantizers, whose torchao module imports torchao whenever it is
+installed (the "Failed to load .../torchao/_C*.so" lines, and torch's pytree warnings about torchao's enums), and
+peft's helpers import bitsandbytes, whose CPU backend (on CPUs with AVX512-BF16) fetches an optional kernel
+through ``kernels`` (its "gemm_4bit_forward" line and, with the ``kernels`` that transformers >= 5.25 requires,
+the offline "Skipping publisher trust check" line). Importing a diffusers pipeline imports diffusers' torchao
+quantizer ("Unable to import `torchao` Tensor objects") and transformers' image processors (the torchvision
+fall-backs). The project imports torchao/bitsandbytes only for a quantised base, but these third-party imports
+happen on every run where the packages are installed, so they are filtered, not avoided.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ NOISE: tuple[Noise, ...] = (
           _about_torchao_enum),
     Noise("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community",
           "an optional CPU kernel of bitsandbytes, looked up whenever peft imports it"),
+    Noise("kernels._internals.hf_hub",
+          r"^Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because .* offline",
+          "the same optional bitsandbytes CPU kernel (CPUs with AVX512-BF16), fetched through `kernels` (a "
+          "transformers >= 5.25 dependency), which says so when the hub is offline"),
     Noise("diffusers.quantizers.torchao.torchao_quantizer", r"^Unable to import `torchao` Tensor objects",
           "diffusers 0.42 looks for torchao classes that torchao 0.18 moved; only torch.load of "
           "torchao-serialised checkpoints needs them, which the project never does"),

@@ -1,4 +1,8 @@
-"""Shared fixtures: offline hub, a per-session cache of tiny models, the repo root."""
+"""Shared fixtures: offline hub, a per-session cache of tiny models, the repo root; no process left behind.
+
+Time limits live in pyproject ([tool.pytest.ini_options]): pytest-timeout fails a test that runs too long with
+the stacks of all threads, and faulthandler ends the whole run a little later if that could not interrupt it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+import reaping
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +30,20 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ.pop("GLANCE_LIGHTNING_CACHE", None)
     else:
         os.environ["GLANCE_LIGHTNING_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    """A test that starts processes ends them: whatever it left running is killed, and the test fails."""
+    before = {p.pid for p in reaping.descendants()}
+    yield
+    left = reaping.reap(reaping.leftovers(before))
+    if left:
+        pytest.fail(f"the test left {len(left)} process(es) running, now killed: " + "; ".join(left), pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    reaping.reap(reaping.leftovers(set()))  # what session-scoped fixtures started
 
 
 @pytest.fixture(scope="session")

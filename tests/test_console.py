@@ -3,10 +3,10 @@ cache), the phase-aware progress bar, and the narrow third-party noise filters o
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 from glance_lightning import console
+
+from reaping import run_reaped
 
 # Lines the quick start printed before issue 15, none of which says anything about the user's run.
 FORBIDDEN = (
@@ -36,17 +38,42 @@ FORBIDDEN = (
     "Epoch 0/",
     "No LoRA keys associated",
     "Already found a `peft_config`",
+    "Skipping publisher trust check",  # `kernels` (transformers >= 5.25), fetching bitsandbytes' CPU kernel offline
 )
 WARNING_LINE = re.compile(r"(\.py:\d+: )|\b(User|Future|Deprecation|PossibleUser|Runtime)Warning\b")
 IMAGE_LINE = re.compile(r"^(\S+\.png)  seed (\d+)  slow \d+\.\d+s  fast \d+\.\d+s$")
 
 
-def _run(repo: Path, cache: Path, *args: str) -> str:
+# `python -c AVX512_BF16 ARGS` runs `python -m glance_lightning ARGS` as on a CPU with AVX512-BF16, where
+# bitsandbytes' CPU backend (imported by peft) fetches an optional kernel through `kernels` at import.
+AVX512_BF16 = """
+import importlib.abc, importlib.machinery, runpy, sys
+
+class CpuFlag(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            module.has_avx512bf16 = lambda: True
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, CpuFlag())
+runpy.run_module("glance_lightning", run_name="__main__", alter_sys=True)
+"""
+
+
+def _run(repo: Path, cache: Path, *args: str, launch: tuple[str, ...] = ("-m", "glance_lightning"),
+         verbose: bool = False) -> str:
     """`python -m glance_lightning ARGS` from the repo root; its stdout and stderr interleaved."""
     env = {**os.environ, "GLANCE_LIGHTNING_CACHE": str(cache), "COLUMNS": "80", "PYTHONUNBUFFERED": "1"}
     env.pop(console.VERBOSE_ENV, None)
-    done = subprocess.run([sys.executable, "-m", "glance_lightning", *args], cwd=repo, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    if verbose:
+        env[console.VERBOSE_ENV] = "1"
+    done = run_reaped([sys.executable, *launch, *args], cwd=repo, env=env, timeout=240)
     assert done.returncode == 0, done.stdout[-4000:]
     return done.stdout.replace("\r", "\n")
 
@@ -90,16 +117,30 @@ def test_the_bar_shows_phase_step_in_phase_loss_and_step_time(quickstart):
     assert len(rows[-1]) <= 80
 
 
-def test_sample_prints_one_line_per_image_and_nothing_else(quickstart, repo: Path, tmp_path: Path):
+def _sample(quickstart, repo: Path, out: Path, **how) -> str:
     _, run, cache = quickstart
-    output = _run(repo, cache, "sample", "--model", "tiny:flux", "--slow", str(run / "slow"), "--fast",
-                  str(run / "fast"), "--prompt", "a red ball", "--seed", "0", "--seed", "3", "--height", "64",
-                  "--width", "64", "--output", str(tmp_path / "out"))
+    return _run(repo, cache, "sample", "--model", "tiny:flux", "--slow", str(run / "slow"), "--fast",
+                str(run / "fast"), "--prompt", "a red ball", "--seed", "0", "--seed", "3", "--height", "64",
+                "--width", "64", "--output", str(out), **how)
+
+
+@pytest.mark.parametrize("launch", [("-m", "glance_lightning"), ("-c", AVX512_BF16)], ids=["this-cpu", "avx512-bf16"])
+def test_sample_prints_one_line_per_image_and_nothing_else(quickstart, repo: Path, tmp_path: Path, launch):
+    output = _sample(quickstart, repo, tmp_path / "out", launch=launch)
     lines = [line for line in output.splitlines() if line.strip()]
     matches = [IMAGE_LINE.match(line) for line in lines]
     assert len(lines) == 2 and all(matches), output
     assert [int(m.group(2)) for m in matches] == [0, 3]
     assert all(Path(m.group(1)).is_file() for m in matches)
+
+
+def test_the_avx512_bf16_run_reaches_the_kernel_fetch_that_prints_the_hidden_lines(quickstart, repo, tmp_path):
+    """What the quiet run above hides is really printed there (transformers >= 5.25 installs `kernels`)."""
+    output = _sample(quickstart, repo, tmp_path / "out", launch=("-c", AVX512_BF16), verbose=True)
+    if importlib.util.find_spec("kernels") is None:  # bitsandbytes' import of `kernels` fails
+        assert "Failed to load CPU gemm_4bit_forward from kernels-community" in output
+    else:
+        assert "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'" in output
 
 
 def test_without_a_progress_bar_the_status_is_a_line_every_n_steps(repo: Path, tmp_path: Path, capsys, monkeypatch):
@@ -203,6 +244,11 @@ def test_filters_hide_only_the_listed_message_of_the_listed_logger(quiet):
     tip = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](https://x)"
     assert not _emit("lightning.pytorch.utilities.rank_zero", tip)
     assert _emit("lightning.pytorch.utilities.rank_zero", "Seed set to 0")
+
+    trust = ("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face "
+             "Hub is in offline mode.")
+    assert not _emit("kernels._internals.hf_hub", trust)
+    assert _emit("kernels._internals.hf_hub", trust.replace("kernels-community/quantization-bitsandbytes", "me/k"))
 
     lora = "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'. This is safe to ignore"
     assert not _emit("diffusers.loaders.lora_base", lora)

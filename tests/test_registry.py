@@ -3,7 +3,6 @@ never imports the tiny builders unless a `tiny:` name is opened."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from glance_lightning.cli import main
 from glance_lightning.commands.validate_data import run_validate_data_command
 from glance_lightning.registry import FamilySpec, family_names, get_family, markdown_table, register_family
 from glance_lightning.schedules import derive_timesteps
+
+from reaping import run_reaped
 
 BUILTINS = ("flux", "sd3", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
 
@@ -88,7 +89,7 @@ e.load_base_model()
 print("edit processor", type(e.pipe.processor).__name__)
 assert not [k for k in sys.modules if k.startswith("glance_lightning.tiny")], "tiny imported"
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = run_reaped([sys.executable, "-c", code], timeout=240, merge_stderr=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "edit processor Qwen2VLProcessor" in result.stdout
 

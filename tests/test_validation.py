@@ -24,6 +24,8 @@ from PIL import Image
 
 from glance_lightning.commands.validate_data import run_validate_data_command
 
+from reaping import run_reaped
+
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
@@ -588,8 +590,8 @@ def test_edit_control_images_follow_the_same_rules(tmp_path: Path) -> None:
 
 def validate_data_cli(path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "GLANCE_LIGHTNING_DEBUG": ""}
-    return subprocess.run([sys.executable, "-m", "glance_lightning", "validate-data", "--path", str(path)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return run_reaped([sys.executable, "-m", "glance_lightning", "validate-data", "--path", str(path)],
+                      timeout=240, merge_stderr=False, env=env)
 
 
 def test_validate_data_cli_names_each_image_without_a_traceback(tmp_path: Path) -> None:
