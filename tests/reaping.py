@@ -18,8 +18,10 @@ from typing import Any
 
 import psutil
 
-# Long-lived helpers that libraries start once per process on purpose and reuse; reaped only at exit.
-SHARED_HELPERS = ("wandb-core", "wandb_core", "compile_worker")
+# Helpers that libraries start once per process on purpose and reuse: not a test's leftovers. Each ends
+# with the pytest process (multiprocessing's, torch inductor's and wandb's own exit handlers).
+SHARED_HELPERS = ("from multiprocessing.resource_tracker import main", "from multiprocessing.forkserver import main",
+                  "torch/_inductor/compile_worker", "wandb-core", "wandb_core")
 
 
 def descendants(pid: int | None = None) -> list[psutil.Process]:
