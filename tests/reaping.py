@@ -69,8 +69,20 @@ def _signal(process: psutil.Process, sig: int) -> None:
 
 
 def leftovers(before: set[int]) -> list[psutil.Process]:
-    """Processes below this one that were not there in ``before`` (pids), shared library helpers excepted."""
-    return [p for p in descendants() if p.pid not in before and not is_shared_helper(p)]
+    """Processes below this one that were not there in ``before`` (pids), shared library helpers and their own
+    workers excepted."""
+    found, todo = [], [psutil.Process()]
+    while todo:
+        try:
+            children = todo.pop().children()
+        except psutil.NoSuchProcess:
+            continue
+        for child in children:
+            if _alive(child) and not is_shared_helper(child):
+                todo.append(child)
+                if child.pid not in before:
+                    found.append(child)
+    return found
 
 
 def run_reaped(cmd: list[str], timeout: float, *, merge_stderr: bool = True,

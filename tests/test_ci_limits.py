@@ -120,3 +120,23 @@ def _running(pid: int) -> bool:
             return False
         time.sleep(0.1)
     return os.path.exists(f"/proc/{pid}") or psutil.pid_exists(pid)
+
+
+def test_a_shared_library_helper_and_its_workers_are_not_leftovers(tmp_path: Path):
+    """A helper like torch inductor's compile workers (started once, reused by later tests) is left alone."""
+    helper = tmp_path / "torch" / "_inductor" / "compile_worker" / "__main__.py"
+    helper.parent.mkdir(parents=True)
+    helper.write_text("import subprocess, sys, time\n"
+                      "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+                      "time.sleep(300)\n")
+    before = {p.pid for p in reaping.descendants()}
+    pool = subprocess.Popen([sys.executable, str(helper)])
+    try:
+        deadline = time.monotonic() + 30
+        while len([p for p in reaping.descendants() if p.pid not in before]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len([p for p in reaping.descendants() if p.pid not in before]) == 2  # the helper and its worker
+        assert reaping.leftovers(before) == []
+    finally:
+        reaping.reap(p for p in reaping.descendants() if p.pid not in before)
+        pool.wait(timeout=30)
