@@ -6,7 +6,10 @@ values, so these tests take seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -140,3 +143,36 @@ def test_a_shared_library_helper_and_its_workers_are_not_leftovers(tmp_path: Pat
     finally:
         reaping.reap(p for p in reaping.descendants() if p.pid not in before)
         pool.wait(timeout=30)
+
+
+# ------------------------------------------------------------- .ci/run and .ci/limit
+def _minutes(text: str) -> float:
+    value, unit = float(text[:-1]), text[-1]
+    return value * {"s": 1 / 60, "m": 1, "h": 60}[unit]
+
+
+def test_ci_installs_and_tests_end_well_inside_the_ci_budget(repo: Path):
+    ci = (repo / ".ci" / "run").read_text()
+    install = _minutes(re.search(r"INSTALL_LIMIT=\$\{GLANCE_CI_INSTALL_LIMIT:-(\w+)\}", ci).group(1))
+    suite = _minutes(re.search(r"TEST_LIMIT=\$\{GLANCE_CI_TEST_LIMIT:-(\w+)\}", ci).group(1))
+    assert ci.count('"${pip[@]}"') == 4 and ci.count('bash .ci/limit "$TEST_LIMIT"') == 1
+    assert 2 * install + suite + 2 <= 80  # two pip commands, the suite, their kill grace; CI stops at 90
+
+
+@pytest.mark.parametrize("how", ["past-the-limit", "finished"])
+def test_ci_limit_ends_the_command_and_all_it_started(repo: Path, tmp_path: Path, how: str):
+    tail = "sleep 300" if how == "past-the-limit" else "exit 3"
+    started = time.perf_counter()
+    done = run_reaped(["bash", str(repo / ".ci" / "limit"), "2s", "bash", "-c", f"sleep 300 & echo $! > pid; {tail}"],
+                      timeout=120, cwd=tmp_path)
+    pid = int((tmp_path / "pid").read_text())
+    try:
+        assert not _running(pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if how == "past-the-limit":
+        assert done.returncode == 124 and "ran past 2s and was stopped" in done.stdout, done.stdout
+    else:
+        assert done.returncode == 3 and done.stdout == ""
+    assert time.perf_counter() - started < 60
