@@ -39,15 +39,21 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-def describe(process: psutil.Process) -> str:
+def _command_line(process: psutil.Process) -> str:
     try:
-        return f"{process.pid} {' '.join(process.cmdline())[:160]}"
+        return " ".join(process.cmdline())
     except psutil.Error:
-        return str(process.pid)
+        return ""
+
+
+def describe(process: psutil.Process) -> str:
+    return f"{process.pid} {_command_line(process)[:160]}".rstrip()
 
 
 def is_shared_helper(process: psutil.Process) -> bool:
-    return any(name in describe(process) for name in SHARED_HELPERS)
+    """Matched on the whole command line (a deep venv puts the helper's path far along it)."""
+    command = _command_line(process)
+    return any(name in command for name in SHARED_HELPERS)
 
 
 def reap(processes: Iterable[psutil.Process], grace: float = 5.0) -> list[str]:
@@ -93,7 +99,7 @@ def run_reaped(cmd: list[str], timeout: float, *, merge_stderr: bool = True,
     Output goes to temporary files, not pipes: a grandchild that inherited a pipe would keep a reader waiting
     after the command itself has finished."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if merge_stderr else err, text=True,
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if merge_stderr else err,
                                 start_new_session=True, **popen)
         timed_out = False
         try:

@@ -127,7 +127,8 @@ def _running(pid: int) -> bool:
 
 def test_a_shared_library_helper_and_its_workers_are_not_leftovers(tmp_path: Path):
     """A helper like torch inductor's compile workers (started once, reused by later tests) is left alone."""
-    helper = tmp_path / "torch" / "_inductor" / "compile_worker" / "__main__.py"
+    deep = tmp_path.joinpath(*["a-long-virtual-environment-folder"] * 6)  # the marker far past 160 characters
+    helper = deep / "torch" / "_inductor" / "compile_worker" / "__main__.py"
     helper.parent.mkdir(parents=True)
     helper.write_text("import subprocess, sys, time\n"
                       "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
