@@ -31,7 +31,7 @@ def pins() -> list[str]:
 def main(out: str) -> None:
     header = [
         "# Exact versions the test suite passed with: used by README command 1 and .ci/run (pip install -c).",
-        "# Refresh: bash .ci/run --refresh-constraints   (README, \"Upgrading dependencies\").",
+        "# Refresh: bash .ci/run --refresh-constraints   (docs/training.md, \"Upgrading dependencies\").",
         f"# Written {datetime.date.today()} on Python {platform.python_version()}, {sys.platform} "
         f"{platform.machine()}.",
     ]

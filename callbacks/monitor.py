@@ -13,9 +13,9 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 
-from glance_lightning import console
+from glance_lightning import console, dashboard
+from glance_lightning.run_folder import shown
 
 
 def fit_breakdown(started: float | None, parts: dict[str, float], step_times: list[float]) -> str:
@@ -40,6 +40,8 @@ class TrainingMonitor(L.Callback):
         self._start: float | None = None
         self._sampled = 0.0
         self._printed_step = -1
+        self._global_step = -1
+        self._announced: str | None = None
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -49,26 +51,35 @@ class TrainingMonitor(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._start = time.perf_counter()
         self._sampled = pl_module.fit_timings.get("samples", 0.0)
+        self._global_step = trainer.global_step
+        phase = pl_module.phase_at(trainer.global_step)
+        if phase != self._announced and trainer.is_global_zero:
+            self._announced = phase
+            dashboard.announce_phase(trainer, pl_module, phase)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if self._start is None:
-            return
+        if self._start is None or trainer.global_step == self._global_step:
+            return  # a gradient-accumulation micro-batch: the step is timed and logged when it ends
         rendering = pl_module.fit_timings.get("samples", 0.0) - self._sampled  # counted under "samples"
         self.step_times.append(time.perf_counter() - self._start - rendering)
         self._times = self.step_times[-self.window:]
         seconds = statistics.median(self._times)
         size = len(batch["index"])
-        phase = pl_module.phase_at(max(trainer.global_step - 1, 0))
+        phase = pl_module.phase_at(trainer.global_step - 1)
         step_in_phase = trainer.global_step - (0 if phase == "slow" else pl_module.phase_steps["slow"])
-        pl_module.log(f"{phase}_step", float(step_in_phase), on_step=True, batch_size=size)
         self._print_progress(trainer, pl_module, step_in_phase, pl_module.phase_steps[phase])
-        if not pl_module.diagnostics_due():
+        metrics, pl_module.step_metrics = pl_module.step_metrics, {}
+        if step_in_phase == pl_module.phase_steps[phase]:  # the phase's mean loss, once, when it ends
+            metrics[f"train/loss_{phase}_mean"] = pl_module.loss_means[phase].compute()  # every rank: a reduction
+        if not metrics:  # not a logging step (trainer.log_every_n_steps)
             return
-        pl_module.log("perf/s_per_step", seconds, on_step=True, batch_size=size)
-        pl_module.log("perf/samples_per_s", size * trainer.world_size / seconds, on_step=True, batch_size=size)
+        metrics[f"train/{phase}_step"] = float(step_in_phase)
+        metrics["perf/s_per_step"] = seconds
+        metrics["perf/samples_per_s"] = size * trainer.world_size / seconds
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            pl_module.log("perf/gpu_max_mem_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True,
-                          batch_size=size)
+            metrics["perf/gpu_max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if trainer.is_global_zero:
+            dashboard.log_step(trainer, metrics)
 
     def _print_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, total: int) -> None:
         """The progress bar's text as a plain line, when there is no bar."""
@@ -89,14 +100,7 @@ class TrainingMonitor(L.Callback):
             return
         self.summary = fit_breakdown(pl_module.fit_started, pl_module.fit_timings, self.step_times)
         if pl_module.lora_dir is not None:
-            console.info(f"saved the Slow and Fast LoRAs: {pl_module.lora_dir / 'slow'}, {pl_module.lora_dir / 'fast'}")
+            folder = shown(pl_module.lora_dir)
+            console.info(f"saved the Slow and Fast LoRAs: {folder}/slow, {folder}/fast")
         console.info(self.summary)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                artifact = wandb.Artifact(f"glance-loras-{pl_module.family}", type="model",
-                                          metadata={p: pl_module.glance_metadata(p) for p in ("slow", "fast")})
-                for phase in ("slow", "fast"):
-                    artifact.add_dir(str(pl_module.lora_dir / phase), name=phase)
-                logger.experiment.log_artifact(artifact)
+        dashboard.log_loras(trainer, pl_module, pl_module.published_files())

@@ -1,4 +1,5 @@
-"""Render chained Slow->Fast samples during training: PNGs in the run directory, images in the logger."""
+"""Render chained Slow->Fast samples during training: PNGs in the run folder, a grid in the loggers
+(``glance_lightning.dashboard``)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from glance_lightning import console
+from glance_lightning import console, dashboard
 from glance_lightning.atomic import write_bytes
 from glance_lightning.errors import ConfigError
 from glance_lightning.families.preflight import run_dir
@@ -119,7 +119,7 @@ class ChainedSampleCallback(L.Callback):
         first = samples[0].pixels
         height, width = self.height or first.shape[-2], self.width or first.shape[-1]
         out_dir = run_dir(trainer) / self.dirname
-        panels: list[tuple[str, Image.Image, str]] = []
+        rows: list[dashboard.SampleRow] = []
         paths, fidelity = [], []
         schedule = pl_module.glance_timesteps.as_timesteps()
         requests = self._requests(trainer)
@@ -138,15 +138,15 @@ class ChainedSampleCallback(L.Callback):
                 paths.append(path)
                 caption = (f"step {trainer.global_step} | seed {seed} | {prompt} | slow "
                            f"{[round(t, 1) for t in schedule['slow']]} fast {[round(t, 1) for t in schedule['fast']]}")
-                panels.append(("samples/chained", image, caption))
+                training = None
                 if target is not None and tuple(target.shape[-2:]) == (height, width):
                     reference = ((target.unsqueeze(0) + 1) / 2).clamp(0, 1)
                     fidelity.append(image_fidelity(pixels, reference))
-                    panels.append(("samples/training_image", to_pil(reference[0]), prompt))
-                panels.append(("samples/base_model", self._base_sample(pl_module, prompt, seed, height, width,
-                                                                       controls), f"base model, same steps | {prompt}"))
+                    training = to_pil(reference[0])
+                base = self._base_sample(pl_module, prompt, seed, height, width, controls)
+                rows.append(dashboard.SampleRow(prompt, seed, image, base, training, caption))
         self._log_metrics(pl_module, fidelity, trainer.global_step)
-        self._log_images(trainer, panels)
+        dashboard.log_samples(trainer, rows)
         self.rendered.extend(paths)
         return paths
 
@@ -181,20 +181,6 @@ class ChainedSampleCallback(L.Callback):
                 }
             )
         }
-
-    def _log_images(self, trainer: L.Trainer, panels: list[tuple[str, Image.Image, str]]) -> None:
-        import numpy as np
-
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                for key in dict.fromkeys(k for k, _, _ in panels):
-                    chosen = [(img, cap) for k, img, cap in panels if k == key]
-                    logger.log_image(key=key, images=[i for i, _ in chosen], caption=[c for _, c in chosen],
-                                     step=trainer.global_step)
-            elif isinstance(logger, TensorBoardLogger):
-                for i, (key, image, _) in enumerate(panels):
-                    logger.experiment.add_image(f"{key}_{i}", np.asarray(image), trainer.global_step,
-                                                dataformats="HWC")
 
 
 def image_fidelity(image: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:

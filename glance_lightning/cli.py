@@ -7,12 +7,14 @@ class_path/init_args, ``--print_config`` and overrides work as usual. ``validate
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 from glance_lightning import console, errors
-from glance_lightning.errors import MissingFileError
 
 TOP_HELP = """usage: python -m glance_lightning COMMAND [options]
 
@@ -41,42 +43,18 @@ MODEL_COMMANDS = ("fit", "validate", "test", "predict", "sample", "cache")  # th
 def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: bool = True) -> object:
     """LightningCLI over any GlanceModule family and any LightningDataModule (imported only here); ``args`` None
     reads ``sys.argv`` (LightningCLI warns when given both). ``instantiate=False`` (with ``run=False``) only parses:
-    ``cli.config`` holds fit's options and nothing is built (the ``plan`` command)."""
+    ``cli.config`` holds fit's options and nothing is built (the ``plan`` command). ``fit`` writes into one run
+    folder (``glance_lightning.run_folder``)."""
     from lightning import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.cli import LightningCLI
 
-    from glance_lightning.atomic import write_text
-    from glance_lightning.families import resume
     from glance_lightning.families.base import GlanceModule
-    from glance_lightning.families.preflight import check_output_dir, check_strategy, output_dir
 
-    class SaveConfigToLoggers(SaveConfigCallback):
-        """config.yaml in the run directory (written atomically, never overwritten: a resume into the same folder
-        keeps the first run's) and the full resolved config in every logger."""
-
-        def setup(self, trainer, pl_module, stage: str) -> None:
-            if self.already_saved:
-                return
-            path = Path(trainer.log_dir) / self.config_filename  # log_dir broadcasts the directory
-            exists = trainer.strategy.broadcast(path.exists() if trainer.is_global_zero else False)
-            if exists and trainer.ckpt_path is None:
-                raise errors.ExistingFileError(
-                    f"trainer.default_root_dir: {path} is an earlier run's config; choose another folder, keep "
-                    "a logger on (each run gets its own version folder), or resume with --ckpt_path")
-            if trainer.is_global_zero:
-                if not exists:
-                    write_text(path, self.parser.dump(self.config, skip_none=False, format="yaml"))
-                self.save_config(trainer, pl_module, stage)
-            self.already_saved = trainer.strategy.broadcast(True)
-
-        def save_config(self, trainer, pl_module, stage: str) -> None:
-            resolved = self.parser.dump(self.config, skip_none=False, format="yaml")
-            import yaml
-
-            for logger in trainer.loggers:
-                logger.log_hyperparams({"config": yaml.safe_load(resolved)})
+    claimed: list[Path] = []
 
     class GlanceCLI(LightningCLI):
+        run_dir: Path | None = None
+
         def instantiate_classes(self) -> None:
             if instantiate:
                 super().instantiate_classes()
@@ -94,53 +72,129 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
             # (a resume then trains other settings than the config says); before_fit refuses differences instead.
             return
 
+        def before_instantiate_classes(self) -> None:
+            # Before any logger exists: the run folder (claimed, or the resumed run's) and every logger in it.
+            if self.subcommand == "fit" and instantiate:
+                self.run_dir = place_run(self.config.fit, claimed)
+
         def before_fit(self) -> None:
-            # Before any model is loaded: resolve `--ckpt_path last` across run versions, and refuse to
-            # write over the LoRAs of an earlier run.
+            # Before any model is loaded: refuse to write over the LoRAs of an earlier run; a logger that
+            # cannot start is reported here, not after the model has loaded.
             module, kwargs = self.model, self.config_init[self.subcommand]
             check_strategy(self.trainer.strategy)  # before Lightning's launcher starts other processes
-            if self.trainer.is_global_zero:
-                check_output_dir(Path(self.trainer.default_root_dir), "trainer.default_root_dir")
-            if kwargs.get("ckpt_path") == "last":
-                kwargs["ckpt_path"] = str(find_last_checkpoint(Path(self.trainer.default_root_dir)))
             ckpt_path = kwargs.get("ckpt_path")
+            lora_dir = module.lora_dir
             if ckpt_path is not None:  # readable, trained with these settings; LoRAs stay with its run
                 checkpoint = resume.read_checkpoint(ckpt_path)
                 resume.check_resume(checkpoint, resume.training_identity(module), ckpt_path)
-                module.lora_dir = module.lora_dir or resume.resumed_lora_dir(checkpoint)
-            module.lora_dir = output_dir(self.trainer, module.lora_dir, ckpt_path)
+                lora_dir = lora_dir or resume.resumed_lora_dir(checkpoint)
+            module.run_dir = self.run_dir
+            module.lora_dir = lora_dir or self.run_dir
             module.refuse_overwrite(resuming=ckpt_path is not None)
+            run_folder.place_checkpoints(self.trainer, self.run_dir)
+            if self.trainer.is_global_zero:
+                start_loggers(self.trainer.loggers)
+
+    from glance_lightning import run_folder
+    from glance_lightning.families import resume
+    from glance_lightning.families.preflight import check_strategy
 
     no_exit = {"exit_on_error": False}  # parse errors raise, so that main() reports them in one line
-    return GlanceCLI(
-        GlanceModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-        save_config_callback=SaveConfigToLoggers,
-        save_config_kwargs={"save_to_log_dir": True},
-        parser_kwargs={**no_exit, **{command: no_exit for command in ("fit", "validate", "test", "predict")}},
-    )
+    previous = os.environ.get(run_folder.RUN_DIR_ENV)
+    try:
+        return GlanceCLI(
+            GlanceModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+            save_config_callback=_save_config_callback(),
+            save_config_kwargs={"save_to_log_dir": True},
+            parser_kwargs={**no_exit, **{command: no_exit for command in ("fit", "validate", "test", "predict")}},
+        )
+    finally:
+        run_folder.restore_env(previous)
+        for path in claimed:  # a run refused before it wrote anything leaves no empty version folder
+            with suppress(OSError):
+                path.rmdir()
+
+
+def place_run(config: Any, claimed: list[Path]) -> Path:
+    """Resolve ``--ckpt_path last``, claim (or reuse) the run folder, export it to the processes a launcher
+    starts, and put the loggers' files in it."""
+    from glance_lightning import run_folder
+
+    root = Path(config.trainer.default_root_dir or os.getcwd())
+    if config.get("ckpt_path") == "last":
+        config.ckpt_path = str(run_folder.find_last_checkpoint(root))
+    ckpt_path = Path(config.ckpt_path) if config.get("ckpt_path") else None
+    fresh = os.environ.get(run_folder.RUN_DIR_ENV) is None and (
+        ckpt_path is None or run_folder.checkpoint_run_dir(ckpt_path) is None)
+    run_dir = run_folder.resolve(root, ckpt_path)
+    if fresh:
+        claimed.append(run_dir)
+    os.environ[run_folder.RUN_DIR_ENV] = str(run_dir)
+    config.trainer.logger, notes = run_folder.place_loggers(config.trainer.logger, run_dir, ckpt_path is not None)
+    for note in notes:
+        console.info(note)
+    return run_dir
+
+
+def start_loggers(loggers: list[Any]) -> None:
+    """Start each logger now (W&B login, TensorBoard writer), so that one that cannot start is one line before
+    the model loads."""
+    for logger in loggers:
+        try:
+            logger.experiment  # noqa: B018 (the property starts the logger)
+        except Exception as err:  # noqa: BLE001 (any failure to start is reported the same way)
+            detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise errors.SetupError(
+                f"trainer.logger: {type(logger).__name__} cannot start ({detail}); fix its settings, run offline "
+                "(W&B: WANDB_MODE=offline, sync later with `wandb sync`), or set trainer.logger: false") from err
+
+
+def _save_config_callback() -> type:
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    from glance_lightning.atomic import write_text
+    from glance_lightning.families.preflight import run_dir
+    from glance_lightning.run_folder import RUN_DIR_ENV
+
+    class SaveConfig(SaveConfigCallback):
+        """config.yaml in the run folder (written atomically, never overwritten: a resume into the same folder
+        keeps the first run's) and the full resolved config in every logger."""
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            if self.already_saved:
+                return
+            path = run_dir(trainer) / self.config_filename
+            exists = trainer.strategy.broadcast(path.exists() if trainer.is_global_zero else False)
+            if exists and not self.config.get("ckpt_path"):  # trainer.ckpt_path is only set after setup
+                raise errors.ExistingFileError(
+                    f"{path} is an earlier run's config; choose another trainer.default_root_dir or unset "
+                    f"{RUN_DIR_ENV}, or resume with --ckpt_path")
+            if trainer.is_global_zero:
+                if not exists:
+                    write_text(path, self.parser.dump(self.config, skip_none=False, format="yaml"))
+                self.save_config(trainer, pl_module, stage)
+            self.already_saved = trainer.strategy.broadcast(True)
+
+        def save_config(self, trainer, pl_module, stage: str) -> None:
+            import yaml
+
+            resolved = self.parser.dump(self.config, skip_none=False, format="yaml")
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": yaml.safe_load(resolved)})
+
+    return SaveConfig
 
 
 def data_resolution(data: object) -> int | None:
     """The training resolution a DataModule declares (``GlanceData.resolution``), if any."""
     return getattr(data, "resolution", None)
-
-
-def find_last_checkpoint(root: Path) -> Path:
-    """The newest ``last.ckpt`` of any run under ``root`` (trainer.default_root_dir)."""
-    candidates = sorted(root.glob("**/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise MissingFileError(
-            f"--ckpt_path last: no checkpoints/last.ckpt under {root}; pass a checkpoint path, or train with a "
-            "ModelCheckpoint that has save_last: true (the shipped configs do)"
-        )
-    return candidates[-1]
 
 
 def _extra_commands() -> dict[str, Callable[[list[str]], int]]:

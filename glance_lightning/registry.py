@@ -4,7 +4,7 @@ A family is a ``FamilySpec``: its name, the GlanceModule subclass that trains it
 loads, the published scheduler config its schedules are derived from, how its pipeline hands sigmas to the
 scheduler, whether the official-Qwen sampling mode applies, how many control images a sample takes, the
 builder of its tiny quick-start model and (for the planner) its full-size transformer config. The CLI
-choices, schedule derivation, ``tiny:`` names, ``sample`` and the README family table all come from here.
+choices, schedule derivation, ``tiny:`` names, ``sample`` and the family table of docs/families.md all come from here.
 
 Classes and builders may be given as ``"module:attribute"`` strings so that reading the registry (e.g. for a
 command's ``--help``) imports no model code. A family defined in user code registers itself with
@@ -57,7 +57,7 @@ class FamilySpec:
     control_images: tuple[int, int] = (0, 0)  # (min, max) control images per training sample / sample call
     tiny_builder: str | Callable[[int], Any] | None = None  # seed -> a tiny pipeline instance, for tiny:<name>
     architecture: Mapping[str, Any] | None = None  # full-size transformer config (the planner's input)
-    guidance: str = ""  # how sampling guides, in words (the README family table)
+    guidance: str = ""  # how sampling guides, in words (the family table, docs/families.md)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def module_class(self) -> type:
@@ -142,7 +142,7 @@ def family_of_module(cls: type) -> FamilySpec:
 
 
 def markdown_table() -> str:
-    """The README's family table, generated from the registry (a test keeps the README equal to it)."""
+    """The family table of docs/families.md, generated from the registry (a test keeps that file equal to it)."""
     rows = ["| family | module | diffusers pipeline | control images | timestep the transformer takes | "
             "guidance at sampling |", "| --- | --- | --- | --- | --- | --- |"]
     for spec in (get_family(n) for n in family_names()):

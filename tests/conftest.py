@@ -58,7 +58,7 @@ def _fit_config(config: str, root: Path, *overrides: str) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)
         assert main(["fit", "--config", config, "--trainer.default_root_dir", str(root), *overrides]) == 0
-    (run,) = sorted((root / "lightning_logs").iterdir())
+    (run,) = sorted(root.glob("version_*"))
     return run
 
 

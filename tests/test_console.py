@@ -85,7 +85,7 @@ def quickstart(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[st
     output = _run(repo, root / "cache", "fit", "--config", "configs/quickstart.yaml",
                   "--trainer.default_root_dir", str(root / "runs"), "--model.init_args.slow_steps", "6",
                   "--model.init_args.fast_steps", "6", "--trainer.callbacks.init_args.every_n_steps", "6")
-    (run,) = sorted((root / "runs" / "lightning_logs").iterdir())
+    (run,) = sorted((root / "runs").iterdir())
     return output, run, root / "cache"
 
 

@@ -402,7 +402,7 @@ def test_transformer_gets_the_stock_pipelines_inputs_and_gives_its_velocity(fami
 
     module = spec.module_class()(pretrained_model=f"tiny:{family}", timesteps={"slow": [1.0], "fast": [0.5]},
                                  **entry.module_options)
-    assert module.timestep_scale == entry.timestep_scale  # the README table's timestep column
+    assert module.timestep_scale == entry.timestep_scale  # the docs/families.md table's timestep column
     module.load_base_model()
     module.transformer.eval()
     cond = module.conditioning_for(entry.prompt, tuple(control_pixels(c) for c in entry.controls))

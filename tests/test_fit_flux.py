@@ -27,10 +27,10 @@ def test_fit_ckpt_path_last_continues_the_newest_run_in_place(repo: Path, tmp_pa
               "--model.init_args.slow_steps", "2", "--trainer.callbacks.init_args.every_n_steps", "0"]
     assert main([*common, "--model.init_args.fast_steps", "2"]) == 0
     assert main([*common, "--model.init_args.fast_steps", "4", "--ckpt_path", "last"]) == 0
-    run = tmp_path / "lightning_logs" / "version_0"
+    run = tmp_path / "version_0"
     assert read_glance_metadata(run / "fast")["trained_steps"] == 4
-    assert not (tmp_path / "lightning_logs" / "version_1" / "fast").exists()
-    from glance_lightning.cli import find_last_checkpoint
+    assert not (tmp_path / "version_1").exists()
+    from glance_lightning.run_folder import find_last_checkpoint
 
     state = torch.load(find_last_checkpoint(tmp_path), map_location="cpu", weights_only=True)
     assert state["global_step"] == 6  # a further `--ckpt_path last` continues from here

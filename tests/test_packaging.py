@@ -76,7 +76,7 @@ def test_the_tested_environment_is_the_pinned_one(repo: Path):
     wrong = {name: (version, pins.get(name)) for name, version in needed.items()
              if Version(version).public != pins.get(name)}
     assert not wrong, ("installed (version, pinned) differ; install with `pip install -c constraints.txt -e .[dev]`"
-                       f" or refresh the pins (README, 'Upgrading dependencies'): {wrong}")
+                       f" or refresh the pins (docs/training.md, 'Upgrading dependencies'): {wrong}")
 
 
 def test_freeze_pins_every_installed_package_without_local_labels(repo: Path, tmp_path: Path):

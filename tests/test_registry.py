@@ -33,7 +33,7 @@ def test_builtins_are_registered_and_consistent():
 
 
 def test_readme_family_table_is_the_registry(repo: Path):
-    assert markdown_table() in (repo / "README.md").read_text()
+    assert markdown_table() in (repo / "docs" / "families.md").read_text()
 
 
 def test_bad_registrations_are_refused():
@@ -105,7 +105,7 @@ def test_the_cli_links_the_data_resolution_to_the_derived_lists(repo: Path, tmp_
                  "false"]) == 0
     from glance_lightning.lora_io import read_glance_metadata
 
-    meta = read_glance_metadata(tmp_path / "lightning_logs" / "version_0" / "slow")
+    meta = read_glance_metadata(tmp_path / "version_0" / "slow")
     at_64 = derive_timesteps("flux", resolution=64)
     assert meta["schedule"]["slow"] == pytest.approx(at_64["slow"], abs=1e-3)
     assert meta["schedule"]["slow"] != pytest.approx(derive_timesteps("flux", resolution=1024)["slow"], abs=1e-3)

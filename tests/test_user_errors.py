@@ -145,7 +145,7 @@ def finished_run(tmp_path: Path, repo: Path, capsys) -> tuple[Path, Path]:
     path = config(tmp_path, repo, logger=True, checkpoints=True)
     code, out = run_cli(capsys, "fit", "--config", str(path))
     assert code == 0, out
-    return path, tmp_path / "run" / "lightning_logs" / "version_0"
+    return path, tmp_path / "run" / "version_0"
 
 
 @pytest.mark.parametrize(("override", "named"), [
@@ -171,20 +171,18 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_use_instead(finished_run,
                       str(run / "checkpoints" / "epoch=0-step=4.ckpt"))
 
 
-def test_every_resume_of_a_run_keeps_its_loras_in_that_run(finished_run, capsys):
+def test_every_resume_of_a_run_continues_in_that_run_folder(finished_run, capsys):
     path, run = finished_run
     loras = {p: (run / p / "pytorch_lora_weights.safetensors") for p in ("slow", "fast")}
     first = {p: f.stat().st_mtime_ns for p, f in loras.items()}
     middle = run / "checkpoints" / "epoch=0-step=2.ckpt"
     code, out = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", str(middle))
     assert code == 0, out
-    second_run = run.parent / "version_1"
-    assert (second_run / "checkpoints" / "last.ckpt").is_file()  # the resumed run logs and checkpoints there
-    code, out = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last")  # version_1's last.ckpt
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4  # the resumed steps were checkpointed in the same run folder
+    code, out = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", "last")
     assert code == 0, out
-    for version in run.parent.iterdir():
-        if version != run:
-            assert not (version / "slow").exists() and not (version / "fast").exists(), version
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]  # no second folder for a resume
     assert all(loras[p].stat().st_mtime_ns > first[p] for p in loras)  # rewritten in place, in version_0
 
 
@@ -214,7 +212,7 @@ def loras(tmp_path: Path, repo: Path, capsys) -> Path:
     path = config(tmp_path, repo)
     code, out = run_cli(capsys, "fit", "--config", str(path))
     assert code == 0, out
-    return tmp_path / "run"
+    return tmp_path / "run" / "version_0"
 
 
 def sample_args(loras: Path, tmp_path: Path, *extra: str, slow: str | None = None) -> list[str]:
@@ -253,15 +251,20 @@ def test_a_full_copy_of_the_loras_still_samples(loras, tmp_path, capsys):
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
 
 
-def test_an_earlier_runs_config_in_the_root_dir_is_never_overwritten(tmp_path, repo, capsys):
+def test_an_earlier_runs_folder_is_never_written_into(tmp_path, repo, capsys, monkeypatch):
     path = config(tmp_path, repo)
     code, out = run_cli(capsys, "fit", "--config", str(path), "--model.init_args.output_dir", str(tmp_path / "a"))
     assert code == 0, out
-    saved = (tmp_path / "run" / "config.yaml").read_bytes()
+    first = tmp_path / "run" / "version_0"
+    saved = (first / "config.yaml").read_bytes()
     code, out = run_cli(capsys, "fit", "--config", str(path), "--model.init_args.output_dir", str(tmp_path / "b"))
-    assert_user_error(code, out, f"{tmp_path / 'run' / 'config.yaml'} is an earlier run's config")
-    assert (tmp_path / "run" / "config.yaml").read_bytes() == saved
-    assert not (tmp_path / "b").exists()
+    assert code == 0, out  # a second run into the same root gets the next folder
+    assert (tmp_path / "run" / "version_1" / "config.yaml").is_file()
+    monkeypatch.setenv("GLANCE_LIGHTNING_RUN_DIR", str(first))  # a launcher pointing at the earlier run
+    code, out = run_cli(capsys, "fit", "--config", str(path), "--model.init_args.output_dir", str(tmp_path / "c"))
+    assert_user_error(code, out, f"{first / 'config.yaml'} is an earlier run's config")
+    assert (first / "config.yaml").read_bytes() == saved
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_root_dir_that_is_a_file_is_named(tmp_path, repo, capsys, no_model_load):

@@ -106,7 +106,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
             caption_dropout: probability of training a sample on ``dropout_prompt`` instead of its caption.
             dropout_prompt: the prompt used for caption dropout (the official Qwen recipe uses " ").
             offload_encoders: keep text encoders and the VAE on the CPU once the data is encoded.
-            output_dir: where ``slow/`` and ``fast/`` LoRAs go; default the run's log directory. An existing
+            output_dir: where ``slow/`` and ``fast/`` LoRAs go; default the run folder. An existing
                 LoRA there is never overwritten by a new run.
             resolution: the training resolution, which derived lists are read off unless ``timesteps.derive``
                 names another; the command line sets it from ``data.init_args.resolution`` (default 1024).
@@ -144,9 +144,11 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         self._active_adapter: str | None = None
         self.init_caches()
         self.lora_dir: Path | None = Path(output_dir) if output_dir else None
+        self.run_dir: Path | None = None  # the run folder the command line claimed (glance_lightning.run_folder)
         self.seed = 0
         # nan_strategy="disable": torchmetrics would otherwise read every update back (a device sync); non-finite
         # losses are caught once per optimizer step in on_before_optimizer_step.
+        self.step_metrics: dict[str, torch.Tensor | float] = {}  # this step's dashboard values (TrainingMonitor)
         self.loss_means = torch.nn.ModuleDict({p: MeanMetric(nan_strategy="disable") for p in PHASES})
         self._finite: torch.Tensor | None = None
         self._last_draw: tuple[str, list[float]] = ("", [])
@@ -292,19 +294,22 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def _log_losses(self, phase: str, loss: torch.Tensor, per_sample: torch.Tensor, choice: list[int]) -> None:
+        """The progress bar's loss every step; the dashboards' per-phase metrics (``step_metrics``, written by
+        ``callbacks.monitor.TrainingMonitor``) at logging steps only, under the running phase's names alone."""
         size = len(choice)
         self.loss_means[phase].update(loss.detach())
-        self.log(f"train/loss_{phase}", loss, prog_bar=True, on_step=True, batch_size=size)
-        self.log(f"train/loss_{phase}_mean", self.loss_means[phase], on_step=False, on_epoch=True, batch_size=size)
+        self.log(f"train/loss_{phase}", loss, prog_bar=True, logger=False, on_step=True, batch_size=size)
+        self.log(f"train/loss_{phase}_mean", self.loss_means[phase], logger=False, on_step=False, on_epoch=True,
+                 batch_size=size)  # the loggers get it at the phase's end (TrainingMonitor)
         if not self.diagnostics_due():
             return
-        self.log("train/loss", loss, on_step=True, batch_size=size)
-        self.log("train/phase", float(PHASES.index(phase)), on_step=True, batch_size=size)
+        metrics = self.step_metrics
+        metrics[f"train/loss_{phase}"] = loss.detach()
+        metrics["train/phase"] = float(PHASES.index(phase))
         timesteps = self.glance_timesteps.as_timesteps()[phase]
         for c in sorted(set(choice)):  # masks and counts from the host-side list: no device sync
             rows = [i for i, x in enumerate(choice) if x == c]
-            self.log(f"train/loss_{phase}/t{timesteps[c]:07.2f}", per_sample[rows].mean(), on_step=True,
-                     batch_size=len(rows))
+            metrics[f"train/loss_{phase}/t{timesteps[c]:07.2f}"] = per_sample[rows].mean().detach()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._finite is not None and not bool(self._finite):  # the step's one host-device sync
@@ -319,8 +324,9 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         grads = [p.grad for p in self.adapter_parameters(self._active_adapter) if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            self.log(f"train/grad_norm_{self._active_adapter}", norm, on_step=True)
-            self.log("train/lr", optimizer.param_groups[PHASES.index(self._active_adapter)]["lr"], on_step=True)
+            self.step_metrics[f"train/grad_norm_{self._active_adapter}"] = norm.detach()
+        self.step_metrics[f"train/lr_{self._active_adapter}"] = optimizer.param_groups[
+            PHASES.index(self._active_adapter)]["lr"]
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [{"params": self.adapter_parameters(p), "name": p} for p in PHASES]
@@ -360,7 +366,34 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         self.seed = checkpoint.get("glance_seed", self.seed)
 
     def on_train_end(self) -> None:
-        self.save_loras()
+        self.save_loras()  # after the callbacks' on_train_end: the last chained samples are rendered
+        self.write_model_card()
+
+    def write_model_card(self) -> Path | None:
+        """``README.md`` in the run folder: the pair as a Hugging Face model card (``glance_lightning.model_card``)
+        with the last chained samples (rank 0)."""
+        trainer = self.attached_trainer()
+        if trainer is None or not trainer.is_global_zero or self.lora_dir is None:
+            return None
+        from glance_lightning import model_card
+
+        folder = preflight.run_dir(trainer)
+        dirnames = [getattr(c, "dirname", None) for c in trainer.callbacks if hasattr(c, "rendered")] or ["samples"]
+        samples = [p for name in dirnames if name for p in model_card.latest_samples(folder / name)]
+        with self.timed("save"):
+            return model_card.write(folder / model_card.CARD_NAME, self.lora_dir, samples)
+
+    def published_files(self) -> dict[str, Path]:
+        """What a run publishes (the W&B artifact): both LoRA files and the model card, by their names there."""
+        from glance_lightning.lora_io import LORA_WEIGHT_NAME
+        from glance_lightning.model_card import CARD_NAME
+
+        files = {f"{p}/{LORA_WEIGHT_NAME}": self.lora_dir / p / LORA_WEIGHT_NAME for p in PHASES} \
+            if self.lora_dir is not None else {}
+        trainer = self.attached_trainer()
+        if trainer is not None:
+            files[CARD_NAME] = preflight.run_dir(trainer) / CARD_NAME
+        return {name: path for name, path in files.items() if path.is_file()}
 
     def glance_metadata(self, phase: str) -> dict[str, Any]:
         trainer = self.attached_trainer()

@@ -1,8 +1,8 @@
 """Pre-flight checks of a fit, run before the base model is loaded (or, for disk space, before training).
 
-Each check names the setting and the fix. This module also owns where a run writes: ``run_dir`` (logs,
-samples, config) and ``output_dir`` (the LoRAs: ``model.output_dir``, else the run directory, which on resume
-is the resumed run's).
+Each check names the setting and the fix. This module also says where a run writes: ``run_dir`` (logs,
+samples, config; the command line claims the folder, ``glance_lightning.run_folder``) and ``output_dir`` (the
+LoRAs: ``model.output_dir``, else the run folder, which on resume is the resumed run's).
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ PHASES = ("slow", "fast")
 
 
 def run_dir(trainer: Any) -> Path:
-    """The run's directory: the logger's version folder, else ``trainer.default_root_dir``."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run's folder: the one the command line claimed (``GlanceModule.run_dir``, see
+    ``glance_lightning.run_folder``); for a Trainer built by hand, the logger's version folder, else
+    ``trainer.default_root_dir``."""
+    claimed = getattr(trainer.lightning_module, "run_dir", None)
+    return Path(claimed) if claimed is not None else Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def output_dir(trainer: Any, configured: str | os.PathLike | None, ckpt_path: str | os.PathLike | None) -> Path:
