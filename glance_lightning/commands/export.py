@@ -12,6 +12,10 @@ loaders (alpha/rank folded into lora_B). ``export`` is for users who want a load
 ``--lora`` is a LoRA folder or .safetensors file, or a run folder holding ``slow/`` and ``fast/`` (both are
 exported). Each file goes beside its source as ``glance_<phase>_<format>.safetensors`` unless ``--output`` names
 a file (one LoRA) or a folder; an existing file is never overwritten. The Glance metadata is kept.
+
+``--hub DIR`` writes a folder ready for ``huggingface_hub.upload_folder``: ``slow/`` and ``fast/`` (the default
+files, or ``--format``'s layout), the last chained samples and a ``README.md`` model card
+(``glance_lightning.model_card``); ``DIR`` must not exist or be empty.
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m glance_lightning export", description=__doc__.split("\n\n")[0])
     p.add_argument("--lora", required=True,
                    help="a LoRA folder or .safetensors file, or a run folder holding slow/ and fast/")
-    p.add_argument("--format", required=True, choices=FORMATS, help="the key layout to write")
+    p.add_argument("--format", default=None, choices=FORMATS,
+                   help="the key layout to write (required unless --hub; with --hub default: the files as trained)")
+    p.add_argument("--hub", default=None, metavar="DIR",
+                   help="write a folder ready for huggingface_hub.upload_folder: both LoRAs, the last samples and "
+                        "a model card (README.md); --lora must be a run folder or hold slow/ and fast/")
     p.add_argument("--output", default=None,
                    help="output file (one LoRA) or folder; default: beside each source, "
                         "glance_<phase>_<format>.safetensors")
@@ -67,6 +75,14 @@ def run_export_command(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     output = Path(args.output) if args.output else None
+    if args.hub is not None:
+        try:
+            return _export_hub(Path(args.lora), Path(args.hub), args.format, args.family)
+        except (ValueError, FileNotFoundError, FileExistsError, LoraLayoutError) as err:
+            return errors.report(str(err), "export", traceback_hint=False)
+    if args.format is None:
+        parser.print_usage()
+        return errors.report("--format is required (or --hub DIR)", "export", traceback_hint=False)
     try:
         sources = _sources(Path(args.lora))
         if output is not None and output.suffix == ".safetensors" and len(sources) > 1:
@@ -80,4 +96,29 @@ def run_export_command(argv: list[str] | None = None) -> int:
             print(f"{written}  ({args.format}, from {source})", flush=True)
     except (ValueError, FileNotFoundError, FileExistsError, LoraLayoutError) as err:
         return errors.report(str(err), "export", traceback_hint=False)
+    return 0
+
+
+def _export_hub(run: Path, hub: Path, fmt: str | None, family: str | None) -> int:
+    """``hub``: slow/, fast/, samples/ and README.md, from the run folder (or LoRA pair folder) ``run``."""
+    from glance_lightning import model_card
+    from glance_lightning.atomic import write_bytes
+
+    sources = _sources(run)
+    if [s.name for s in sources] != ["slow", "fast"] or not all(s.is_dir() for s in sources):
+        raise MissingFileError(f"--lora {run}: --hub needs a run folder holding both slow/ and fast/")
+    if hub.exists() and (not hub.is_dir() or any(hub.iterdir())):
+        raise ExistingFileError(f"--hub {hub} exists and is not an empty folder; name a new folder")
+    samples = model_card.latest_samples(run / "samples")
+    for source in sources:
+        target = hub / source.name / LORA_WEIGHT_NAME
+        if fmt is None:
+            write_bytes(target, (source / LORA_WEIGHT_NAME).read_bytes())
+        else:
+            export_lora(source, fmt, target, family)
+    for sample in samples:
+        write_bytes(hub / "samples" / sample.name, sample.read_bytes())
+    card = model_card.write(hub / model_card.CARD_NAME, hub, [hub / "samples" / s.name for s in samples])
+    print(f"{hub}  (slow/, fast/, {len(samples)} sample(s), {card.name}; upload with "
+          f"huggingface_hub.upload_folder(repo_id=..., folder_path={str(hub)!r}))", flush=True)
     return 0
