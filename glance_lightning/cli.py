@@ -87,11 +87,11 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
             if ckpt_path is not None:  # readable, trained with these settings; LoRAs stay with its run
                 checkpoint = resume.read_checkpoint(ckpt_path)
                 resume.check_resume(checkpoint, resume.training_identity(module), ckpt_path)
-                lora_dir = lora_dir or resume.resumed_lora_dir(checkpoint)
+                lora_dir = lora_dir or resume.resumed_lora_dir(checkpoint, self.run_dir)
             module.run_dir = self.run_dir
             module.lora_dir = lora_dir or self.run_dir
             module.refuse_overwrite(resuming=ckpt_path is not None)
-            run_folder.place_checkpoints(self.trainer, self.run_dir)
+            run_folder.place_checkpoints(self.trainer, self.run_dir, resuming=ckpt_path is not None)
             if self.trainer.is_global_zero:
                 start_loggers(self.trainer.loggers)
 
@@ -147,6 +147,10 @@ def start_loggers(loggers: list[Any]) -> None:
     """Start each logger now (W&B login, TensorBoard writer), so that one that cannot start is one line before
     the model loads."""
     for logger in loggers:
+        init = getattr(logger, "_wandb_init", None)  # WandbLogger's wandb.init kwargs (no public accessor)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            # Lightning passes anonymous=None for "not set", which wandb >= 0.22 warns has no effect
+            init.pop("anonymous", None)
         try:
             logger.experiment  # noqa: B018 (the property starts the logger)
         except Exception as err:  # noqa: BLE001 (any failure to start is reported the same way)

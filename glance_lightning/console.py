@@ -106,6 +106,10 @@ WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
     # The Slow and Fast LoRAs are two named adapters on one model by design (sample loads them one by one).
     (r"Already found a `peft_config` attribute in the model", UserWarning, r"peft\.tuners\.tuners_utils"),
+    # A resume mid-epoch: the Glance draws are a function of the step (glance_lightning.draws), so the resumed
+    # run draws exactly what an uninterrupted one would; Lightning cannot know that.
+    (r"You.re resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+     UserWarning, r"lightning\.pytorch\.loops\.training_epoch_loop"),
 )
 
 

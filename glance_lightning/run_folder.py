@@ -183,10 +183,17 @@ def _set(container: Any, key: str, value: Any) -> None:
         setattr(container, key, value)
 
 
-def place_checkpoints(trainer: Any, run_dir: Path) -> None:
-    """Every ModelCheckpoint without a ``dirpath`` of its own saves into ``run_dir/checkpoints``."""
+def place_checkpoints(trainer: Any, run_dir: Path, resuming: bool) -> None:
+    """Every ModelCheckpoint without a ``dirpath`` of its own saves into ``run_dir/checkpoints``. A resume
+    continues there, so Lightning's "Checkpoint directory ... exists and is not empty" is expected for that one
+    folder and not shown (it still shows for any other)."""
+    import warnings
+
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    folder = str(run_dir / CHECKPOINT_DIR)
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
-            callback.dirpath = str(run_dir / CHECKPOINT_DIR)
+            callback.dirpath = folder
+    if resuming:
+        warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(folder)} exists and is not empty")

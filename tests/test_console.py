@@ -294,3 +294,20 @@ def test_step_progress_is_silent_for_a_short_loop(capsys):
     long = console.StepProgress("rendering", 3, after=0.0, every=0.0)
     long.update(1)
     assert capsys.readouterr().err == "glance_lightning: rendering 1/3\n"
+
+
+def test_a_wandb_run_and_its_resume_print_no_noise(quickstart, repo, tmp_path):
+    """A W&B run (offline) and `--ckpt_path last` of it: no Python warnings, none of the listed noise."""
+    _, _, cache = quickstart
+    common = ("fit", "--config", "configs/quickstart.yaml", "--config", "configs/logging/wandb.yaml",
+              "--trainer.default_root_dir", str(tmp_path), "--model.init_args.slow_steps", "6",
+              "--trainer.callbacks.init_args.every_n_steps", "0", "--trainer.log_every_n_steps", "3")
+    first = _run(repo, cache, *common, "--model.init_args.fast_steps", "3")
+    resumed = _run(repo, cache, *common, "--model.init_args.fast_steps", "6", "--ckpt_path", "last")
+    for output in (first, resumed):
+        found = [needle for needle in FORBIDDEN if needle in output]
+        assert not found, f"noise: {found}\n{output}"
+        warned = [line for line in output.splitlines() if WARNING_LINE.search(line) or "wandb: WARNING" in line]
+        assert not warned, f"warnings: {warned}\n{output}"
+    assert "Restored all states from the checkpoint" in resumed and "X/version_0" not in resumed
+    assert (tmp_path / "version_0" / "wandb").is_dir() and not (tmp_path / "version_1").exists()

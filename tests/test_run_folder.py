@@ -161,3 +161,14 @@ def test_an_unusable_root_is_one_line_before_any_model_loads(kind, repo, tmp_pat
     assert code == 2 and "Traceback" not in err, err
     assert "trainer.default_root_dir: " in err and str(root) in err, err
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_moved_run_folder_resumes_where_it_is_now(repo, tmp_path):
+    assert fit(repo, tmp_path / "A", "none") == 0
+    (tmp_path / "B").mkdir()
+    (tmp_path / "A" / "version_0").rename(tmp_path / "B" / "version_0")
+    moved = tmp_path / "B" / "version_0"
+    assert fit(repo, tmp_path / "B", "none", "--model.init_args.fast_steps", "3",
+               "--ckpt_path", str(moved / "checkpoints" / "last.ckpt")) == 0
+    assert read_glance_metadata(moved / "fast")["trained_steps"] == 3
+    assert not list((tmp_path / "A").iterdir())  # nothing written back into the old place

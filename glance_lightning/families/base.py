@@ -358,6 +358,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         checkpoint["glance_seed"] = self.seed
         checkpoint[resume.IDENTITY_KEY] = resume.training_identity(self)
         checkpoint[resume.LORA_DIR_KEY] = str(self.lora_dir) if self.lora_dir is not None else None
+        checkpoint[resume.RUN_DIR_KEY] = str(self.run_dir) if self.run_dir is not None else None
         self.save_loras()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

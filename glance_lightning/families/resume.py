@@ -6,8 +6,8 @@ resolution, the family's own options) and where the run keeps its LoRAs. Resumin
 would relabel or mix what was trained, so it is refused before any model is loaded, naming each setting with the
 checkpoint's and the new value; only the Fast phase may be given more steps (to train on from a finished run).
 Settings about where and how fast (paths, attention kernels, checkpointing,
-compile, caches) may change. A resumed run writes its LoRAs where the checkpoint's run did, so that every resume
-of one run updates the same ``slow/`` and ``fast/``.
+compile, caches) may change. A resumed run writes its LoRAs where the checkpoint's run did (its run folder, also
+after that folder was moved), so that every resume of one run updates the same ``slow/`` and ``fast/``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from glance_lightning.settings import plain_data
 
 IDENTITY_KEY = "glance_identity"
 LORA_DIR_KEY = "glance_lora_dir"
+RUN_DIR_KEY = "glance_run_dir"
 # The last phase may be lengthened (or shortened to no less than what was trained): no trained step changes label.
 EXTENDABLE = frozenset({"model.fast_steps"})
 
@@ -94,7 +95,11 @@ def check_resume(checkpoint: dict[str, Any], current: dict[str, Any], path: str 
         )
 
 
-def resumed_lora_dir(checkpoint: dict[str, Any]) -> Path | None:
-    """Where the checkpoint's run keeps its LoRAs (None for checkpoints that do not say)."""
-    saved = checkpoint.get(LORA_DIR_KEY)
+def resumed_lora_dir(checkpoint: dict[str, Any], run_dir: Path | None = None) -> Path | None:
+    """Where the checkpoint's run keeps its LoRAs (None for checkpoints that do not say): in its run folder
+    (``run_dir``, where the checkpoint is now: a moved or copied run folder keeps its LoRAs with it) when they
+    were in the run folder, else the ``model.output_dir`` it recorded."""
+    saved, saved_run = checkpoint.get(LORA_DIR_KEY), checkpoint.get(RUN_DIR_KEY)
+    if saved and saved_run and Path(saved) == Path(saved_run) and run_dir is not None:
+        return run_dir
     return Path(saved) if saved else None
