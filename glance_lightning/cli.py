@@ -88,7 +88,7 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
                 checkpoint = resume.read_checkpoint(ckpt_path)
                 resume.check_resume(checkpoint, resume.training_identity(module), ckpt_path)
                 lora_dir = lora_dir or resume.resumed_lora_dir(checkpoint, self.run_dir)
-            module.run_dir = self.run_dir
+            module.claimed_run_dir = module.run_dir = self.run_dir
             module.lora_dir = lora_dir or self.run_dir
             module.refuse_overwrite(resuming=ckpt_path is not None)
             run_folder.place_checkpoints(self.trainer, self.run_dir, resuming=ckpt_path is not None)

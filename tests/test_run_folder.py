@@ -172,3 +172,17 @@ def test_a_moved_run_folder_resumes_where_it_is_now(repo, tmp_path):
                "--ckpt_path", str(moved / "checkpoints" / "last.ckpt")) == 0
     assert read_glance_metadata(moved / "fast")["trained_steps"] == 3
     assert not list((tmp_path / "A").iterdir())  # nothing written back into the old place
+
+
+def test_ddp_worker_processes_write_into_the_folder_their_launcher_claimed(repo, tmp_path):
+    """Lightning's DDP launcher starts the other rank by running the same command again: it must not claim a
+    second folder."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop(RUN_DIR_ENV, None)
+    command = [sys.executable, "-m", "glance_lightning", *fit_args(
+        repo, tmp_path / "X", "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true")]
+    done = reaping.run_reaped(command, timeout=240, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert [p.name for p in (tmp_path / "X").iterdir()] == ["version_0"]
+    assert all((tmp_path / "X" / "version_0" / name).is_file() for name in RUN_FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["X"]

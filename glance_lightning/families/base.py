@@ -144,7 +144,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         self._active_adapter: str | None = None
         self.init_caches()
         self.lora_dir: Path | None = Path(output_dir) if output_dir else None
-        self.run_dir: Path | None = None  # the run folder the command line claimed (glance_lightning.run_folder)
+        self.claimed_run_dir: Path | None = None  # claimed by the command line (run_folder)
+        self.run_dir: Path | None = None  # this fit's run folder, resolved in setup on every rank
         self.seed = 0
         # nan_strategy="disable": torchmetrics would otherwise read every update back (a device sync); non-finite
         # losses are caught once per optimizer step in on_before_optimizer_step.
@@ -217,6 +218,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         trainer = self.trainer
         self.fit_started, self.fit_timings = time.perf_counter(), {}
         install_checkpoint_io(trainer.strategy)  # checkpoints written all or nothing (glance_lightning.atomic)
+        # on every rank: without the command line's folder, trainer.log_dir is a collective (a broadcast)
+        self.run_dir = self.claimed_run_dir or preflight.trainer_run_dir(trainer)
         self.lora_dir = preflight.output_dir(trainer, self.lora_dir, trainer.ckpt_path)
         if trainer.is_global_zero:
             preflight.check_output_dir(self.lora_dir)

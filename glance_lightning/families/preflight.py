@@ -21,11 +21,17 @@ PHASES = ("slow", "fast")
 
 
 def run_dir(trainer: Any) -> Path:
-    """The run's folder: the one the command line claimed (``GlanceModule.run_dir``, see
-    ``glance_lightning.run_folder``); for a Trainer built by hand, the logger's version folder, else
-    ``trainer.default_root_dir``."""
-    claimed = getattr(trainer.lightning_module, "run_dir", None)
-    return Path(claimed) if claimed is not None else Path(trainer.log_dir or trainer.default_root_dir)
+    """The run's folder: the one the command line claimed (``glance_lightning.run_folder``) or, for a Trainer
+    built by hand, ``trainer_run_dir`` as the module resolved it in setup (``GlanceModule.run_dir``)."""
+    module = trainer.lightning_module
+    folder = getattr(module, "run_dir", None) or getattr(module, "claimed_run_dir", None)
+    return Path(folder) if folder is not None else trainer_run_dir(trainer)
+
+
+def trainer_run_dir(trainer: Any) -> Path:
+    """Lightning's own idea of the run folder: the first logger's version folder, else ``default_root_dir``. In
+    DDP this is a collective (``trainer.log_dir`` broadcasts): call it on every rank."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def output_dir(trainer: Any, configured: str | os.PathLike | None, ckpt_path: str | os.PathLike | None) -> Path:
