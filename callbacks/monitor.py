@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from glance_lightning import console, dashboard
+from glance_lightning.model_card import published_files
 from glance_lightning.run_folder import shown
 
 
@@ -103,4 +104,4 @@ class TrainingMonitor(L.Callback):
             folder = shown(pl_module.lora_dir)
             console.info(f"saved the Slow and Fast LoRAs: {folder}/slow, {folder}/fast")
         console.info(self.summary)
-        dashboard.log_loras(trainer, pl_module, pl_module.published_files())
+        dashboard.log_loras(trainer, pl_module, published_files(pl_module.run_dir, pl_module.lora_dir))

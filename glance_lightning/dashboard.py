@@ -48,6 +48,18 @@ def _scalar(value: torch.Tensor | float) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def loss_metrics(phase: str, timesteps: list[float], loss: torch.Tensor, per_sample: torch.Tensor,
+                 choice: list[int]) -> dict[str, torch.Tensor | float]:
+    """A step's loss under the phase's names: overall and per timestep of its list (``choice``: each sample's
+    index into ``timesteps``; grouped on the host, so no device sync)."""
+    metrics: dict[str, torch.Tensor | float] = {f"train/loss_{phase}": loss.detach(),
+                                                "train/phase": float(("slow", "fast").index(phase))}
+    for c in sorted(set(choice)):
+        rows = [i for i, x in enumerate(choice) if x == c]
+        metrics[f"train/loss_{phase}/t{timesteps[c]:07.2f}"] = per_sample[rows].mean().detach()
+    return metrics
+
+
 def log_step(trainer: Any, metrics: dict[str, torch.Tensor | float]) -> None:
     """Write one optimizer step's metrics to every logger at ``trainer.global_step`` (one device sync)."""
     values = {key: _scalar(value) for key, value in metrics.items()}

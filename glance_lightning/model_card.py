@@ -194,3 +194,19 @@ def _relative(path: Path, start: Path) -> str:
     import os
 
     return Path(os.path.relpath(path.absolute(), start.absolute())).as_posix()
+
+
+def write_for_run(run_dir: Path, lora_dir: Path, callbacks: list[Any]) -> Path:
+    """The run folder's card, with the last render of each sample callback (their ``dirname``; default
+    ``samples``)."""
+    dirnames = [getattr(c, "dirname", None) for c in callbacks if hasattr(c, "rendered")] or ["samples"]
+    samples = [p for name in dirnames if name for p in latest_samples(run_dir / name)]
+    return write(run_dir / CARD_NAME, lora_dir, samples)
+
+
+def published_files(run_dir: Path | None, lora_dir: Path | None) -> dict[str, Path]:
+    """What a run publishes (the W&B artifact): both LoRA files and the card, by their names there."""
+    files = {f"{p}/{LORA_WEIGHT_NAME}": lora_dir / p / LORA_WEIGHT_NAME for p in PHASES} if lora_dir else {}
+    if run_dir is not None:
+        files[CARD_NAME] = run_dir / CARD_NAME
+    return {name: path for name, path in files.items() if path.is_file()}

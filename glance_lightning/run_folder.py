@@ -38,7 +38,7 @@ _PLACED = {
 
 
 def check_root(root: Path, setting: str = "trainer.default_root_dir") -> None:
-    """Create ``root`` or say in one line why runs cannot be written there."""
+    """Create the folder ``root`` or say in one line, naming ``setting``, why nothing can be written there."""
     if root.exists() and not root.is_dir():
         raise UnwritableError(f"{setting}: {root} is a file, not a folder; choose a folder")
     try:

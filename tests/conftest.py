@@ -46,6 +46,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reaping.reap(reaping.leftovers(set()))  # what session-scoped fixtures started
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if any model weights are read."""
+    import glance_lightning.families.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(loading, "load_pipeline", refuse)
+    monkeypatch.setattr(loading, "load_transformer", refuse)
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -127,17 +127,6 @@ def test_loggers_are_pointed_into_the_run_folder(tmp_path):
     assert place_loggers(False, run, resuming=False) == (False, [])
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    import glance_lightning.families.loading as loading
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the mistake was reported")
-
-    monkeypatch.setattr(loading, "load_pipeline", refuse)
-    monkeypatch.setattr(loading, "load_transformer", refuse)
-
-
 def test_a_logger_that_cannot_start_is_one_line_before_any_model_loads(repo, tmp_path, monkeypatch, capsys,
                                                                        no_model_load):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc

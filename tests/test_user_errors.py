@@ -66,18 +66,6 @@ def assert_user_error(code: int, out: str, *named: str, max_lines: int = 6) -> N
         assert name in out, (name, out)
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if any model weights are read."""
-    import glance_lightning.families.loading as loading
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the mistake was reported")
-
-    monkeypatch.setattr(loading, "load_pipeline", refuse)
-    monkeypatch.setattr(loading, "load_transformer", refuse)
-
-
 @pytest.mark.parametrize(("override", "named"), [
     (["--model.init_args.lora.rank", "0"], "model.init_args.lora.rank=0: must be > 0"),
     (["--model.init_args.lora.alpha", "-1"], "model.init_args.lora.alpha=-1: must be > 0"),

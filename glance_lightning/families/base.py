@@ -28,7 +28,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from peft.utils import get_peft_model_state_dict
 from torchmetrics import MeanMetric
 
-from glance_lightning import flow
+from glance_lightning import dashboard, flow, model_card
 from glance_lightning import performance as perf_ops
 from glance_lightning.atomic import install_checkpoint_io
 from glance_lightning.draws import Draws, DrawSpec, GlanceData
@@ -147,9 +147,9 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         self.claimed_run_dir: Path | None = None  # claimed by the command line (run_folder)
         self.run_dir: Path | None = None  # this fit's run folder, resolved in setup on every rank
         self.seed = 0
+        self.step_metrics: dict[str, torch.Tensor | float] = {}  # this step's dashboard values (TrainingMonitor)
         # nan_strategy="disable": torchmetrics would otherwise read every update back (a device sync); non-finite
         # losses are caught once per optimizer step in on_before_optimizer_step.
-        self.step_metrics: dict[str, torch.Tensor | float] = {}  # this step's dashboard values (TrainingMonitor)
         self.loss_means = torch.nn.ModuleDict({p: MeanMetric(nan_strategy="disable") for p in PHASES})
         self._finite: torch.Tensor | None = None
         self._last_draw: tuple[str, list[float]] = ("", [])
@@ -297,22 +297,15 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def _log_losses(self, phase: str, loss: torch.Tensor, per_sample: torch.Tensor, choice: list[int]) -> None:
-        """The progress bar's loss every step; the dashboards' per-phase metrics (``step_metrics``, written by
-        ``callbacks.monitor.TrainingMonitor``) at logging steps only, under the running phase's names alone."""
+        """The progress bar's loss every step; the dashboards' (``step_metrics``) at logging steps only."""
         size = len(choice)
         self.loss_means[phase].update(loss.detach())
         self.log(f"train/loss_{phase}", loss, prog_bar=True, logger=False, on_step=True, batch_size=size)
         self.log(f"train/loss_{phase}_mean", self.loss_means[phase], logger=False, on_step=False, on_epoch=True,
                  batch_size=size)  # the loggers get it at the phase's end (TrainingMonitor)
-        if not self.diagnostics_due():
-            return
-        metrics = self.step_metrics
-        metrics[f"train/loss_{phase}"] = loss.detach()
-        metrics["train/phase"] = float(PHASES.index(phase))
-        timesteps = self.glance_timesteps.as_timesteps()[phase]
-        for c in sorted(set(choice)):  # masks and counts from the host-side list: no device sync
-            rows = [i for i, x in enumerate(choice) if x == c]
-            metrics[f"train/loss_{phase}/t{timesteps[c]:07.2f}"] = per_sample[rows].mean().detach()
+        if self.diagnostics_due():
+            timesteps = self.glance_timesteps.as_timesteps()[phase]
+            self.step_metrics.update(dashboard.loss_metrics(phase, timesteps, loss, per_sample, choice))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._finite is not None and not bool(self._finite):  # the step's one host-device sync
@@ -371,33 +364,9 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
 
     def on_train_end(self) -> None:
         self.save_loras()  # after the callbacks' on_train_end: the last chained samples are rendered
-        self.write_model_card()
-
-    def write_model_card(self) -> Path | None:
-        """``README.md`` in the run folder: the pair as a Hugging Face model card (``glance_lightning.model_card``)
-        with the last chained samples (rank 0)."""
-        trainer = self.attached_trainer()
-        if trainer is None or not trainer.is_global_zero or self.lora_dir is None:
-            return None
-        from glance_lightning import model_card
-
-        folder = preflight.run_dir(trainer)
-        dirnames = [getattr(c, "dirname", None) for c in trainer.callbacks if hasattr(c, "rendered")] or ["samples"]
-        samples = [p for name in dirnames if name for p in model_card.latest_samples(folder / name)]
-        with self.timed("save"):
-            return model_card.write(folder / model_card.CARD_NAME, self.lora_dir, samples)
-
-    def published_files(self) -> dict[str, Path]:
-        """What a run publishes (the W&B artifact): both LoRA files and the model card, by their names there."""
-        from glance_lightning.lora_io import LORA_WEIGHT_NAME
-        from glance_lightning.model_card import CARD_NAME
-
-        files = {f"{p}/{LORA_WEIGHT_NAME}": self.lora_dir / p / LORA_WEIGHT_NAME for p in PHASES} \
-            if self.lora_dir is not None else {}
-        trainer = self.attached_trainer()
-        if trainer is not None:
-            files[CARD_NAME] = preflight.run_dir(trainer) / CARD_NAME
-        return {name: path for name, path in files.items() if path.is_file()}
+        if self.trainer.is_global_zero and self.lora_dir is not None and self.run_dir is not None:
+            with self.timed("save"):
+                model_card.write_for_run(self.run_dir, self.lora_dir, self.trainer.callbacks)
 
     def glance_metadata(self, phase: str) -> dict[str, Any]:
         trainer = self.attached_trainer()

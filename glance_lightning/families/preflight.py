@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from glance_lightning.draws import TrainSample
-from glance_lightning.errors import ConfigError, DiskSpaceError, ExistingFileError, UnwritableError
+from glance_lightning.errors import ConfigError, DiskSpaceError, ExistingFileError
+from glance_lightning.run_folder import check_root
 
 PHASES = ("slow", "fast")
 
@@ -45,15 +46,7 @@ def output_dir(trainer: Any, configured: str | os.PathLike | None, ckpt_path: st
 
 def check_output_dir(path: Path, setting: str = "model.output_dir") -> None:
     """Create ``path`` or report why it cannot be written (call on global rank 0)."""
-    if path.exists() and not path.is_dir():
-        raise UnwritableError(f"{setting}: {path} is a file, not a folder; choose a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UnwritableError(f"{setting}: cannot create {path} ({err.strerror or err}); choose a writable "
-                              "folder") from err
-    if not os.access(path, os.W_OK):
-        raise UnwritableError(f"{setting}: {path} is not writable; choose another folder")
+    check_root(path, setting)
 
 
 def refuse_overwrite(path: Path | None, resuming: bool) -> None:
