@@ -138,7 +138,7 @@ class GlanceDataModule(L.LightningDataModule):
         for s in samples:
             # each control keeps its own aspect ratio (as the edit pipelines resize it), at about the same area
             pixels, *controls = (self._load(p) for p in (s.image, *s.controls))
-            loaded.append(TrainSample(s.image, s.caption, pixels, tuple(controls)))
+            loaded.append(TrainSample(s.image, s.caption, pixels, tuple(controls), tuple(s.controls)))
         shapes = {(tuple(s.pixels.shape), *(tuple(c.shape) for c in s.controls)) for s in loaded}
         if self.batch_size > 1 and len(shapes) > 1:
             raise ConfigError(
@@ -146,6 +146,13 @@ class GlanceDataModule(L.LightningDataModule):
                 "use batch_size 1 or images of one aspect ratio"
             )
         self.train_samples = loaded
+
+    def fingerprint_settings(self) -> dict[str, object]:
+        """The settings that change what is trained on the same files (``glance_lightning.provenance``)."""
+        rules = self.rules
+        return {"data.resolution": rules.resolution, "data.size_multiple": rules.size_multiple,
+                "data.resize": rules.resize, "data.max_aspect_ratio": rules.max_aspect_ratio,
+                "data.alpha": rules.alpha, "data.batch_size": self.batch_size}
 
     def _load(self, path: Path) -> torch.Tensor:
         return _to_tensor(training_image(path, self.rules))

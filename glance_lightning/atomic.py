@@ -19,6 +19,14 @@ process-wide for a moment (a race with any thread creating files then, e.g. Ligh
 or a DataLoader thread), and ``/proc/self/status`` exists on Linux only. ``tempfile.mkstemp``, used before,
 always creates 0600 files.
 
+**Leftovers.** A process killed during a write (SIGKILL, OOM killer, power cut) leaves its temporary file. Its
+name carries the writer: ``.<name>.<host>-<pid>-<random>.tmp`` (``host`` a short hash of the host name), and the
+writer holds an ``flock`` on it while writing. ``remove_leftovers`` deletes the temporaries whose writer is gone
+(on this host: its pid no longer exists; on another host sharing the folder: the lock is free and the file older
+than a minute), never one still being written; a run calls it on every folder it writes into before writing
+(``GlanceModule.setup``, the encode cache, ``sample --output``, ``export``). Results are never read from
+temporaries: their names start with a dot and end in ``.tmp``, which no result pattern matches.
+
 ``AtomicCheckpointIO`` is Lightning's ``TorchCheckpointIO`` writing this way; ``install_checkpoint_io`` puts it in
 place of Lightning's default in a strategy (GlanceModule.setup does it for every fit) and leaves any other
 plugin alone.
@@ -27,11 +35,15 @@ plugin alone.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import logging
 import os
+import re
 import secrets
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -44,6 +56,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from glance_lightning.errors import DiskSpaceError, UnwritableError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; leftovers of other hosts are then kept
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +109,97 @@ class _RawFile(io.FileIO):
         return done
 
 
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + "$")
+_FOREIGN_GRACE_S = 60.0  # a temporary of another host is stale only once this old (and unlocked)
+_UNTAGGED_GRACE_S = 3600.0  # ``.<name>.<random>.tmp`` of glance_lightning < 0.2: stale once an hour old
+
+
 def _temporary_beside(path: Path) -> tuple[Path, int]:
-    """Create ``.<name>.<random>.tmp`` in ``path``'s folder (mode 0o666 less the umask); its path and fd."""
+    """Create ``.<name>.<host>-<pid>-<random>.tmp`` in ``path``'s folder (mode 0o666 less the umask) and lock it
+    for as long as it is open; its path and fd."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        tmp = path.with_name(f".{path.name}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
         try:
-            return tmp, os.open(tmp, flags, 0o666)
+            fd = os.open(tmp, flags, 0o666)
         except FileExistsError:
             continue
+        _try_lock(fd)
+        return tmp, fd
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` without waiting; whether it was taken (False where the filesystem has
+    no locks)."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True
+
+
+def writer_gone(tmp: Path) -> bool:
+    """Whether the process that wrote temporary file ``tmp`` is gone, so that the file is a leftover."""
+    match = _TEMP_NAME.match(tmp.name)
+    try:
+        age = time.time() - tmp.stat().st_mtime
+    except OSError:
+        return False
+    if match is None:
+        return age > _UNTAGGED_GRACE_S
+    if match["host"] == _host_tag():
+        return not _pid_alive(int(match["pid"]))
+    if age <= _FOREIGN_GRACE_S:
+        return False
+    try:
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        return _try_lock(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(folder: str | os.PathLike, recursive: bool = False, name: str = "*") -> list[Path]:
+    """Delete the temporaries of killed writes in ``folder`` (and below it with ``recursive``): the files
+    ``.<name>.*.tmp`` whose writer is gone (``writer_gone``). Files being written are kept; a folder that does
+    not exist or cannot be written is left alone. The paths removed."""
+    root = Path(folder)
+    pattern = f".{name}.*{TEMP_SUFFIX}"
+    try:
+        found = list(root.rglob(pattern) if recursive else root.glob(pattern))
+    except OSError:
+        return []
+    removed = []
+    for tmp in found:
+        if tmp.is_file() and not tmp.is_symlink() and writer_gone(tmp):
+            with suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    for parent in {tmp.parent for tmp in removed}:
+        fsync_dir(parent)
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted save in %s", len(removed), root)
+    return removed
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -201,8 +300,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
-        for stale in target.parent.glob(f".{target.name}.*{TEMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+        remove_leftovers(target.parent, name=target.name)
         fsync_dir(target.parent)
         log.debug("Removed checkpoint: %s", path)
 

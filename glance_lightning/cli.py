@@ -66,6 +66,8 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
             # Settings that must agree: the training resolution the lists are derived at is the data's.
             parser.link_arguments("data", "model.init_args.resolution", compute_fn=data_resolution,
                                   apply_on="instantiate")
+            parser.add_argument("--allow_other_data", type=bool, default=False,
+                                help="with --ckpt_path: continue the run on other data than it was trained on")
 
         def _parse_ckpt_path(self) -> None:
             # LightningCLI would silently replace the run's model settings with the checkpoint's hyperparameters
@@ -84,9 +86,11 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
             check_strategy(self.trainer.strategy)  # before Lightning's launcher starts other processes
             ckpt_path = kwargs.get("ckpt_path")
             lora_dir = module.lora_dir
-            if ckpt_path is not None:  # readable, trained with these settings; LoRAs stay with its run
+            module.allow_other_data = bool(kwargs.get("allow_other_data"))
+            if ckpt_path is not None:  # readable, trained with these settings and data; LoRAs stay with its run
                 checkpoint = resume.read_checkpoint(ckpt_path)
                 resume.check_resume(checkpoint, resume.training_identity(module), ckpt_path)
+                resume.check_dataset_before_loading(module, self.datamodule, checkpoint, ckpt_path)
                 lora_dir = lora_dir or resume.resumed_lora_dir(checkpoint, self.run_dir)
             module.claimed_run_dir = module.run_dir = self.run_dir
             module.lora_dir = lora_dir or self.run_dir

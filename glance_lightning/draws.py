@@ -27,6 +27,7 @@ class TrainSample:
     caption: str
     pixels: torch.Tensor
     controls: tuple[torch.Tensor, ...] = ()
+    control_paths: tuple[Path, ...] = ()  # the control images' files, where they come from files
 
 
 Draws = dict[str, Any]  # "step": int; "index", "choice", "noise_seed": list[int]; "drop": list[bool]

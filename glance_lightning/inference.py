@@ -77,19 +77,37 @@ class GlanceLoras:
         return [*self.timesteps.slow, *self.timesteps.fast]
 
 
-def read_pair_metadata(slow: str | os.PathLike, fast: str | os.PathLike) -> tuple[dict | None, dict | None]:
-    """Glance metadata of both files; refuses a pair trained for different families or base models."""
+PAIR_KEYS = {"run_id": "run", "base_model": "base model", "schedule": "Slow/Fast lists"}
+ALLOW_MIXED = "--allow-mixed-pair"  # the sample command's override, named in the refusal
+
+
+def pair_differences(slow_meta: dict, fast_meta: dict) -> list[str]:
+    """What says two LoRA files do not come from one run: another run id, base model or pair of lists (a key
+    only one file records is not compared)."""
+    return [f"{label} {slow_meta[key]!r} vs {fast_meta[key]!r}" for key, label in PAIR_KEYS.items()
+            if key in slow_meta and key in fast_meta and slow_meta[key] != fast_meta[key]]
+
+
+def read_pair_metadata(slow: str | os.PathLike, fast: str | os.PathLike,
+                       allow_mixed: bool = False) -> tuple[dict | None, dict | None]:
+    """Glance metadata of both files. Refuses a pair trained for different families or swapped, and one of two
+    runs (another run id, base model or lists) unless ``allow_mixed``: then each file's own list is used."""
     slow_meta, fast_meta = read_glance_metadata(slow), read_glance_metadata(fast)
     if slow_meta and fast_meta:
-        for key in ("family", "base_model"):
-            if slow_meta.get(key) != fast_meta.get(key):
-                raise ConfigError(
-                    f"the Slow LoRA {lora_file(slow)} was trained for {key} {slow_meta.get(key)!r} but the Fast "
-                    f"LoRA {lora_file(fast)} for {fast_meta.get(key)!r}; use two LoRAs from the same run"
-                )
+        if slow_meta.get("family") != fast_meta.get("family"):
+            raise ConfigError(
+                f"the Slow LoRA {lora_file(slow)} was trained for family {slow_meta.get('family')!r} but the Fast "
+                f"LoRA {lora_file(fast)} for {fast_meta.get('family')!r}; use two LoRAs from the same run"
+            )
         for phase, meta in (("slow", slow_meta), ("fast", fast_meta)):
             if meta.get("phase") not in (None, phase):
                 raise ConfigError(f"{phase} LoRA file holds the {meta.get('phase')!r} adapter; swap the two paths")
+        differences = pair_differences(slow_meta, fast_meta)
+        if differences and not allow_mixed:
+            raise ConfigError(
+                f"the Slow LoRA {lora_file(slow)} and the Fast LoRA {lora_file(fast)} are not from one run "
+                f"({'; '.join(differences)}); use both LoRAs of one run, or sample the mixed pair anyway with "
+                f"{ALLOW_MIXED} (each LoRA over its own list)")
     return slow_meta, fast_meta
 
 
@@ -162,10 +180,12 @@ def load_lora_file(pipe: Any, path: str | os.PathLike, adapter_name: str, family
 def load_glance_loras(
     pipe: Any, slow: str | os.PathLike, fast: str | os.PathLike, timesteps: GlanceTimesteps | None = None,
     adapters: tuple[str, str] = ("slow", "fast"), lora_scale: float = 1.0, family: str | None = None,
+    allow_mixed: bool = False,
 ) -> GlanceLoras:
     """Load both LoRAs into ``pipe`` as named adapters (at ``lora_scale`` times their trained strength) and put
-    the pipeline on the exact chain. ``family`` defaults to the LoRAs' metadata, else the pipeline's class."""
-    slow_meta, fast_meta = read_pair_metadata(slow, fast)
+    the pipeline on the exact chain. ``family`` defaults to the LoRAs' metadata, else the pipeline's class; a pair
+    of two runs is refused unless ``allow_mixed`` (``read_pair_metadata``)."""
+    slow_meta, fast_meta = read_pair_metadata(slow, fast, allow_mixed)
     chain = pair_timesteps(slow_meta, fast_meta, timesteps)
     family = family or (slow_meta or {}).get("family") or family_of_pipeline(pipe)
     if family is None:

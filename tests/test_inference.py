@@ -128,16 +128,45 @@ def test_sample_command_writes_images_with_settings_and_never_overwrites(trained
     assert len(list((tmp_path / "out").glob("*.png"))) == 4
 
 
-def test_sample_refuses_loras_from_different_runs(trained: Path, tmp_path: Path, capsys):
+OTHER_FAST = [900.0, 800.0, 600.0, 400.0, 50.0]
+
+
+@pytest.mark.parametrize("change", ["run_id", "base_model", "lists"])
+def test_sample_refuses_a_slow_and_a_fast_lora_of_two_runs_unless_allowed(change: str, trained: Path,
+                                                                         tmp_path: Path, capsys):
     saved = load_file(trained / "fast" / "pytorch_lora_weights.safetensors")
     state = {k.removeprefix("transformer."): v for k, v in saved.items()}
     meta = read_glance_metadata(trained / "fast")
-    meta["base_model"] = "some/other-model"
+    assert meta["run_id"] == read_glance_metadata(trained / "slow")["run_id"]  # one run: one id in both files
+    if change == "run_id":
+        meta["run_id"] = "0" * 32
+    elif change == "base_model":
+        meta["base_model"] = "some/other-model"
+    else:  # another run trained for other lists
+        meta["timesteps"], meta["schedule"] = OTHER_FAST, {"slow": SLOW, "fast": OTHER_FAST}
     save_lora(tmp_path / "other_fast", state, {"r": 4, "lora_alpha": 4}, meta)  # the file's B is already scaled
-    code = run_sample_command(["--model", "tiny:flux", "--slow", str(trained / "slow"), "--fast",
-                               str(tmp_path / "other_fast"), "--prompt", "x", "--output", str(tmp_path / "o")])
-    assert code == 2
-    assert "base_model" in capsys.readouterr().err
+    argv = ["--model", "tiny:flux", "--slow", str(trained / "slow"), "--fast", str(tmp_path / "other_fast"),
+            "--prompt", "x", "--height", "64", "--width", "64", "--output", str(tmp_path / "o")]
+    assert run_sample_command(argv) == 2
+    err = capsys.readouterr().err
+    label = {"run_id": "run", "base_model": "base model", "lists": "Slow/Fast lists"}[change]
+    assert "are not from one run" in err and f"({label} " in err and "--allow-mixed-pair" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()  # one line, nothing written
+
+    assert run_sample_command([*argv, "--allow-mixed-pair"]) == 0
+    err = capsys.readouterr().err
+    assert "mixed pair" in err and str(tmp_path / "other_fast") in err  # says where each list comes from
+    text = json.loads(Image.open(next((tmp_path / "o").glob("*.png"))).text["glance"])
+    assert text["schedule"]["fast"] == pytest.approx(OTHER_FAST if change == "lists" else FAST)
+    assert text["schedule"]["slow"] == pytest.approx(SLOW)
+
+
+def test_sample_says_which_lists_it_uses(trained: Path, tmp_path: Path, capsys):
+    argv = ["--model", "tiny:flux", "--slow", str(trained / "slow"), "--fast", str(trained / "fast"),
+            "--prompt", "x", "--height", "64", "--width", "64", "--output", str(tmp_path / "o")]
+    assert run_sample_command(argv) == 0
+    err = capsys.readouterr().err
+    assert "from the LoRA metadata" in err and "986.9786" in err and "60.5503" in err
 
 
 def test_official_qwen_mode_is_refused_for_flux(trained: Path):
@@ -160,7 +189,7 @@ def test_single_files_without_glance_metadata_need_family_and_get_the_derived_ch
     assert "--family" in capsys.readouterr().err
     assert run_sample_command([*argv, "--family", "flux"]) == 0
     note = capsys.readouterr().err  # stdout has the image lines only; a derived chain is a note on stderr
-    assert "derived: the LoRAs carry no schedule" in note and "986.9786" in note
+    assert "derived from flux's scheduler: the LoRAs carry no lists" in note and "986.9786" in note
 
 
 def test_sample_on_an_int8_base_with_a_chosen_attention_kernel_stays_close(trained: Path, tmp_path: Path):

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slow", required=True, help="Slow LoRA: our output folder or a .safetensors file")
     p.add_argument("--fast", required=True, help="Fast LoRA: our output folder or a .safetensors file")
     p.add_argument("--family", choices=family_names(), help="needed only for LoRAs without Glance metadata")
+    p.add_argument("--allow-mixed-pair", action="store_true",
+                   help="sample a Slow and a Fast LoRA of two runs (other run, base model or lists), each over its "
+                        "own list; refused by default")
     p.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
     p.add_argument("--prompt-file", default=None, metavar="PATH",
                    help="a text file of prompts, one per line (blank lines skipped), after any --prompt")
@@ -135,10 +138,11 @@ def check_options(args: argparse.Namespace) -> None:
 def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
     """Build the family module, load its base model (in stages when ``args.prompt`` lists the prompts: encoded
     first, text encoders freed, then the transformer) and both LoRAs into it."""
-    from glance_lightning.inference import load_glance_loras, pair_timesteps, read_pair_metadata
+    from glance_lightning.inference import load_glance_loras, pair_differences, pair_timesteps, read_pair_metadata
     from glance_lightning.schedules import derive_timesteps
 
-    slow_meta, fast_meta = read_pair_metadata(args.slow, args.fast)
+    allow_mixed = getattr(args, "allow_mixed_pair", False)
+    slow_meta, fast_meta = read_pair_metadata(args.slow, args.fast, allow_mixed)
     family = (slow_meta or {}).get("family") or args.family
     if family is None:
         raise ConfigError("--family is required: these LoRAs carry no Glance metadata naming their family")
@@ -176,8 +180,9 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
         module.load_base_model(with_adapters=False)
     module.to(args.device)
     loras = load_glance_loras(module.pipe, args.slow, args.fast, chain, lora_scale=getattr(args, "lora_scale", 1.0),
-                              family=family)
+                              family=family, allow_mixed=allow_mixed)
     info = {"family": family, "schedule": lists, "from_metadata": bool(slow_meta and fast_meta),
+            "mixed": bool(slow_meta and fast_meta and pair_differences(slow_meta, fast_meta)),
             "lora_scale": loras.lora_scale, "size": [height, width],
             "lora_files": {phase: {"layout": r.layout, "alpha": r.alpha} for phase, r in loras.read.items()}}
     return module, info
@@ -229,12 +234,23 @@ def run_sample_command(argv: list[str] | None = None) -> int:
     notice = lora_notice(info)
     if notice:
         console.info(notice)
-    rounded = {phase: [round(t, 4) for t in lists] for phase, lists in info["schedule"].items()}
-    if console.is_verbose() or not info["from_metadata"]:  # by default only a derived chain is worth a line
-        source = "from the LoRA metadata" if info["from_metadata"] else "derived: the LoRAs carry no schedule"
-        console.info(f"family {info['family']}; chain {json.dumps(rounded)} ({source})")
+    console.info(chain_line(args, info))
     generate_images(module, args, info)  # prints one line per image
     return 0
+
+
+def chain_line(args: argparse.Namespace, info: dict) -> str:
+    """The line saying which Slow/Fast lists ``sample`` uses and where they come from."""
+    from glance_lightning.inference import ALLOW_MIXED
+
+    rounded = {phase: [round(t, 4) for t in lists] for phase, lists in info["schedule"].items()}
+    if not info["from_metadata"]:
+        source = f"derived from {info['family']}'s scheduler: the LoRAs carry no lists"
+    elif info.get("mixed"):
+        source = f"a mixed pair ({ALLOW_MIXED}): Slow list from {args.slow}, Fast list from {args.fast}"
+    else:
+        source = "from the LoRA metadata"
+    return f"family {info['family']}; timesteps slow {rounded['slow']} fast {rounded['fast']} ({source})"
 
 
 def control_pixels(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,6 +148,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         self.claimed_run_dir: Path | None = None  # claimed by the command line (run_folder)
         self.run_dir: Path | None = None  # this fit's run folder, resolved in setup on every rank
         self.seed = 0
+        self.run_id = uuid.uuid4().hex  # in both LoRA files; a resume continues the checkpoint's
+        self.allow_other_data = False  # resume on other data than the checkpoint's (--allow_other_data)
         self.step_metrics: dict[str, torch.Tensor | float] = {}  # this step's dashboard values (TrainingMonitor)
         # nan_strategy="disable": torchmetrics would otherwise read every update back (a device sync); non-finite
         # losses are caught once per optimizer step in on_before_optimizer_step.
@@ -221,8 +224,9 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         # on every rank: without the command line's folder, trainer.log_dir is a collective (a broadcast)
         self.run_dir = self.claimed_run_dir or preflight.trainer_run_dir(trainer)
         self.lora_dir = preflight.output_dir(trainer, self.lora_dir, trainer.ckpt_path)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:  # the folders exist, hold nothing a killed save left, before anything is written
             preflight.check_output_dir(self.lora_dir)
+            preflight.remove_leftovers(trainer, self.run_dir, self.lora_dir, whole_run=self.claimed_run_dir is not None)
         preflight.set_max_steps(trainer, self.total_steps)
         preflight.check_strategy(trainer.strategy)
         samples = self.data.train_samples
@@ -351,16 +355,11 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         return {k: v for k, v in full.items() if "lora_" in k}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["glance_seed"] = self.seed
-        checkpoint[resume.IDENTITY_KEY] = resume.training_identity(self)
-        checkpoint[resume.LORA_DIR_KEY] = str(self.lora_dir) if self.lora_dir is not None else None
-        checkpoint[resume.RUN_DIR_KEY] = str(self.run_dir) if self.run_dir is not None else None
+        resume.record(self, checkpoint)  # settings, data, run id: what a resume checks and continues
         self.save_loras()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainer = self.attached_trainer()
-        resume.check_resume(checkpoint, resume.training_identity(self), getattr(trainer, "ckpt_path", None))
-        self.seed = checkpoint.get("glance_seed", self.seed)
+        resume.restore(self, checkpoint)
 
     def on_train_end(self) -> None:
         self.save_loras()  # after the callbacks' on_train_end: the last chained samples are rendered
@@ -373,6 +372,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         datamodule = getattr(trainer, "datamodule", None)
         return {
             "family": self.family,
+            "run_id": self.run_id,
             "base_model": self.hparams.pretrained_model,
             "phase": phase,
             "timesteps": self.glance_timesteps.as_timesteps()[phase],

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glance_lightning import atomic
 from glance_lightning.draws import TrainSample
 from glance_lightning.errors import ConfigError, DiskSpaceError, ExistingFileError
 from glance_lightning.run_folder import check_root
@@ -49,11 +50,31 @@ def check_output_dir(path: Path, setting: str = "model.output_dir") -> None:
     check_root(path, setting)
 
 
+def remove_leftovers(trainer: Any, run_folder: Path | None, lora_dir: Path | None, whole_run: bool) -> None:
+    """Delete what killed saves left (``atomic.remove_leftovers``) in every folder this fit writes to: the LoRA
+    folders, the checkpoint folders and the run folder (with all below it when ``whole_run``: a folder the command
+    line claimed; a hand-built Trainer's folder may be any working directory, so only its top)."""
+    folders = [(lora_dir / p, False) for p in PHASES] if lora_dir is not None else []
+    folders += [(Path(cb.dirpath), False) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    if run_folder is not None:
+        folders.append((run_folder, whole_run))
+    for folder, recursive in folders:
+        atomic.remove_leftovers(folder, recursive=recursive)
+
+
+def _holds_results(folder: Path) -> bool:
+    """Whether ``folder`` exists holding anything but the temporary files of saves (``.<name>.*.tmp``)."""
+    if not folder.exists():
+        return False
+    return not folder.is_dir() or any(not (p.name.startswith(".") and p.name.endswith(atomic.TEMP_SUFFIX))
+                                      for p in folder.iterdir())
+
+
 def refuse_overwrite(path: Path | None, resuming: bool) -> None:
     """A new (not resumed) run never writes over LoRAs that already exist in its output directory."""
     if path is None or resuming:
         return
-    existing = [path / p for p in PHASES if (path / p).exists()]
+    existing = [path / p for p in PHASES if _holds_results(path / p)]
     if existing:
         raise ExistingFileError(
             f"model.output_dir: {', '.join(map(str, existing))} already exist(s) and would be "

@@ -8,6 +8,12 @@ checkpoint's and the new value; only the Fast phase may be given more steps (to 
 Settings about where and how fast (paths, attention kernels, checkpointing,
 compile, caches) may change. A resumed run writes its LoRAs where the checkpoint's run did (its run folder, also
 after that folder was moved), so that every resume of one run updates the same ``slow/`` and ``fast/``.
+
+A checkpoint also records the run's id (written into both LoRA files, so that ``sample`` can tell a pair of one
+run from two runs' LoRAs; a resume keeps it) and what the run was trained on (``glance_lightning.provenance``:
+every image, caption and control image by size and SHA-256, and the data settings). Resuming on other data is
+refused, naming what differs, unless the user allows it (``--allow_other_data true``; in a library,
+``module.allow_other_data = True``); the data may move to another folder.
 """
 
 from __future__ import annotations
@@ -17,12 +23,16 @@ from typing import Any
 
 import torch
 
+from glance_lightning import console, provenance
 from glance_lightning.errors import ConfigError
 from glance_lightning.settings import plain_data
 
 IDENTITY_KEY = "glance_identity"
 LORA_DIR_KEY = "glance_lora_dir"
 RUN_DIR_KEY = "glance_run_dir"
+RUN_ID_KEY = "glance_run_id"
+DATASET_KEY = "glance_dataset"
+ALLOW_OTHER_DATA = "--allow_other_data true"  # the command line's override, named in the refusal
 # The last phase may be lengthened (or shortened to no less than what was trained): no trained step changes label.
 EXTENDABLE = frozenset({"model.fast_steps"})
 
@@ -103,3 +113,67 @@ def resumed_lora_dir(checkpoint: dict[str, Any], run_dir: Path | None = None) ->
     if saved and saved_run and Path(saved) == Path(saved_run) and run_dir is not None:
         return run_dir
     return Path(saved) if saved else None
+
+
+def record(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Write into ``checkpoint`` what a resume checks and continues with (``on_save_checkpoint``)."""
+    checkpoint["glance_seed"] = module.seed
+    checkpoint[IDENTITY_KEY] = training_identity(module)
+    checkpoint[LORA_DIR_KEY] = str(module.lora_dir) if module.lora_dir is not None else None
+    checkpoint[RUN_DIR_KEY] = str(module.run_dir) if module.run_dir is not None else None
+    checkpoint[RUN_ID_KEY] = module.run_id
+    checkpoint[DATASET_KEY] = plain_data(dataset_of(module))
+
+
+def restore(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint of other settings or data, then continue its run: its seed and run id
+    (``on_load_checkpoint``)."""
+    trainer = module.attached_trainer()
+    path = getattr(trainer, "ckpt_path", None)
+    check_resume(checkpoint, training_identity(module), path)
+    check_dataset(checkpoint, dataset_of(module), path, getattr(module, "allow_other_data", False))
+    module.seed = checkpoint.get("glance_seed", module.seed)
+    module.run_id = checkpoint.get(RUN_ID_KEY) or module.run_id
+
+
+def dataset_of(module: Any) -> dict[str, Any] | None:
+    """The fingerprint of the data the module trains on (computed once per fit); None without a DataModule."""
+    trainer = module.attached_trainer()
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None or not getattr(datamodule, "train_samples", None):
+        return None
+    cached = getattr(module, "_dataset_fingerprint", None)
+    if cached is None or cached[0] is not datamodule:
+        cached = (datamodule, provenance.dataset_fingerprint(datamodule))
+        module._dataset_fingerprint = cached
+    return cached[1]
+
+
+def check_dataset_before_loading(module: Any, datamodule: Any, checkpoint: dict[str, Any], path: str | Path) -> None:
+    """The command line's data check, before any model is loaded: a DataModule that can say what it trains on
+    before the fit (``fingerprint_settings``) is set up now and compared with ``checkpoint``'s data."""
+    if module.allow_other_data or checkpoint.get(DATASET_KEY) is None or \
+            not callable(getattr(datamodule, "fingerprint_settings", None)):
+        return
+    datamodule.setup("fit")  # validates and loads the data once; the fit reuses it
+    current = provenance.dataset_fingerprint(datamodule)
+    module._dataset_fingerprint = (datamodule, current)
+    check_dataset(checkpoint, current, path)
+
+
+def check_dataset(checkpoint: dict[str, Any], current: dict[str, Any] | None, path: str | Path | None,
+                  allow: bool = False) -> None:
+    """Refuse to resume ``checkpoint`` on data other than it was trained on (one line naming what differs),
+    unless ``allow``: then one line says what differs and the run goes on."""
+    saved = checkpoint.get(DATASET_KEY)
+    if saved is None or current is None:
+        return  # written before datasets were recorded, or no data to compare
+    differences = provenance.differences(saved, current)
+    if not differences:
+        return
+    what = provenance.summary(differences)
+    if allow:
+        console.info(f"resuming {path} on other data than it was trained on ({ALLOW_OTHER_DATA}): {what}")
+        return
+    raise ConfigError(f"--ckpt_path {path} was trained on other data: {what}; resume with the same data, start a "
+                      f"new run without --ckpt_path, or continue on this data with {ALLOW_OTHER_DATA}")
