@@ -22,10 +22,11 @@ always creates 0600 files.
 **Leftovers.** A process killed during a write (SIGKILL, OOM killer, power cut) leaves its temporary file. Its
 name carries the writer: ``.<name>.<host>-<pid>-<random>.tmp`` (``host`` a short hash of the host name), and the
 writer holds an ``flock`` on it while writing. ``remove_leftovers`` deletes the temporaries whose writer is gone
-(on this host: its pid no longer exists; on another host sharing the folder: the lock is free and the file older
-than a minute), never one still being written; a run calls it on every folder it writes into before writing
-(``GlanceModule.setup``, the encode cache, ``sample --output``, ``export``). Results are never read from
-temporaries: their names start with a dot and end in ``.tmp``, which no result pattern matches.
+(on this host: its pid no longer exists and the lock is free; on another host sharing the folder: the lock is free
+and the file older than a minute), never one still being written nor a file of another name. A run calls it on
+every folder it writes into before writing (``GlanceModule.setup``, the encode cache, ``sample --output``,
+``export``). Results are never read from temporaries: their names start with a dot and end in ``.tmp``, which no
+result pattern matches.
 
 ``AtomicCheckpointIO`` is Lightning's ``TorchCheckpointIO`` writing this way; ``install_checkpoint_io`` puts it in
 place of Lightning's default in a strategy (GlanceModule.setup does it for every fit) and leaves any other
@@ -115,7 +116,6 @@ def _host_tag() -> str:
 
 _TEMP_NAME = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + "$")
 _FOREIGN_GRACE_S = 60.0  # a temporary of another host is stale only once this old (and unlocked)
-_UNTAGGED_GRACE_S = 3600.0  # ``.<name>.<random>.tmp`` of glance_lightning < 0.2: stale once an hour old
 
 
 def _temporary_beside(path: Path) -> tuple[Path, int]:
@@ -159,16 +159,21 @@ def _pid_alive(pid: int) -> bool:
 def writer_gone(tmp: Path) -> bool:
     """Whether the process that wrote temporary file ``tmp`` is gone, so that the file is a leftover."""
     match = _TEMP_NAME.match(tmp.name)
+    if match is None:  # not a name this module writes: never touched
+        return False
+    if match["host"] == _host_tag():
+        # the pid, and the lock too: containers may share a host name but not their process ids
+        return not _pid_alive(int(match["pid"])) and (fcntl is None or _lock_free(tmp))
     try:
-        age = time.time() - tmp.stat().st_mtime
+        if time.time() - tmp.stat().st_mtime <= _FOREIGN_GRACE_S:
+            return False
     except OSError:
         return False
-    if match is None:
-        return age > _UNTAGGED_GRACE_S
-    if match["host"] == _host_tag():
-        return not _pid_alive(int(match["pid"]))
-    if age <= _FOREIGN_GRACE_S:
-        return False
+    return _lock_free(tmp)
+
+
+def _lock_free(tmp: Path) -> bool:
+    """Whether nobody holds the writer's lock on ``tmp`` (False when it cannot be told)."""
     try:
         fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
@@ -181,8 +186,9 @@ def writer_gone(tmp: Path) -> bool:
 
 def remove_leftovers(folder: str | os.PathLike, recursive: bool = False, name: str = "*") -> list[Path]:
     """Delete the temporaries of killed writes in ``folder`` (and below it with ``recursive``): the files
-    ``.<name>.*.tmp`` whose writer is gone (``writer_gone``). Files being written are kept; a folder that does
-    not exist or cannot be written is left alone. The paths removed."""
+    ``.<name>.<host>-<pid>-<random>.tmp`` whose writer is gone (``writer_gone``). Files being written and files
+    of other names are kept; a folder that does not exist or cannot be written is left alone. The paths
+    removed."""
     root = Path(folder)
     pattern = f".{name}.*{TEMP_SUFFIX}"
     try:

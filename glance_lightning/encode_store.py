@@ -5,7 +5,8 @@ commit and the encoder/VAE files' names, sizes and times), the family and its en
 ``max_sequence_length``, control resolutions), the dtype, the kind of entry ("latents" or "condition") and its
 content (the prompt text, the SHA-256 of the image and control pixels). The key is stored in the file too and
 checked on reading: a stale, truncated or corrupt entry is reported, deleted and rebuilt, never used. Writes go to
-a temporary file in the same folder, then a rename.
+a temporary file in the same folder, then a rename; the temporary files of a run killed while writing are removed
+when the cache is next opened (``glance_lightning.atomic.remove_leftovers``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from glance_lightning.atomic import remove_leftovers
 from glance_lightning.lora_io import atomic_save_safetensors
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class EncodeStore:
         self.root = Path(root).expanduser()
         self.context = context
         self.hits = self.misses = self.rebuilt = 0
+        remove_leftovers(self.root)  # entries a killed run was writing (a read-only cache is left as it is)
 
     def key(self, kind: str, **content: Any) -> str:
         return json.dumps({**self.context, "kind": kind, **content}, sort_keys=True, default=str)

@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -117,6 +119,24 @@ def run_reaped(cmd: list[str], timeout: float, *, merge_stderr: bool = True,
     if timed_out:
         raise subprocess.TimeoutExpired(cmd, timeout, output=output, stderr=errors)
     return subprocess.CompletedProcess(cmd, proc.returncode, output, errors)
+
+
+def kill_when(cmd: list[str], marker: Path, timeout: float, **popen: Any) -> tuple[bool, str]:
+    """Start ``cmd`` in its own session and SIGKILL its whole process group as soon as ``marker`` exists (or it
+    ends, or ``timeout`` passes); whether the marker appeared, and the output."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+        deadline = time.monotonic() + timeout
+        try:
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            _kill_group(proc.pid)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        out.seek(0)
+        return marker.exists(), out.read()
 
 
 def _kill_group(pgid: int) -> None:

@@ -24,6 +24,7 @@ import argparse
 from pathlib import Path
 
 from glance_lightning import errors
+from glance_lightning.atomic import remove_leftovers
 from glance_lightning.errors import ConfigError, ExistingFileError, MissingFileError
 from glance_lightning.lora_io import LORA_WEIGHT_NAME, read_glance_metadata
 from glance_lightning.lora_layouts import FORMATS, LoraLayoutError, export_lora
@@ -88,6 +89,8 @@ def run_export_command(argv: list[str] | None = None) -> int:
         if output is not None and output.suffix == ".safetensors" and len(sources) > 1:
             raise ConfigError(f"--output {output} is one file but --lora holds {len(sources)} LoRAs; give a folder")
         targets = [(s, _destination(s, args.format, output, len(sources) > 1)) for s in sources]
+        for folder in {t.parent for _, t in targets}:  # what an export killed while writing left
+            remove_leftovers(folder)
         existing = [str(t) for _, t in targets if t.exists()]
         if existing:
             raise ExistingFileError(f"{', '.join(existing)} exist(s); existing files are never overwritten")
@@ -107,7 +110,9 @@ def _export_hub(run: Path, hub: Path, fmt: str | None, family: str | None) -> in
     sources = _sources(run)
     if [s.name for s in sources] != ["slow", "fast"] or not all(s.is_dir() for s in sources):
         raise MissingFileError(f"--lora {run}: --hub needs a run folder holding both slow/ and fast/")
-    if hub.exists() and (not hub.is_dir() or any(hub.iterdir())):
+    if hub.is_dir():
+        remove_leftovers(hub, recursive=True)  # a killed export's temporary files are no content
+    if hub.exists() and (not hub.is_dir() or any(p.is_file() for p in hub.rglob("*"))):
         raise ExistingFileError(f"--hub {hub} exists and is not an empty folder; name a new folder")
     samples = model_card.latest_samples(run / "samples")
     for source in sources:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from glance_lightning import console, errors
+from glance_lightning.atomic import remove_leftovers
 from glance_lightning.errors import ConfigError
 from glance_lightning.lora_io import check_lora_file
 from glance_lightning.performance import QUANTIZATIONS, check_performance_settings
@@ -279,6 +280,7 @@ def generate_images(module: Any, args: argparse.Namespace, info: dict) -> list[t
     scale = args.guidance_scale if args.guidance_scale is not None else 1.0
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out_dir)  # images a killed sample run was writing
     written = []
     for p_index, prompt in enumerate(args.prompt):
         for seed in args.seed or [0]:
