@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from PIL import Image
 from safetensors.torch import load_file
 
+from glance_lightning import atomic
 from glance_lightning.atomic import AtomicCheckpointIO, atomic_write, install_checkpoint_io, write_bytes
 from glance_lightning.encode_store import EncodeStore
 from glance_lightning.errors import DiskSpaceError
@@ -242,7 +245,10 @@ def test_checkpoint_plugin_removes_a_checkpoint_and_its_leftover_temporaries(tmp
     path = tmp_path / "epoch=0-step=2.ckpt"
     io.save_checkpoint({"global_step": 2}, path)
     assert io.load_checkpoint(path)["global_step"] == 2
-    (tmp_path / f".{path.name}.dead.tmp").write_bytes(b"half")  # a save killed by SIGKILL
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           timeout=60, check=True)
+    dead = tmp_path / f".{path.name}.{atomic._host_tag()}-{ended.stdout.strip()}-0badc0de.tmp"
+    dead.write_bytes(b"half")  # a save killed by SIGKILL (its process is gone)
     keep = tmp_path / "last.ckpt"
     io.save_checkpoint({"global_step": 2}, keep)
     io.remove_checkpoint(path)
