@@ -263,7 +263,7 @@ def _run(argv: list[str], from_command_line: bool) -> int:
     if argv[0] in MODEL_COMMANDS:
         console.quiet_setup_bars()  # third-party load/save bars only when long
     if argv[0] in extra:
-        with console.quiet_info(argv[0] == "sample"):  # sample prints one line per image, nothing else
+        with console.quiet_info(argv[0] == "sample"):  # sample prints its lists, then one line per image
             return extra[argv[0]](argv[1:])
     run_lightning_cli(None if from_command_line else argv)
     return 0

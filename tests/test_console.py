@@ -42,6 +42,8 @@ FORBIDDEN = (
 )
 WARNING_LINE = re.compile(r"(\.py:\d+: )|\b(User|Future|Deprecation|PossibleUser|Runtime)Warning\b")
 IMAGE_LINE = re.compile(r"^(\S+\.png)  seed (\d+)  slow \d+\.\d+s  fast \d+\.\d+s$")
+LISTS_LINE = re.compile(r"^glance_lightning: family flux; timesteps slow \[[\d., ]+\] fast \[[\d., ]+\] "
+                        r"\(from the LoRA metadata\)$")
 
 
 # `python -c AVX512_BF16 ARGS` runs `python -m glance_lightning ARGS` as on a CPU with AVX512-BF16, where
@@ -125,11 +127,13 @@ def _sample(quickstart, repo: Path, out: Path, **how) -> str:
 
 
 @pytest.mark.parametrize("launch", [("-m", "glance_lightning"), ("-c", AVX512_BF16)], ids=["this-cpu", "avx512-bf16"])
-def test_sample_prints_one_line_per_image_and_nothing_else(quickstart, repo: Path, tmp_path: Path, launch):
+def test_sample_prints_its_lists_then_one_line_per_image_and_nothing_else(quickstart, repo: Path, tmp_path: Path,
+                                                                          launch):
     output = _sample(quickstart, repo, tmp_path / "out", launch=launch)
     lines = [line for line in output.splitlines() if line.strip()]
-    matches = [IMAGE_LINE.match(line) for line in lines]
-    assert len(lines) == 2 and all(matches), output
+    assert len(lines) == 3 and LISTS_LINE.match(lines[0]), output
+    matches = [IMAGE_LINE.match(line) for line in lines[1:]]
+    assert all(matches), output
     assert [int(m.group(2)) for m in matches] == [0, 3]
     assert all(Path(m.group(1)).is_file() for m in matches)
 
