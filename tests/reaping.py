@@ -109,10 +109,7 @@ def run_reaped(cmd: list[str], timeout: float, *, merge_stderr: bool = True,
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            _kill_group(proc.pid)
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            end(proc)
         out.seek(0)
         err.seek(0)
         output, errors = out.read(), (None if merge_stderr else err.read())
@@ -131,12 +128,17 @@ def kill_when(cmd: list[str], marker: Path, timeout: float, **popen: Any) -> tup
             while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
         finally:
-            _kill_group(proc.pid)
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            end(proc)
         out.seek(0)
         return marker.exists(), out.read()
+
+
+def end(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s whole process group (it was started in its own session) and wait for ``proc``."""
+    _kill_group(proc.pid)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
 
 
 def _kill_group(pgid: int) -> None:

@@ -77,8 +77,7 @@ def test_a_write_going_on_is_never_removed(tmp_path: Path):
             tmp = Path(other.stdout.readline().strip())  # another live process, mid-write
             assert tmp.exists() and not writer_gone(tmp) and remove_leftovers(tmp_path) == []
         finally:
-            reaping._kill_group(other.pid)
-            other.wait()
+            reaping.end(other)
     assert remove_leftovers(tmp_path) == [tmp]  # now its writer is gone
 
 
