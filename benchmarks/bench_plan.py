@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from glance_lightning.planner.fake import PlannerMemTracker, cuda_behaviour  # noqa: E402
-from glance_lightning.planner.memory import GIB, StepPlan, _PlanPipe, build_transformer, fake_conditioning  # noqa: E402
+from glance_lightning.planner.memory import GIB, StepPlan, _PlanPipe, build_transformer, fake_inputs  # noqa: E402
 from glance_lightning.planner.runtime import RooflineEstimator, get_gpu  # noqa: E402
 from glance_lightning.registry import get_family  # noqa: E402
 
@@ -58,7 +58,11 @@ PRESETS = [  # (config, overlay, the card it is meant for)
 
 
 def _tokens(family: str) -> int:
-    return TEXT_TOKENS - 77 if family == "sd3" else TEXT_TOKENS
+    """Text tokens whose embeddings come to TEXT_TOKENS in all (SD3 puts 77 CLIP tokens before its T5 ones)."""
+    spec = get_family(family)
+    with torch.device("meta"):
+        prefix = spec.module_class().planned_prompt_embeds(None, 0, spec.architecture)["prompt_embeds"].shape[1]
+    return TEXT_TOKENS - prefix
 
 
 def plain_step(family: str, checkpointing: bool, autocast: bool = True) -> tuple[float, float]:
@@ -79,7 +83,7 @@ def plain_step(family: str, checkpointing: bool, autocast: bool = True) -> tuple
         transformer.train()
         params = [p for p in transformer.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-        latents, cond = fake_conditioning(module, plan)
+        latents, cond = fake_inputs(module, plan)
         tracker, estimator = PlannerMemTracker(), RooflineEstimator(get_gpu("h100"))
         tracker.track_external(transformer, latents, *cond.values())
         with tracker:

@@ -384,11 +384,7 @@ def _check_control_count(root: Path, found: int, num_controls: ControlCount, out
         return
     wanted = str(low) if low == high else f"{low} to {high}"
     where = "no control folders (flat layout)" if found == 0 else f"{found} control image(s) per sample"
-    out.error(
-        root,
-        f"num_controls={num_controls!r} setting: the model family needs {wanted} control image(s) "
-        f"per sample, but the dataset has {where}",
-    )
+    out.error(root, f"the model family needs {wanted} control image(s) per sample, but the dataset has {where}")
 
 
 # ---------------------------------------------------------------------------------------------- public API

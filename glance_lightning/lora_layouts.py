@@ -30,6 +30,7 @@ import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from glance_lightning.errors import ConfigError, ExistingFileError
+from glance_lightning.family_spec import IDENTITY_LAYOUT, load_ref
 from glance_lightning.lora_io import (
     GLANCE_METADATA_KEY,
     atomic_save_safetensors,
@@ -38,6 +39,7 @@ from glance_lightning.lora_io import (
     open_lora,
     peft_scale,
 )
+from glance_lightning.registry import get_family
 
 FORMATS = ("diffusers", "comfyui", "kohya")
 
@@ -67,68 +69,11 @@ class NativeRule:
     swap: str | None = None
 
 
-def _rule(native: str, *diffusers: str, slots: tuple[int, ...] = (1,), swap: str | None = None) -> NativeRule:
+def rule(native: str, *diffusers: str, slots: tuple[int, ...] = (1,), swap: str | None = None) -> NativeRule:
+    """A ``NativeRule``; ``{i}`` in the names stands for a block index."""
     return NativeRule(native, diffusers, slots, swap)
 
 
-_DOUBLE, _SINGLE = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
-# comfy/utils.py flux_to_diffusers
-FLUX_RULES = (
-    _rule("double_blocks.{i}.img_attn.qkv", *(f"{_DOUBLE}.attn.to_{c}" for c in "qkv"), slots=(1, 1, 1)),
-    _rule("double_blocks.{i}.txt_attn.qkv", *(f"{_DOUBLE}.attn.add_{c}_proj" for c in "qkv"), slots=(1, 1, 1)),
-    _rule("double_blocks.{i}.img_attn.proj", f"{_DOUBLE}.attn.to_out.0"),
-    _rule("double_blocks.{i}.txt_attn.proj", f"{_DOUBLE}.attn.to_add_out"),
-    _rule("double_blocks.{i}.img_mod.lin", f"{_DOUBLE}.norm1.linear"),
-    _rule("double_blocks.{i}.txt_mod.lin", f"{_DOUBLE}.norm1_context.linear"),
-    _rule("double_blocks.{i}.img_mlp.0", f"{_DOUBLE}.ff.net.0.proj"),
-    _rule("double_blocks.{i}.img_mlp.2", f"{_DOUBLE}.ff.net.2"),
-    _rule("double_blocks.{i}.txt_mlp.0", f"{_DOUBLE}.ff_context.net.0.proj"),
-    _rule("double_blocks.{i}.txt_mlp.2", f"{_DOUBLE}.ff_context.net.2"),
-    _rule("single_blocks.{i}.linear1", *(f"{_SINGLE}.attn.to_{c}" for c in "qkv"), f"{_SINGLE}.proj_mlp",
-          slots=(1, 1, 1, 4)),
-    _rule("single_blocks.{i}.linear2", f"{_SINGLE}.proj_out"),
-    _rule("single_blocks.{i}.modulation.lin", f"{_SINGLE}.norm.linear"),
-    _rule("img_in", "x_embedder"),
-    _rule("txt_in", "context_embedder"),
-    _rule("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
-    _rule("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
-    _rule("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
-    _rule("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
-    _rule("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
-    _rule("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
-    _rule("final_layer.linear", "proj_out"),
-    _rule("final_layer.adaLN_modulation.1", "norm_out.linear", swap="always"),
-)
-_JOINT = "joint_blocks.{i}"
-# comfy/utils.py mmdit_to_diffusers (MMDIT_MAP_BLOCK, MMDIT_MAP_BASIC)
-SD3_RULES = (
-    _rule(f"{_JOINT}.x_block.attn.qkv", *(f"{_DOUBLE}.attn.to_{c}" for c in "qkv"), slots=(1, 1, 1)),
-    _rule(f"{_JOINT}.context_block.attn.qkv", *(f"{_DOUBLE}.attn.add_{c}_proj" for c in "qkv"), slots=(1, 1, 1)),
-    _rule(f"{_JOINT}.x_block.attn.proj", f"{_DOUBLE}.attn.to_out.0"),
-    _rule(f"{_JOINT}.context_block.attn.proj", f"{_DOUBLE}.attn.to_add_out"),
-    _rule(f"{_JOINT}.x_block.mlp.fc1", f"{_DOUBLE}.ff.net.0.proj"),
-    _rule(f"{_JOINT}.x_block.mlp.fc2", f"{_DOUBLE}.ff.net.2"),
-    _rule(f"{_JOINT}.context_block.mlp.fc1", f"{_DOUBLE}.ff_context.net.0.proj"),
-    _rule(f"{_JOINT}.context_block.mlp.fc2", f"{_DOUBLE}.ff_context.net.2"),
-    _rule(f"{_JOINT}.x_block.adaLN_modulation.1", f"{_DOUBLE}.norm1.linear"),
-    _rule(f"{_JOINT}.context_block.adaLN_modulation.1", f"{_DOUBLE}.norm1_context.linear", swap="pre-only"),
-    _rule("context_embedder", "context_embedder"),
-    _rule("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-    _rule("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-    _rule("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-    _rule("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-    _rule("x_embedder.proj", "pos_embed.proj"),
-    _rule("final_layer.linear", "proj_out"),
-    _rule("final_layer.adaLN_modulation.1", "norm_out.linear", swap="always"),
-)
-# ComfyUI's Qwen-Image model (comfy/ldm/qwen_image/model.py) uses diffusers' module names: None = identity.
-NATIVE_RULES: dict[str, tuple[NativeRule, ...] | None] = {
-    "flux": FLUX_RULES,
-    "sd3": SD3_RULES,
-    "qwen-image": None,
-    "qwen-image-edit": None,
-    "qwen-image-edit-plus": None,
-}
 
 
 def _compile(pattern: str, underscored: bool = False) -> re.Pattern:
@@ -174,14 +119,22 @@ def _fill(pattern: str, match: re.Match | str) -> str:
 
 
 def native_table(family: str) -> _Table | None:
-    """The family's ComfyUI name table; None for families whose ComfyUI names are diffusers' (Qwen-Image)."""
-    if family not in NATIVE_RULES:
+    """The family's ComfyUI name table (its spec's ``lora_layout``); None for families whose ComfyUI names are
+    diffusers' (Qwen-Image)."""
+    layout = get_family(family).lora_layout
+    if layout is None:
         raise LoraLayoutError(
-            f"no ComfyUI/kohya name table for family {family!r} (known: {', '.join(NATIVE_RULES)}); export it "
-            "with --format diffusers"
+            f"no ComfyUI/kohya key layout for family {family!r}; export it with --format diffusers (a family's "
+            "author sets FamilySpec(lora_layout=...) or like=<a family with the same layout>)"
         )
-    rules = NATIVE_RULES[family]
-    return None if rules is None else _Table(rules)
+    if layout == IDENTITY_LAYOUT:
+        return None
+    return _Table(tuple(load_ref(layout)))
+
+
+def has_native_table(family: str) -> bool:
+    """Whether the family declares a ComfyUI layout other than diffusers' names."""
+    return get_family(family).lora_layout not in (None, IDENTITY_LAYOUT)
 
 
 def _swapped(up: torch.Tensor, rule: NativeRule, in_features: int) -> torch.Tensor:
@@ -362,7 +315,7 @@ def read_lora_modules(
     """
     if not isinstance(lora, LoraFile):
         lora = read_lora(lora)
-    table = native_table(family) if family in NATIVE_RULES else None
+    table = native_table(family) if has_native_table(family) else None
     names = set(module_names) if module_names is not None else None
     flat_names = {n.replace(".", "_"): n for n in names or ()}
     groups: dict[str, dict[str, Any]] = {}

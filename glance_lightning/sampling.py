@@ -98,7 +98,7 @@ def base_plan(sigmas: Sequence[float]) -> Plan:
 
 
 def official_qwen_plan(
-    slow: Sequence[float], fast: Sequence[float], family: str = "qwen-image",
+    slow: Sequence[float], fast: Sequence[float], family: str,
     resolution: int | tuple[int, int] = 1024, scheduler_config: dict | None = None,
 ) -> Plan:
     """The official Glance Qwen two-call arithmetic; ``slow``/``fast`` are the trained sigmas (5 each), which the

@@ -34,7 +34,7 @@ def test_official_qwen_mode_steps_through_the_official_arithmetic():
     seen, ends = record_timesteps(module), []
     module.generate_latents("a red ball", 0, 64, 64, mode="official-qwen",
                             on_step=lambda i, step, x: ends.append(step.sigma_next))
-    plan = official_qwen_plan([t / 1000 for t in SLOW], [t / 1000 for t in FAST], resolution=(64, 64))
+    plan = official_qwen_plan([t / 1000 for t in SLOW], [t / 1000 for t in FAST], "qwen-image", resolution=(64, 64))
     # conditioned on the trained timesteps, rounded as the official pipelines hold them (bfloat16: 980, not 979.19)
     assert seen == pytest.approx([t / 1000 for t in (1000, 980, 956, 936, 912, 888, 744, 564, 320, 20)], abs=1e-6)
     # ... while stepping through the shifted 50-step table's first intervals, then the shifted 5-step table

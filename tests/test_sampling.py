@@ -41,7 +41,7 @@ def test_exact_plan_steps_through_the_trained_sigmas_with_the_adapter_switch_at_
 def test_official_qwen_plan_walks_the_shifted_tables_but_conditions_on_the_trained_sigmas():
     slow = [t / 1000 for t in (1000.0, 979.1915, 957.5157, 934.9171, 911.3354)]
     fast = [t / 1000 for t in (886.7053, 745.0728, 562.9505, 320.0802, 20.0)]
-    plan = official_qwen_plan(slow, fast)
+    plan = official_qwen_plan(slow, fast, "qwen-image")
     assert [s.adapter for s in plan] == ["slow"] * 5 + ["fast"] * 5
     # the trained timesteps as the official pipelines hold them: a bfloat16 tensor (980, not 979.1915), / 1000
     bf16 = [1000.0, 980.0, 956.0, 936.0, 912.0, 888.0, 744.0, 564.0, 320.0, 20.0]
@@ -63,7 +63,7 @@ def test_the_cli_modes_are_the_plan_table_and_official_qwen_is_refused_for_other
     with pytest.raises(ValueError, match="expected one of exact, official-qwen"):
         build_plan("karras", t, "flux", (1024, 1024))
     with pytest.raises(ValueError, match="exactly 5 \\+ 5"):
-        official_qwen_plan(SLOW[:4], FAST)
+        official_qwen_plan(SLOW[:4], FAST, "qwen-image")
 
 
 def test_state_is_integrated_in_float32():

@@ -292,7 +292,8 @@ def test_load_scheduler_config_errors(tmp_path) -> None:
 
 
 def _compat_plan(resolution=1024):
-    plan = official_qwen_plan([t / 1000 for t in QWEN_SLOW], [t / 1000 for t in QWEN_FAST], resolution=resolution)
+    plan = official_qwen_plan([t / 1000 for t in QWEN_SLOW], [t / 1000 for t in QWEN_FAST], "qwen-image",
+                              resolution=resolution)
     slow, fast = plan[:5], plan[5:]
     return [slow[0].sigma, *(s.sigma_next for s in slow)], [fast[0].sigma, *(s.sigma_next for s in fast)], plan
 
@@ -329,7 +330,7 @@ def test_compat_plan_depends_on_resolution() -> None:
 )
 def test_compat_plan_errors(slow: list[float], fast: list[float]) -> None:
     with pytest.raises(ScheduleError, match="exactly 5 \\+ 5"):
-        official_qwen_plan([t / 1000 for t in slow], [t / 1000 for t in fast])
+        official_qwen_plan([t / 1000 for t in slow], [t / 1000 for t in fast], "qwen-image")
 
 
 # ---------------------------------------------------------------------------------------------- command

@@ -435,7 +435,8 @@ def test_num_controls_mismatch(tmp_path: Path, controls: int, num_controls, need
     make_edit(tmp_path, ["a"], controls=controls)
     report = scan_dataset(tmp_path, num_controls=num_controls)
     assert not report.ok
-    single_error(report, tmp_path, "num_controls", needle)
+    message = single_error(report, tmp_path, "model family", needle)
+    assert "num_controls" not in message  # the user's words, not the argument's name
     assert len(report.samples) == 1  # the samples are fine; the setting does not match
 
 
@@ -443,7 +444,7 @@ def test_num_controls_on_flat_dataset(tmp_path: Path) -> None:
     make_pair(tmp_path, "a.png")
     assert scan_dataset(tmp_path, num_controls=0).ok
     report = scan_dataset(tmp_path, num_controls=1)
-    single_error(report, tmp_path, "num_controls", "flat layout")
+    single_error(report, tmp_path, "model family", "flat layout")
 
 
 def test_explicit_edit_layout_requires_folders(tmp_path: Path) -> None:

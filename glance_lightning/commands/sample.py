@@ -21,7 +21,7 @@ from glance_lightning.atomic import remove_leftovers
 from glance_lightning.errors import ConfigError
 from glance_lightning.lora_io import check_lora_file
 from glance_lightning.performance import QUANTIZATIONS, check_performance_settings
-from glance_lightning.registry import family_names, get_family
+from glance_lightning.registry import FamilySpec, family_names, get_family
 from glance_lightning.sampling import PLANS, Step
 from glance_lightning.settings import OptimizerSettings, PerformanceSettings, TimestepSettings
 from glance_lightning.timesteps import GlanceTimesteps
@@ -46,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None,
                    help="default: the LoRAs' training resolution (their metadata), else 1024")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="CFG scale (SD3, Qwen true CFG); FLUX.1-dev uses its guidance embedding (--guidance)")
-    p.add_argument("--guidance", type=float, default=None, help="FLUX.1-dev guidance embedding (default: as trained)")
+                   help="classifier-free guidance scale, for families guided that way (docs/families.md, "
+                        "'guidance at sampling'; e.g. SD3, Qwen-Image's true CFG)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance embedding value, for guidance-distilled families (e.g. FLUX.1-dev); default: as "
+                        "trained")
     p.add_argument("--control", action="append", default=[], help="control image(s) for edit families")
     p.add_argument("--lora-scale", type=float, default=1.0,
                    help="multiplies both LoRAs' trained weight change (files without alpha load at 1.0 x this)")
@@ -136,6 +139,23 @@ def check_options(args: argparse.Namespace) -> None:
         check_lora_file(getattr(args, name))
 
 
+GUIDANCE_OPTIONS = {"embedded": "--guidance (its guidance embedding)",
+                    "cfg": "--guidance-scale (classifier-free guidance)", "none": "neither guidance option"}
+
+
+def check_guidance(args: argparse.Namespace, spec: FamilySpec) -> None:
+    """``--guidance`` only for a family with a guidance embedding, ``--guidance-scale`` (other than 1) and
+    ``--negative-prompt`` only for one with classifier-free guidance: never silently ignored."""
+    kind, use = spec.guidance_kind, GUIDANCE_OPTIONS[spec.guidance_kind or "none"]
+    if args.guidance is not None and kind != "embedded":
+        raise ConfigError(f"--guidance sets a guidance embedding, which {spec.name} has none of; it takes {use}")
+    scale = getattr(args, "guidance_scale", None)
+    if kind != "cfg" and scale is not None and scale != 1.0:
+        raise ConfigError(f"--guidance-scale {scale:g}: {spec.name} has no classifier-free guidance; it takes {use}")
+    if kind != "cfg" and getattr(args, "negative_prompt", None) is not None:
+        raise ConfigError(f"--negative-prompt: {spec.name} has no classifier-free guidance; it takes {use}")
+
+
 def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
     """Build the family module, load its base model (in stages when ``args.prompt`` lists the prompts: encoded
     first, text encoders freed, then the transformer) and both LoRAs into it."""
@@ -162,9 +182,8 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
     chain = pair_timesteps(slow_meta, fast_meta, fallback)
     lists = chain.as_timesteps()
     kwargs: dict[str, Any] = dict((slow_meta or {}).get("family_options") or {})
+    check_guidance(args, spec)
     if args.guidance is not None:
-        if family != "flux":
-            raise ConfigError(f"--guidance is FLUX.1-dev's guidance embedding; {family} uses --guidance-scale")
         kwargs["guidance"] = args.guidance
     module = spec.module_class()(
         pretrained_model=args.model, timesteps=TimestepSettings(slow=lists["slow"], fast=lists["fast"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from glance_lightning.datamodules.images import ImageRules
 from glance_lightning.datamodules.validation import LAYOUTS, PROG, scan_dataset
 from glance_lightning.errors import ConfigError, MissingFileError
-from glance_lightning.registry import family_names, get_family
+from glance_lightning.registry import family_names, family_of_module, get_family
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -53,10 +54,23 @@ def _from_config(path: Path) -> tuple[dict[str, Any], str | None]:
         raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     data = dict((config.get("data") or {}).get("init_args") or {})
     class_path = str((config.get("model") or {}).get("class_path", ""))
-    family = next((n for n in family_names()
-                   if isinstance(get_family(n).module, str) and get_family(n).module.replace(":", ".") == class_path),
-                  None)
-    return data, family
+    return data, _family_of_class_path(class_path, path) if class_path else None
+
+
+def _family_of_class_path(class_path: str, config: Path) -> str:
+    """The registered family whose module the config's ``model.class_path`` names (a spec's module may be a
+    "module:Class" string or the class itself); else the class is imported and asked for its ``family``."""
+    for name in family_names():
+        if get_family(name).module_path == class_path:
+            return name
+    module, _, attribute = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attribute)
+        return family_of_module(cls).name
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"--config {config}: model.class_path {class_path} is no registered family's module "
+                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); give --family NAME or "
+                          "fix model.class_path") from None
 
 
 def _exit_code(exc: SystemExit) -> int:

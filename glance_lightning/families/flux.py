@@ -6,6 +6,7 @@ and ``_prepare_latent_image_ids``; latents are normalised with the VAE's shift a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,6 +14,38 @@ from diffusers import FluxPipeline
 
 from glance_lightning.families.base import Conditioning, GlanceModule
 from glance_lightning.families.latents import ShiftScaleLatents
+from glance_lightning.lora_layouts import rule
+
+# ComfyUI's (BFL) module names of the diffusers modules, for `export --format comfyui/kohya` (the spec's
+# lora_layout; a fused qkv/linear1 LoRA holds the q/k/v/proj_mlp ones exactly)
+_DOUBLE, _SINGLE = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
+# comfy/utils.py flux_to_diffusers
+COMFYUI_NAMES = (
+    rule("double_blocks.{i}.img_attn.qkv", *(f"{_DOUBLE}.attn.to_{c}" for c in "qkv"), slots=(1, 1, 1)),
+    rule("double_blocks.{i}.txt_attn.qkv", *(f"{_DOUBLE}.attn.add_{c}_proj" for c in "qkv"), slots=(1, 1, 1)),
+    rule("double_blocks.{i}.img_attn.proj", f"{_DOUBLE}.attn.to_out.0"),
+    rule("double_blocks.{i}.txt_attn.proj", f"{_DOUBLE}.attn.to_add_out"),
+    rule("double_blocks.{i}.img_mod.lin", f"{_DOUBLE}.norm1.linear"),
+    rule("double_blocks.{i}.txt_mod.lin", f"{_DOUBLE}.norm1_context.linear"),
+    rule("double_blocks.{i}.img_mlp.0", f"{_DOUBLE}.ff.net.0.proj"),
+    rule("double_blocks.{i}.img_mlp.2", f"{_DOUBLE}.ff.net.2"),
+    rule("double_blocks.{i}.txt_mlp.0", f"{_DOUBLE}.ff_context.net.0.proj"),
+    rule("double_blocks.{i}.txt_mlp.2", f"{_DOUBLE}.ff_context.net.2"),
+    rule("single_blocks.{i}.linear1", *(f"{_SINGLE}.attn.to_{c}" for c in "qkv"), f"{_SINGLE}.proj_mlp",
+          slots=(1, 1, 1, 4)),
+    rule("single_blocks.{i}.linear2", f"{_SINGLE}.proj_out"),
+    rule("single_blocks.{i}.modulation.lin", f"{_SINGLE}.norm.linear"),
+    rule("img_in", "x_embedder"),
+    rule("txt_in", "context_embedder"),
+    rule("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    rule("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    rule("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    rule("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    rule("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    rule("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    rule("final_layer.linear", "proj_out"),
+    rule("final_layer.adaLN_modulation.1", "norm_out.linear", swap="always"),
+)
 
 
 class FluxGlance(ShiftScaleLatents, GlanceModule):
@@ -43,25 +76,49 @@ class FluxGlance(ShiftScaleLatents, GlanceModule):
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        b, c, h, w = noisy.shape
+    def pack(self, latents: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents [B, C, h, w] -> (2x2-packed tokens [B, h*w/4, 4C], their position ids [h*w/4, 3]); ``index`` is
+        the ids' first axis: 0 for the image being denoised, 1 for a reference image (FLUX.1 Kontext)."""
+        b, c, h, w = latents.shape
         dtype = self.transformer.dtype
-        packed = FluxPipeline._pack_latents(noisy.to(dtype), b, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
+        tokens = FluxPipeline._pack_latents(latents.to(dtype), b, c, h, w)
+        ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, dtype)
+        if index:
+            ids[..., 0] = index
+        return tokens, ids
+
+    def image_tokens(self, tokens: torch.Tensor, ids: torch.Tensor, cond: Conditioning
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook: the image tokens and ids the transformer sees; a family with reference images (FLUX.1 Kontext)
+        appends theirs (e.g. ``cond["control_tokens"]`` made with ``pack(latents, index=1)``) after the noisy
+        target's. The prediction is sliced back to the target's tokens."""
+        return tokens, ids
+
+    def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        b, _, h, w = noisy.shape
+        dtype = self.transformer.dtype
+        packed, img_ids = self.pack(noisy)
+        tokens, ids = self.image_tokens(packed, img_ids, cond)
         embeds = cond["prompt_embeds"].to(dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((b,), self.guidance, device=noisy.device, dtype=torch.float32)
         out = self.transformer(
-            hidden_states=packed,
+            hidden_states=tokens,
             timestep=(sigma * self.timestep_scale).to(dtype),
             guidance=guidance,
             pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
             encoder_hidden_states=embeds,
             txt_ids=txt_ids,
-            img_ids=img_ids,
+            img_ids=ids,
             return_dict=False,
         )[0]
+        if tokens.shape[1] != packed.shape[1]:
+            out = out[:, : packed.shape[1]]
         factor = self.pipe.vae_scale_factor
         return FluxPipeline._unpack_latents(out, h * factor, w * factor, factor)
+
+    def planned_prompt_embeds(self, tokens: int, architecture: Mapping[str, Any]) -> Conditioning:
+        return {"prompt_embeds": torch.randn(1, tokens, architecture["joint_attention_dim"]),
+                "pooled_prompt_embeds": torch.randn(1, architecture["pooled_projection_dim"])}

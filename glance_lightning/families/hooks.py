@@ -3,13 +3,15 @@
 Four are required: ``encode_prompts``, ``encode_images``, ``decode_latents`` and ``predict_velocity``. The
 others have defaults that fit most families: ``guided_velocity`` (classifier-free guidance when sampling),
 ``collate_conditions`` (variable-length text), ``encode_condition`` (control images; in ``encoding``),
-``family_options``, ``latent_shape`` and ``default_negative_prompt``. ``self.pipe`` is the loaded diffusers
+``family_options``, ``latent_shape`` and ``default_negative_prompt``; ``plan`` needs ``planned_prompt_embeds``
+(and ``planned_condition`` where ``encode_condition`` does host-side work). ``self.pipe`` is the loaded diffusers
 pipeline, ``self.transformer`` its transformer with the two adapters, ``self.device`` the device to encode on.
+docs/new-family.md lists them with their tensor formats.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -59,3 +61,25 @@ class FamilyHooks:
     def collate_conditions(self, conds: Sequence[Conditioning]) -> Conditioning:
         """Batch per-sample conditioning; families with variable-length text override this."""
         return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+    # ------------------------------------------------------------------ planning (`plan`, on fake tensors)
+    def planned_prompt_embeds(self, tokens: int, architecture: Mapping[str, Any]) -> Conditioning:
+        """What ``encode_prompts`` returns for one prompt of ``tokens`` text tokens at full size, for the planner:
+        tensors of the right shapes and dtypes (it calls this under a fake-tensor mode, where they cost nothing).
+        ``architecture`` is the full-size transformer config (e.g. its ``joint_attention_dim``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be planned: define planned_prompt_embeds(tokens, architecture) (the "
+            "shapes encode_prompts returns; see docs/new-family.md), or subclass a family that has it"
+        )
+
+    def planned_condition(self, controls: Sequence[torch.Tensor], tokens: int,
+                          architecture: Mapping[str, Any]) -> Conditioning:
+        """The conditioning of one training sample at full size, for the planner: the family's own
+        ``encode_condition`` with its text encoders stood in by ``planned_prompt_embeds`` (``encode_images``
+        answers latents of ``latent_shape`` there). Override only where ``encode_condition`` does host-side work
+        on the control pixels (PIL resizing), which fake tensors cannot do."""
+        self.encode_prompts = lambda prompts: self.planned_prompt_embeds(tokens, architecture)  # type: ignore
+        try:
+            return self.encode_condition("", controls)
+        finally:
+            del self.encode_prompts

@@ -8,7 +8,7 @@ is a causal video VAE with a frame axis ([B, C, 1, h, w]); that axis is added an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +60,10 @@ class QwenImageGlance(GlanceModule):
             prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length
         )
         return self._text_conditioning(embeds, mask)
+
+    def planned_prompt_embeds(self, tokens: int, architecture: Mapping[str, Any]) -> Conditioning:
+        return {"prompt_embeds": torch.randn(1, tokens, architecture["joint_attention_dim"]),
+                "prompt_embeds_mask": torch.ones(1, tokens, dtype=torch.long)}
 
     @staticmethod
     def _text_conditioning(embeds: torch.Tensor, mask: torch.Tensor | None) -> Conditioning:

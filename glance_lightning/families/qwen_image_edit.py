@@ -18,7 +18,7 @@ size), e.g. to keep a tiny CPU run small; the defaults are what the stock pipeli
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -81,7 +81,8 @@ class QwenImageEditGlance(QwenImageGlance):
 
     # ------------------------------------------------------------------ conditioning
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        raise ValueError(f"{self.family} encodes a prompt together with its control image(s): use conditioning_for")
+        raise ValueError(f"{self.family} encodes a prompt together with its control image(s): use "
+                         "encode_condition(prompt, controls)")
 
     def encode_condition(self, prompt: str, controls: Sequence[torch.Tensor]) -> Conditioning:
         """Text + control conditioning (the shared caches key it by prompt and control pixels)."""
@@ -121,16 +122,31 @@ class QwenImageEditGlance(QwenImageGlance):
             max_sequence_length=self.max_sequence_length,
         )
         cond = self._text_conditioning(embeds, mask)
-        packed, shapes = [], []
         vae = self.pipe.vae
+        return {**cond, **self._control_inputs([p.to(self.device, vae.dtype) for p in vae_pixels])}
+
+    def _control_inputs(self, vae_pixels: Sequence[torch.Tensor]) -> Conditioning:
+        """VAE pixels [1, 3, H, W] of each control -> their packed latents, concatenated, and their img_shapes
+        (kept on the host: it becomes a Python list for every call)."""
+        packed, shapes = [], []
         for pixels in vae_pixels:
-            latents = self.encode_images(pixels.to(self.device, vae.dtype))
+            latents = self.encode_images(pixels)
             packed.append(self._pack(latents))
             shapes.append((1, latents.shape[-2] // 2, latents.shape[-1] // 2))
-        cond["control_latents"] = torch.cat(packed, dim=1)
-        # img_shapes of the controls; kept on the CPU (it becomes a Python list for every call)
-        cond["control_shapes"] = torch.tensor([shapes], dtype=torch.long)
-        return cond
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # a real tensor under the planner's fake mode too
+            control_shapes = torch.tensor([shapes], dtype=torch.long)
+        return {"control_latents": torch.cat(packed, dim=1), "control_shapes": control_shapes}
+
+    def planned_condition(self, controls: Sequence[torch.Tensor], tokens: int,
+                          architecture: Mapping[str, Any]) -> Conditioning:
+        """For the planner: text of ``tokens`` tokens and the controls' latents at ``control_resolution`` (the
+        pipeline's PIL resizing of the controls is host work that fake tensors cannot do)."""
+        sizes = [(c.shape[-1], c.shape[-2]) if self.control_resolution is None else
+                 calculate_dimensions(self.control_resolution ** 2, c.shape[-1] / c.shape[-2]) for c in controls]
+        pixels = [torch.empty(1, 3, h, w) for w, h in sizes]
+        return {**self.planned_prompt_embeds(tokens, architecture), **self._control_inputs(pixels)}
 
     # ------------------------------------------------------------------ transformer
     def _image_inputs(

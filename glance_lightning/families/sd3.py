@@ -13,12 +13,42 @@ prompt embeddings. Classifier-free guidance at sampling time is the pipeline's o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from glance_lightning.families.base import Conditioning, GlanceModule
 from glance_lightning.families.latents import ShiftScaleLatents
+from glance_lightning.lora_layouts import rule
+
+# ComfyUI's (MMDiT) module names of the diffusers modules, for `export --format comfyui/kohya` (the spec's
+# lora_layout)
+CLIP_TOKENS = 77  # the CLIP tokens encode_prompt puts before the T5 tokens
+_DOUBLE = "transformer_blocks.{i}"
+_JOINT = "joint_blocks.{i}"
+# comfy/utils.py mmdit_to_diffusers (MMDIT_MAP_BLOCK, MMDIT_MAP_BASIC)
+COMFYUI_NAMES = (
+    rule(f"{_JOINT}.x_block.attn.qkv", *(f"{_DOUBLE}.attn.to_{c}" for c in "qkv"), slots=(1, 1, 1)),
+    rule(f"{_JOINT}.context_block.attn.qkv", *(f"{_DOUBLE}.attn.add_{c}_proj" for c in "qkv"), slots=(1, 1, 1)),
+    rule(f"{_JOINT}.x_block.attn.proj", f"{_DOUBLE}.attn.to_out.0"),
+    rule(f"{_JOINT}.context_block.attn.proj", f"{_DOUBLE}.attn.to_add_out"),
+    rule(f"{_JOINT}.x_block.mlp.fc1", f"{_DOUBLE}.ff.net.0.proj"),
+    rule(f"{_JOINT}.x_block.mlp.fc2", f"{_DOUBLE}.ff.net.2"),
+    rule(f"{_JOINT}.context_block.mlp.fc1", f"{_DOUBLE}.ff_context.net.0.proj"),
+    rule(f"{_JOINT}.context_block.mlp.fc2", f"{_DOUBLE}.ff_context.net.2"),
+    rule(f"{_JOINT}.x_block.adaLN_modulation.1", f"{_DOUBLE}.norm1.linear"),
+    rule(f"{_JOINT}.context_block.adaLN_modulation.1", f"{_DOUBLE}.norm1_context.linear", swap="pre-only"),
+    rule("context_embedder", "context_embedder"),
+    rule("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+    rule("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+    rule("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+    rule("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+    rule("x_embedder.proj", "pos_embed.proj"),
+    rule("final_layer.linear", "proj_out"),
+    rule("final_layer.adaLN_modulation.1", "norm_out.linear", swap="always"),
+)
+# ComfyUI's Qwen-Image model (comfy/ldm/qwen_image/model.py) uses diffusers' module names: None = identity.
 
 
 class SD3Glance(ShiftScaleLatents, GlanceModule):
@@ -59,6 +89,11 @@ class SD3Glance(ShiftScaleLatents, GlanceModule):
             max_sequence_length=self.max_sequence_length,
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def planned_prompt_embeds(self, tokens: int, architecture: Mapping[str, Any]) -> Conditioning:
+        """[CLIP-L ; CLIP-G] tokens (77) before the T5 tokens, as encode_prompt builds them."""
+        return {"prompt_embeds": torch.randn(1, CLIP_TOKENS + tokens, architecture["joint_attention_dim"]),
+                "pooled_prompt_embeds": torch.randn(1, architecture["pooled_projection_dim"])}
 
     def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         batch = noisy.shape[0]

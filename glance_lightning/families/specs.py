@@ -1,4 +1,5 @@
-"""The built-in families, declared once: the registry entry of FLUX.1, SD3/3.5, Qwen-Image and Qwen-Image-Edit.
+"""The built-in families, declared once (``BUILTIN``, registered by the registry): FLUX.1, SD3/3.5, Qwen-Image and
+Qwen-Image-Edit.
 
 The scheduler configs are the published ``scheduler/scheduler_config.json`` of each family's checkpoint, kept
 verbatim (they are tiny): schedule derivation and the tiny models use the real ones. Classes and builders are
@@ -7,7 +8,7 @@ verbatim (they are tiny): schedule derivation and the tiny models use the real o
 
 from __future__ import annotations
 
-from glance_lightning.registry import FamilySpec, register_family
+from glance_lightning.family_spec import IDENTITY_LAYOUT, FamilySpec
 
 FLUX_SCHEDULER = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -69,34 +70,46 @@ QWEN_IMAGE_TRANSFORMER = {
     "guidance_embeds": False, "axes_dims_rope": [16, 56, 56],
 }
 
+# Parameters of the text encoders and VAE each family loads (published checkpoints): the planner's encode stage.
+FLUX_ENCODERS = {"T5-XXL encoder": 4.762e9, "CLIP-L text": 0.123e9, "VAE": 0.0838e9}
+SD3_ENCODERS = {"T5-XXL encoder": 4.762e9, "CLIP-L text": 0.124e9, "CLIP-G text": 0.695e9, "VAE": 0.0838e9}
+QWEN_IMAGE_ENCODERS = {"Qwen2.5-VL-7B": 8.292e9, "VAE": 0.127e9}
+
 _TINY = "glance_lightning.tiny.builders"
 _QWEN_CFG = "true CFG (negative \" \", norm rescale)"
 
-register_family(FamilySpec(
-    name="flux", module="glance_lightning.families.flux:FluxGlance", pipeline="diffusers:FluxPipeline",
-    scheduler_config=FLUX_SCHEDULER, tiny_builder=f"{_TINY}:flux", architecture=FLUX_DEV_TRANSFORMER,
-    guidance="guidance embedding (`guidance`, as trained)",
-))
-register_family(FamilySpec(
-    name="sd3", module="glance_lightning.families.sd3:SD3Glance", pipeline="diffusers:StableDiffusion3Pipeline",
-    scheduler_config=SD3_SCHEDULER, linspace_sigmas=False, tiny_builder=f"{_TINY}:sd3",
-    architecture=SD35_LARGE_TRANSFORMER, extra={"architectures": {"3.5-medium": SD35_MEDIUM_TRANSFORMER}},
-    guidance="CFG with a negative prompt",
-))
-register_family(FamilySpec(
-    name="qwen-image", module="glance_lightning.families.qwen_image:QwenImageGlance",
-    pipeline="diffusers:QwenImagePipeline", scheduler_config=QWEN_IMAGE_SCHEDULER, official_qwen=True,
-    tiny_builder=f"{_TINY}:qwen_image", guidance=_QWEN_CFG, architecture=QWEN_IMAGE_TRANSFORMER,
-))
-register_family(FamilySpec(
-    name="qwen-image-edit", module="glance_lightning.families.qwen_image_edit:QwenImageEditGlance",
-    pipeline="diffusers:QwenImageEditPipeline", scheduler_config=QWEN_IMAGE_SCHEDULER, official_qwen=True,
-    control_images=(1, 1), tiny_builder=f"{_TINY}:qwen_image_edit", architecture=QWEN_IMAGE_TRANSFORMER,
-    guidance=f"{_QWEN_CFG}; prompt encoded with the control",
-))
-register_family(FamilySpec(
-    name="qwen-image-edit-plus", module="glance_lightning.families.qwen_image_edit:QwenImageEditPlusGlance",
-    pipeline="diffusers:QwenImageEditPlusPipeline", scheduler_config=QWEN_IMAGE_SCHEDULER, official_qwen=True,
-    control_images=(1, 3), tiny_builder=f"{_TINY}:qwen_image_edit_plus", architecture=QWEN_IMAGE_TRANSFORMER,
-    guidance=f"{_QWEN_CFG}; one to three controls",
-))
+BUILTIN = (
+    FamilySpec(
+        name="flux", module="glance_lightning.families.flux:FluxGlance", pipeline="diffusers:FluxPipeline",
+        scheduler_config=FLUX_SCHEDULER, tiny_builder=f"{_TINY}:flux", architecture=FLUX_DEV_TRANSFORMER,
+        encoder_params=FLUX_ENCODERS, lora_layout="glance_lightning.families.flux:COMFYUI_NAMES",
+        guidance_kind="embedded", guidance="guidance embedding (`guidance`, as trained)",
+    ),
+    FamilySpec(
+        name="sd3", module="glance_lightning.families.sd3:SD3Glance", pipeline="diffusers:StableDiffusion3Pipeline",
+        scheduler_config=SD3_SCHEDULER, linspace_sigmas=False, tiny_builder=f"{_TINY}:sd3",
+        architecture=SD35_LARGE_TRANSFORMER, extra={"architectures": {"3.5-medium": SD35_MEDIUM_TRANSFORMER}},
+        encoder_params=SD3_ENCODERS, lora_layout="glance_lightning.families.sd3:COMFYUI_NAMES",
+        guidance_kind="cfg", guidance="CFG with a negative prompt",
+    ),
+    FamilySpec(
+        name="qwen-image", module="glance_lightning.families.qwen_image:QwenImageGlance",
+        pipeline="diffusers:QwenImagePipeline", scheduler_config=QWEN_IMAGE_SCHEDULER, official_qwen=True,
+        tiny_builder=f"{_TINY}:qwen_image", architecture=QWEN_IMAGE_TRANSFORMER, encoder_params=QWEN_IMAGE_ENCODERS,
+        lora_layout=IDENTITY_LAYOUT,  # ComfyUI's Qwen-Image model (comfy/ldm/qwen_image) uses diffusers' names
+        guidance_kind="cfg", guidance=_QWEN_CFG,
+    ),
+    # The edit families take Qwen-Image's scheduler, architecture, encoders, layout and guidance (like=).
+    FamilySpec(
+        name="qwen-image-edit", like="qwen-image",
+        module="glance_lightning.families.qwen_image_edit:QwenImageEditGlance",
+        pipeline="diffusers:QwenImageEditPipeline", official_qwen=True, control_images=(1, 1),
+        tiny_builder=f"{_TINY}:qwen_image_edit", guidance=f"{_QWEN_CFG}; prompt encoded with the control",
+    ),
+    FamilySpec(
+        name="qwen-image-edit-plus", like="qwen-image",
+        module="glance_lightning.families.qwen_image_edit:QwenImageEditPlusGlance",
+        pipeline="diffusers:QwenImageEditPlusPipeline", official_qwen=True, control_images=(1, 3),
+        tiny_builder=f"{_TINY}:qwen_image_edit_plus", guidance=f"{_QWEN_CFG}; one to three controls",
+    ),
+)

@@ -2,9 +2,10 @@
 
 ``simulate_step`` builds the family's transformer from its full-size config on fake CPU tensors, quantised where
 configured (``quant``), hands it to the module's own ``adapt_transformer`` (the same peft adapters, LoRA targets,
-gradient checkpointing share and policy as ``fit``), fills the module's encode-once caches with fake latents and
-prompt embeddings of the real widths and lengths (text encoders are never simulated in the step: the module
-trains from its caches), and runs two optimizer steps the way Lightning's automatic optimisation does (autocast
+gradient checkpointing share and policy as ``fit``), fills the module's encode-once caches through the family's
+own hooks (``fake_inputs``: latents of its ``latent_shape``, its ``encode_condition`` with the text encoders stood
+in by ``planned_prompt_embeds``; text encoders are never simulated in the step: the module trains from its caches),
+and runs two optimizer steps the way Lightning's automatic optimisation does (autocast
 forward, zero_grad, backward, gradient clipping, AdamW step) under ``PlannerMemTracker`` and, for the second step,
 ``RooflineEstimator``. Logging (``self.log``) is not part of it: it needs a Trainer and allocates only scalars.
 """
@@ -15,22 +16,23 @@ import math
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import diffusers
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from glance_lightning import performance as perf_ops
 from glance_lightning.draws import draw_micro_batch
+from glance_lightning.errors import ConfigError
 from glance_lightning.planner.fake import PlannerMemTracker, cuda_behaviour
 from glance_lightning.planner.quant import QUANTIZED, emulate_quantised_base, optimizer_state_bytes
 from glance_lightning.planner.runtime import GpuSpec, RooflineEstimator
 
 GIB = 2**30
-LATENT_CHANNELS = 16  # every built-in family's VAE (FLUX/SD3 AutoencoderKL, Qwen's causal VAE)
+LATENT_CHANNELS = 16  # the planned VAE's latent channels (FLUX/SD3 AutoencoderKL, Qwen's causal VAE)
 VAE_FACTOR = 8
-CLIP_TOKENS = 77  # SD3 puts 77 CLIP tokens before the T5 tokens
 
 
 @dataclass
@@ -78,9 +80,12 @@ class StepMemory:
 
 
 class _PlanPipe:
-    """Stands in for the loaded pipeline: the family hooks use only its static helpers and VAE factor."""
+    """Stands in for the loaded pipeline: the family hooks use only its static helpers, its VAE factor and its
+    VAE's latent channels."""
 
     vae_scale_factor = VAE_FACTOR
+    vae = SimpleNamespace(config=SimpleNamespace(latent_channels=LATENT_CHANNELS, z_dim=LATENT_CHANNELS),
+                          dtype=torch.float32)
 
     def __init__(self, pipeline_class: type) -> None:
         self._pipeline_class = pipeline_class
@@ -120,40 +125,26 @@ def build_transformer(architecture: dict[str, Any], dtype: torch.dtype) -> torch
     return model
 
 
-def fake_conditioning(module: Any, plan: StepPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Latents [B, 16, H/8, W/8] and the family's conditioning at full width and length (fake tensors)."""
-    from glance_lightning.families.flux import FluxGlance
-    from glance_lightning.families.qwen_image import QwenImageGlance
-    from glance_lightning.families.qwen_image_edit import QwenImageEditGlance
-    from glance_lightning.families.sd3 import SD3Glance
+def fake_inputs(module: Any, plan: StepPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The latents and conditioning of one training sample at full size, made by the family's own hooks (call
+    under a FakeTensorMode): ``encode_images`` answers latents of the family's ``latent_shape`` (the VAE is not
+    simulated), and ``planned_condition`` runs the family's ``encode_condition`` with its text encoders stood in
+    by ``planned_prompt_embeds``; the control images (as many as the family needs at least) are the target's
+    size."""
+    def fake_vae(pixels: torch.Tensor) -> torch.Tensor:
+        return torch.randn(pixels.shape[0], *module.latent_shape(pixels.shape[-2], pixels.shape[-1]))
 
-    arch, h, w = plan.architecture, plan.height // VAE_FACTOR, plan.width // VAE_FACTOR
-    latents = torch.randn(1, LATENT_CHANNELS, h, w)
-    text = arch["joint_attention_dim"]
-    if isinstance(module, FluxGlance):
-        return latents, {"prompt_embeds": torch.randn(1, plan.text_tokens, text),
-                         "pooled_prompt_embeds": torch.randn(1, arch["pooled_projection_dim"])}
-    if isinstance(module, SD3Glance):
-        return latents, {"prompt_embeds": torch.randn(1, CLIP_TOKENS + plan.text_tokens, text),
-                         "pooled_prompt_embeds": torch.randn(1, arch["pooled_projection_dim"])}
-    if isinstance(module, QwenImageGlance):
-        cond = {"prompt_embeds": torch.randn(1, plan.text_tokens, text),
-                "prompt_embeds_mask": torch.ones(1, plan.text_tokens, dtype=torch.long)}
-        if isinstance(module, QwenImageEditGlance):  # one control at the target's size (control_resolution 1024)
-            cond["control_latents"] = torch.randn(1, (h // 2) * (w // 2), arch["in_channels"])
-        return latents, cond
-    from glance_lightning.planner.plan import PlanError
-
-    raise PlanError(f"the planner has no conditioning for {type(module).__name__}; plan a built-in family")
-
-
-def _control_shapes(module: Any, plan: StepPlan) -> torch.Tensor | None:
-    """Edit families read their control grid on the host: a real (not fake) tensor, made before the fake mode."""
-    from glance_lightning.families.qwen_image_edit import QwenImageEditGlance
-
-    if not isinstance(module, QwenImageEditGlance):
-        return None
-    return torch.tensor([[(1, plan.height // 16, plan.width // 16)]], dtype=torch.long)
+    module.encode_images = fake_vae
+    try:
+        latents = module.encode_images(torch.empty(1, 3, plan.height, plan.width))
+        controls = [torch.empty(3, plan.height, plan.width) for _ in range(module.family_spec.control_images[0])]
+        try:
+            cond = module.planned_condition(controls, plan.text_tokens, plan.architecture)
+        except NotImplementedError as err:
+            raise ConfigError(str(err)) from None
+    finally:
+        del module.encode_images
+    return latents, cond
 
 
 def _linears_with_grad_inputs(transformer: torch.nn.Module) -> dict[str, int]:
@@ -172,17 +163,18 @@ def _linears_with_grad_inputs(transformer: torch.nn.Module) -> dict[str, int]:
     return found
 
 
-def _collate_keeping_host(module: Any, key: str) -> None:
-    """The module's collate, with ``key`` (a host-side tensor the step reads as a list) batched as a real tensor
-    rather than turned into a fake one."""
+def _collate_keeping_host(module: Any, keys: list[str]) -> None:
+    """The module's collate, with ``keys`` (real host tensors the step reads as lists, such as an edit family's
+    control grid) batched as real tensors rather than turned into fake ones."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     collate = module.collate_conditions
 
     def collate_conditions(conds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = collate([{k: v for k, v in c.items() if k != key} for c in conds])
+        batch = collate([{k: v for k, v in c.items() if k not in keys} for c in conds])
         with unset_fake_temporarily():
-            batch[key] = torch.cat([c[key] for c in conds])
+            for key in keys:
+                batch[key] = torch.cat([c[key] for c in conds])
         return batch
 
     module.collate_conditions = collate_conditions
@@ -207,7 +199,6 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
     dtype = getattr(torch, module.dtype_name)
     spec = module.draw_spec()
     draws = [draw_micro_batch(spec, s, 0, 0, plan.batch, 1) for s in range(steps)]
-    controls = _control_shapes(module, plan)
     with ExitStack() as stack:
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext())
         stack.enter_context(cuda_behaviour())
@@ -218,10 +209,10 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
         module.adapt_transformer(transformer)
         if plan.precision.startswith(("bf16-true", "16-true")):
             module.to(torch.bfloat16 if plan.precision.startswith("bf16") else torch.float16)
-        latents, cond = fake_conditioning(module, plan)
-        if controls is not None:
-            cond["control_shapes"] = controls
-            _collate_keeping_host(module, "control_shapes")
+        latents, cond = fake_inputs(module, plan)
+        host = [k for k, v in cond.items() if fake and not is_fake(v)]
+        if host:
+            _collate_keeping_host(module, host)
         module.latent_cache, module.cond_cache, module.dropout_cache = [latents], [cond], [cond]
         module._trainer = _PlanTrainer()
         module._log_losses = lambda *args, **kwargs: None  # logging needs a Trainer; it allocates only scalars

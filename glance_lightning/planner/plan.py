@@ -22,12 +22,6 @@ from glance_lightning.registry import FamilySpec
 
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and cuBLAS/cuDNN workspaces, outside the caching allocator
 HOST_BASELINE_GIB = 0.5  # a process with torch and the libraries (BENCHMARKS.md, host memory: 0.4-0.5 GiB)
-# Parameters of the text encoders and VAE each family loads (published checkpoints), for the analytic encode stage.
-ENCODER_PARAMS = {
-    "flux": {"T5-XXL encoder": 4.762e9, "CLIP-L text": 0.123e9, "VAE": 0.0838e9},
-    "sd3": {"T5-XXL encoder": 4.762e9, "CLIP-L text": 0.124e9, "CLIP-G text": 0.695e9, "VAE": 0.0838e9},
-    "qwen-image": {"Qwen2.5-VL-7B": 8.292e9, "VAE": 0.127e9},
-}
 ENCODE_ACTIVATIONS_GIB = 1.5  # VAE encoder at 1024x1024 in bf16 (scales with pixels) plus the text encoder's
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -103,20 +97,12 @@ class Plan:
         }
 
 
-def _encoder_family(spec: FamilySpec) -> str | None:
-    for name in ENCODER_PARAMS:
-        if spec.name == name or spec.name.startswith(name):
-            return name
-    return None
-
-
 def encode_stage_gib(spec: FamilySpec, dtype: str, pixels: int) -> tuple[float, float]:
     """(device peak, encoder weights) of the encode stage, by formula: the text encoders and VAE on the device in
-    ``dtype`` plus a modest activation allowance; (0, 0) for a family without figures."""
-    family = _encoder_family(spec)
-    if family is None:
+    ``dtype`` plus a modest activation allowance; (0, 0) for a family whose spec gives no ``encoder_params``."""
+    if not spec.encoder_params:
         return 0.0, 0.0
-    weights = sum(ENCODER_PARAMS[family].values()) * DTYPE_BYTES.get(dtype, 4) / GIB
+    weights = sum(spec.encoder_params.values()) * DTYPE_BYTES.get(dtype, 4) / GIB
     return weights + ENCODE_ACTIVATIONS_GIB * pixels / 1024**2, weights
 
 
@@ -142,7 +128,8 @@ def make_plan(request: PlanRequest) -> Plan:
     ]
     if encode == 0.0:
         notes.append("tiny model: encode stage not planned" if tiny else
-                     f"no encoder figures for family {spec.name}: encode stage not planned")
+                     f"family {spec.name} gives no encoder sizes (FamilySpec.encoder_params): encode stage not "
+                     "planned")
     bf16_transformer = memory.base / GIB if request.step.quantization == "none" else \
         _bf16_params(request.step.architecture) * 2 / GIB
     host = host_ram_gib(bf16_transformer, encoders)

@@ -30,7 +30,7 @@ import torch
 from glance_lightning import console
 from glance_lightning.errors import ConfigError, ExistingFileError, SetupError
 from glance_lightning.models import CACHE_ENV, TINY_PREFIX, cache_dir, is_tiny
-from glance_lightning.registry import FamilySpec, UnknownFamilyError, family_names, get_family, load_ref
+from glance_lightning.registry import FamilySpec, UnknownFamilyError, family_names, get_family
 
 __all__ = [
     "CACHE_ENV",
@@ -63,12 +63,12 @@ def _tiny_spec(family: str) -> FamilySpec:
 def build_tiny_model(family: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
     """Build a tiny model of `family` (seeded random weights, a VAE trained from `seed`) in diffusers format at
     `path` (must not exist or be empty)."""
-    builder = load_ref(_tiny_spec(family).tiny_builder)
+    spec = _tiny_spec(family)
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise ExistingFileError(f"cannot build a tiny {family} model into non-empty {path}")
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
-        pipeline = builder(seed)
+        pipeline = spec.build_tiny(seed)
     pipeline.save_pretrained(path, safe_serialization=True)
     _use_real_class_names(path)
     if (path / "processor").is_dir():

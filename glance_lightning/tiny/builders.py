@@ -1,10 +1,11 @@
-"""The tiny text encoders and transformers, and one public builder per family.
+"""The tiny text encoders and transformers, the components of each pipeline design, and the builders.
 
-Each builder takes a seed and returns the family's diffusers pipeline instance, built from the component
-classes of the real checkpoint (FLUX.1-dev, SD3/3.5, Qwen-Image, Qwen-Image-Edit, Qwen-Image-Edit-2509/2511),
-the family's published scheduler config (from the registry) and the tokenizers and trained VAEs of this
-package; the registry names them as each family's ``tiny_builder``. Weights are random, seeded: building
-twice from one seed gives the same weights.
+``*_components(seed, scheduler_config)`` gives the components of a tiny pipeline of one design (FLUX.1, SD3/3.5,
+Qwen-Image and its edit pipelines), built from the component classes of the real checkpoint, the given scheduler
+config and the tokenizers and trained VAEs of this package. The builders (``flux``, ``sd3``, ``qwen_image``,
+``qwen_image_edit``) take a seed and a family's spec and build the spec's pipeline class from them; the specs
+name them as ``tiny_builder`` (public, with the components, in ``glance_lightning.testing``). Weights are random,
+seeded: building twice from one seed gives the same weights.
 
 Tiny dimensions: transformers have 2 heads of 16 dims (width 32); text encoders are 32 wide, except SD3's T5
 (64, to hold the two CLIP embeddings side by side).
@@ -12,20 +13,15 @@ Tiny dimensions: transformers have 2 heads of 16 dims (width 32); text encoders 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
     FluxTransformer2DModel,
-    QwenImageEditPipeline,
-    QwenImageEditPlusPipeline,
-    QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
 )
 from transformers import (
     CLIPTextConfig,
@@ -40,7 +36,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from glance_lightning.registry import get_family
+from glance_lightning.family_spec import FamilySpec
 from glance_lightning.tiny.tokenizers import (
     CLIP_MAX_LENGTH,
     clip_tokenizer,
@@ -50,7 +46,8 @@ from glance_lightning.tiny.tokenizers import (
 )
 from glance_lightning.tiny.vae import LATENT_CHANNELS, trained_autoencoder_kl, trained_autoencoder_qwen
 
-__all__ = ["flux", "qwen_image", "qwen_image_edit", "qwen_image_edit_plus", "sd3"]
+__all__ = ["flux", "flux_components", "qwen_image", "qwen_image_components", "qwen_image_edit", "qwen_image_edit_plus",
+           "sd3", "sd3_components"]
 
 HEAD_DIM = 16
 NUM_HEADS = 2
@@ -189,60 +186,76 @@ def _seeded(seed: int, make: Callable[[], T]) -> T:
     return make()
 
 
-def _scheduler(family: str) -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler.from_config(get_family(family).scheduler())
+def _scheduler(config: Mapping[str, Any]) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler.from_config(dict(config))
 
 
-def flux(seed: int) -> FluxPipeline:
+def flux_components(seed: int, scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The components of a tiny FLUX.1-design pipeline (FluxPipeline and the pipelines that share its components,
+    such as FluxKontextPipeline): CLIP-L + T5 text encoders, the trained tiny VAE, a FLUX transformer."""
     clip, t5 = clip_tokenizer(), t5_tokenizer()
-    return FluxPipeline(
-        scheduler=_scheduler("flux"),
-        vae=trained_autoencoder_kl(seed),
-        text_encoder=_seeded(seed, lambda: _clip_text_model(clip, projection=False)),
-        tokenizer=clip,
-        text_encoder_2=_seeded(seed, lambda: _t5_encoder(t5, d_model=TEXT_DIM)),
-        tokenizer_2=t5,
-        # pooled prompt embedding = CLIP pooler output; prompt tokens = T5 hidden states
-        transformer=_seeded(seed, lambda: _flux_transformer(text_dim=TEXT_DIM, pooled_dim=TEXT_DIM)),
-    )
-
-
-def sd3(seed: int) -> StableDiffusion3Pipeline:
-    clip, t5 = clip_tokenizer(), t5_tokenizer()
-    return StableDiffusion3Pipeline(
-        scheduler=_scheduler("sd3"),
-        vae=trained_autoencoder_kl(seed),
-        text_encoder=_seeded(seed, lambda: _clip_text_model(clip, projection=True)),
-        tokenizer=clip,
-        text_encoder_2=_seeded(seed + 1, lambda: _clip_text_model(clip, projection=True)),
-        tokenizer_2=clip_tokenizer(),
-        text_encoder_3=_seeded(seed, lambda: _t5_encoder(t5, d_model=2 * TEXT_DIM)),
-        tokenizer_3=t5,
-        # prompt tokens = [CLIP-L ; CLIP-G] hidden states (as wide as T5), then T5's; pooled = both projections
-        transformer=_seeded(seed, lambda: _sd3_transformer(text_dim=2 * TEXT_DIM, pooled_dim=2 * TEXT_DIM)),
-    )
-
-
-def _qwen_components(seed: int, family: str) -> dict[str, Any]:
-    tokenizer = qwen_tokenizer()
     return {
-        "scheduler": _scheduler(family),
+        "scheduler": _scheduler(scheduler_config),
+        "vae": trained_autoencoder_kl(seed),
+        "text_encoder": _seeded(seed, lambda: _clip_text_model(clip, projection=False)),
+        "tokenizer": clip,
+        "text_encoder_2": _seeded(seed, lambda: _t5_encoder(t5, d_model=TEXT_DIM)),
+        "tokenizer_2": t5,
+        # pooled prompt embedding = CLIP pooler output; prompt tokens = T5 hidden states
+        "transformer": _seeded(seed, lambda: _flux_transformer(text_dim=TEXT_DIM, pooled_dim=TEXT_DIM)),
+    }
+
+
+def sd3_components(seed: int, scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The components of a tiny StableDiffusion3Pipeline: two CLIPs + T5, the trained tiny VAE, an MMDiT."""
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
+    return {
+        "scheduler": _scheduler(scheduler_config),
+        "vae": trained_autoencoder_kl(seed),
+        "text_encoder": _seeded(seed, lambda: _clip_text_model(clip, projection=True)),
+        "tokenizer": clip,
+        "text_encoder_2": _seeded(seed + 1, lambda: _clip_text_model(clip, projection=True)),
+        "tokenizer_2": clip_tokenizer(),
+        "text_encoder_3": _seeded(seed, lambda: _t5_encoder(t5, d_model=2 * TEXT_DIM)),
+        "tokenizer_3": t5,
+        # prompt tokens = [CLIP-L ; CLIP-G] hidden states (as wide as T5), then T5's; pooled = both projections
+        "transformer": _seeded(seed, lambda: _sd3_transformer(text_dim=2 * TEXT_DIM, pooled_dim=2 * TEXT_DIM)),
+    }
+
+
+def qwen_image_components(seed: int, scheduler_config: Mapping[str, Any], processor: bool = False
+                          ) -> dict[str, Any]:
+    """The components of a tiny Qwen-Image pipeline (``processor``: the edit pipelines' Qwen2-VL processor too)."""
+    tokenizer = qwen_tokenizer()
+    components = {
+        "scheduler": _scheduler(scheduler_config),
         "vae": trained_autoencoder_qwen(seed),
         "text_encoder": _seeded(seed, lambda: _qwen_vl(tokenizer)),
         "tokenizer": tokenizer,
         "transformer": _seeded(seed, _qwen_transformer),
     }
+    if processor:
+        components["processor"] = qwen_processor(tokenizer)
+    return components
 
 
-def qwen_image(seed: int) -> QwenImagePipeline:
-    return QwenImagePipeline(**_qwen_components(seed, "qwen-image"))
+# The builders the built-in specs name (``tiny_builder``): (seed, spec) -> the spec's pipeline class built from
+# these components and the spec's scheduler config, so a family declared ``like=`` one of them gets a tiny model
+# of its own pipeline class.
+def flux(seed: int, spec: FamilySpec) -> Any:
+    return spec.pipeline_class()(**flux_components(seed, spec.scheduler()))
 
 
-def qwen_image_edit(seed: int) -> QwenImageEditPipeline:
-    components = _qwen_components(seed, "qwen-image-edit")
-    return QwenImageEditPipeline(**components, processor=qwen_processor(components["tokenizer"]))
+def sd3(seed: int, spec: FamilySpec) -> Any:
+    return spec.pipeline_class()(**sd3_components(seed, spec.scheduler()))
 
 
-def qwen_image_edit_plus(seed: int) -> QwenImageEditPlusPipeline:
-    components = _qwen_components(seed, "qwen-image-edit-plus")
-    return QwenImageEditPlusPipeline(**components, processor=qwen_processor(components["tokenizer"]))
+def qwen_image(seed: int, spec: FamilySpec) -> Any:
+    return spec.pipeline_class()(**qwen_image_components(seed, spec.scheduler()))
+
+
+def qwen_image_edit(seed: int, spec: FamilySpec) -> Any:
+    return spec.pipeline_class()(**qwen_image_components(seed, spec.scheduler(), processor=True))
+
+
+qwen_image_edit_plus = qwen_image_edit
