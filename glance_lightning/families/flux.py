@@ -76,11 +76,13 @@ class FluxGlance(ShiftScaleLatents, GlanceModule):
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def pack(self, latents: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents [B, C, h, w] -> (2x2-packed tokens [B, h*w/4, 4C], their position ids [h*w/4, 3]); ``index`` is
-        the ids' first axis: 0 for the image being denoised, 1 for a reference image (FLUX.1 Kontext)."""
+    def pack(self, latents: torch.Tensor, index: int = 0, dtype: torch.dtype | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents [B, C, h, w] -> (2x2-packed tokens [B, h*w/4, 4C], their position ids [h*w/4, 3]) in ``dtype``
+        (default: the latents'); ``index`` is the ids' first axis: 0 for the image being denoised, 1 for a
+        reference image (FLUX.1 Kontext; usable in ``encode_condition``, before the transformer is loaded)."""
         b, c, h, w = latents.shape
-        dtype = self.transformer.dtype
+        dtype = dtype or latents.dtype
         tokens = FluxPipeline._pack_latents(latents.to(dtype), b, c, h, w)
         ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, dtype)
         if index:
@@ -97,7 +99,7 @@ class FluxGlance(ShiftScaleLatents, GlanceModule):
     def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         b, _, h, w = noisy.shape
         dtype = self.transformer.dtype
-        packed, img_ids = self.pack(noisy)
+        packed, img_ids = self.pack(noisy, dtype=dtype)
         tokens, ids = self.image_tokens(packed, img_ids, cond)
         embeds = cond["prompt_embeds"].to(dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=dtype)

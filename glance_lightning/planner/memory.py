@@ -50,6 +50,7 @@ class StepPlan:
     optimizer: str = "adamw"
     gpu: GpuSpec | None = None
     other_gpus: tuple[GpuSpec, ...] = ()  # more cards to time the same ops on (step_s_on)
+    latent_channels: int = LATENT_CHANNELS  # of the model's VAE (a tiny model's has fewer)
 
 
 @dataclass
@@ -84,11 +85,11 @@ class _PlanPipe:
     VAE's latent channels."""
 
     vae_scale_factor = VAE_FACTOR
-    vae = SimpleNamespace(config=SimpleNamespace(latent_channels=LATENT_CHANNELS, z_dim=LATENT_CHANNELS),
-                          dtype=torch.float32)
 
-    def __init__(self, pipeline_class: type) -> None:
+    def __init__(self, pipeline_class: type, latent_channels: int = LATENT_CHANNELS) -> None:
         self._pipeline_class = pipeline_class
+        self.vae = SimpleNamespace(config=SimpleNamespace(latent_channels=latent_channels, z_dim=latent_channels),
+                                   dtype=torch.float32)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipeline_class, name)
@@ -205,7 +206,7 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
         transformer = build_transformer(plan.architecture, dtype)
         if plan.quantization in QUANTIZED:
             emulate_quantised_base(transformer, plan.quantization, dtype)
-        module._pipe = _PlanPipe(module.family_spec.pipeline_class())
+        module._pipe = _PlanPipe(module.family_spec.pipeline_class(), plan.latent_channels)
         module.adapt_transformer(transformer)
         if plan.precision.startswith(("bf16-true", "16-true")):
             module.to(torch.bfloat16 if plan.precision.startswith("bf16") else torch.float16)

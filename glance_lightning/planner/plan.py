@@ -201,6 +201,20 @@ def find_architecture(spec: FamilySpec, pretrained: str, transformer: str | None
     return copy.deepcopy(dict(spec.architecture)), f"registry ({spec.name})"
 
 
+def vae_latent_channels(architecture_source: str, default: int) -> int:
+    """The latent channels of the VAE beside a model's ``transformer/config.json`` (its ``vae/config.json``), else
+    ``default`` (the published VAEs' 16)."""
+    source = Path(architecture_source)
+    vae = source.parent.parent / "vae" / "config.json"
+    if source.name != "config.json" or source.parent.name != "transformer" or not vae.is_file():
+        return default
+    try:
+        config = json.loads(vae.read_text())
+    except (OSError, json.JSONDecodeError):
+        return default
+    return int(config.get("latent_channels") or config.get("z_dim") or default)
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())

@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from glance_lightning.planner.memory import StepPlan
-from glance_lightning.planner.plan import PlanError, PlanRequest, find_architecture
+from glance_lightning.planner.memory import LATENT_CHANNELS, StepPlan
+from glance_lightning.planner.plan import PlanError, PlanRequest, find_architecture, vae_latent_channels
 from glance_lightning.planner.runtime import get_gpu
 from glance_lightning.registry import family_of_module, load_ref
 
@@ -112,6 +112,7 @@ def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer
         architecture=arch, height=resolution, width=resolution, batch=settings["batch"], text_tokens=tokens,
         precision=settings["precision"], gradient_clip=trainer.get("gradient_clip_val"),
         quantization=settings["base_quantization"], optimizer=settings["optimizer"], gpu=card,
+        latent_channels=vae_latent_channels(source, LATENT_CHANNELS),
     )
     raw["architecture"] = arch
     return PlanRequest(module, step, settings, card, gpu_memory, source, raw)
