@@ -82,13 +82,11 @@ def fit_config():
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory: pytest.TempPathFactory, fit_config):
     """`fit --config CONFIG [OVERRIDES...]` run once per session and shared: the family contract and the CLI
-    tests read the same quick-start runs (readers only; nothing may write into a shared run)."""
-    runs: dict[tuple[str, ...], Path] = {}
+    tests read the same quick-start runs as the testing kit's contract (``fit_once``: readers only; nothing may
+    write into a shared run)."""
+    from glance_lightning.testing import fit_once
 
     def run(config: str, *overrides: str) -> Path:
-        key = (config, *overrides)
-        if key not in runs:
-            runs[key] = fit_config(config, tmp_path_factory.mktemp("quickstart"), *overrides)
-        return runs[key]
+        return fit_once(config, tmp_path_factory.mktemp("quickstart"), *overrides, workdir=REPO)
 
     return run
