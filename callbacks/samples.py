@@ -79,6 +79,11 @@ class ChainedSampleCallback(L.Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        kind = pl_module.family_spec.guidance_kind
+        if kind != "cfg" and (self.guidance_scale != 1.0 or self.negative_prompt is not None):
+            setting = "guidance_scale" if self.guidance_scale != 1.0 else "negative_prompt"
+            raise ConfigError(f"ChainedSampleCallback {setting}: {pl_module.family} has no classifier-free guidance"
+                              + ("; its guidance embedding is model.init_args.guidance" if kind == "embedded" else ""))
         pl_module.register_prompts(pl_module.sampling_prompts(self.prompts or [], self.negative_prompt,
                                                               self.guidance_scale))
 

@@ -3,6 +3,7 @@ never imports the tiny builders unless a `tiny:` name is opened."""
 
 from __future__ import annotations
 
+import ast
 import sys
 from pathlib import Path
 
@@ -11,7 +12,15 @@ import yaml
 
 from glance_lightning.cli import main
 from glance_lightning.commands.validate_data import run_validate_data_command
-from glance_lightning.registry import FamilySpec, family_names, get_family, markdown_table, register_family
+from glance_lightning.family_spec import IDENTITY_LAYOUT, INHERITED
+from glance_lightning.registry import (
+    FamilySpec,
+    family_names,
+    get_family,
+    markdown_table,
+    register_family,
+    unregister_family,
+)
 from glance_lightning.schedules import derive_timesteps
 
 from reaping import run_reaped
@@ -45,6 +54,57 @@ def test_bad_registrations_are_refused():
     with pytest.raises(ValueError, match="already registered"):
         register_family(FamilySpec(name="flux", module="a:b", pipeline="a:b", scheduler_config={}))
     assert "x" not in family_names()
+
+
+def test_a_spec_like_another_takes_what_it_leaves_unset():
+    """like="flux": FLUX's scheduler, architecture, encoder sizes, ComfyUI layout, guidance and tiny builder, unless
+    the spec sets its own."""
+    flux = get_family("flux")
+    try:
+        spec = register_family(FamilySpec(name="like-flux", like="flux", module="a:b",
+                                          pipeline="diffusers:FluxKontextPipeline", control_images=(1, 1)))
+        assert get_family("like-flux") == spec
+        for name in INHERITED:
+            assert getattr(spec, name) == getattr(flux, name), name
+        assert spec.control_images == (1, 1) and spec.pipeline_name == "FluxKontextPipeline"
+        own = register_family(FamilySpec(name="like-flux-own", like="flux", module="a:b", pipeline="a:b",
+                                         scheduler_config={"shift": 2.0}, guidance_kind="none",
+                                         lora_layout=IDENTITY_LAYOUT))
+        assert (own.scheduler_config, own.guidance_kind, own.lora_layout) == ({"shift": 2.0}, "none", "diffusers")
+        assert own.architecture == flux.architecture and own.encoder_params == flux.encoder_params
+        # the built-in edit families are declared like="qwen-image"
+        assert get_family("qwen-image-edit").encoder_params == get_family("qwen-image").encoder_params
+    finally:
+        unregister_family("like-flux")
+        unregister_family("like-flux-own")
+
+
+def test_bad_likes_and_guidance_kinds_are_refused():
+    with pytest.raises(ValueError, match="like='nope' is not a registered family"):
+        register_family(FamilySpec(name="x", like="nope", module="a:b", pipeline="a:b"))
+    with pytest.raises(ValueError, match="guidance_kind='strong'; expected one of embedded, cfg, none"):
+        register_family(FamilySpec(name="x", module="a:b", pipeline="a:b", scheduler_config={},
+                                   guidance_kind="strong"))
+    with pytest.raises(ValueError, match="give its scheduler_config"):
+        register_family(FamilySpec(name="x", module="a:b", pipeline="a:b"))
+    assert "x" not in family_names()
+
+
+def test_no_family_name_is_compared_outside_the_family_modules(repo: Path):
+    """Shared code decides by a family's spec and hooks, never by its name: no built-in family's name appears as
+    a string outside glance_lightning/families/ (the tiny builders' ``__all__`` names functions)."""
+    found = []
+    for root in ("glance_lightning", "datamodules", "callbacks"):
+        for path in sorted((repo / root).rglob("*.py")):
+            if path.parent == repo / "glance_lightning" / "families":
+                continue
+            tree = ast.parse(path.read_text())
+            exported = {id(n) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                        and any(getattr(t, "id", None) == "__all__" for t in node.targets)
+                        for n in ast.walk(node.value)}
+            found += [f"{path.relative_to(repo)}:{node.lineno} {node.value!r}" for node in ast.walk(tree)
+                      if isinstance(node, ast.Constant) and node.value in BUILTINS and id(node) not in exported]
+    assert not found, found
 
 
 def test_families_from_installed_packages_are_loaded_through_entry_points(monkeypatch, tmp_path: Path):
@@ -133,3 +193,16 @@ def test_every_config_copies_the_lists_its_family_derives(repo: Path):
             assert lists["fast"] == pytest.approx(expected["fast"], abs=1e-3), config.name
             checked += 1
     assert checked >= 9  # the shipped model configs copy their lists
+
+
+def test_the_new_family_guide_covers_every_hook_and_spec_field(repo: Path):
+    """docs/new-family.md lists every family hook and FamilySpec field (a new one must be documented there)."""
+    import dataclasses
+
+    from glance_lightning.families.hooks import FamilyHooks
+
+    guide = (repo / "docs" / "new-family.md").read_text()
+    hooks = [n for n, v in vars(FamilyHooks).items() if not n.startswith("_") and callable(v)]
+    assert hooks and [h for h in hooks if f"`{h}(" not in guide] == []
+    fields = [f.name for f in dataclasses.fields(FamilySpec) if f.name != "extra"]
+    assert [f for f in fields if f"`{f}`" not in guide] == []

@@ -100,6 +100,24 @@ def test_a_model_of_another_family_is_refused_from_its_model_index(tmp_path, rep
                       "glance_lightning.families.sd3")
 
 
+SAMPLES_WITH = """  callbacks:
+    - class_path: callbacks.samples.ChainedSampleCallback
+      init_args: {{prompts: [a cat], every_n_steps: 1, {setting}}}
+"""
+
+
+@pytest.mark.parametrize(("setting", "named"), [
+    ("guidance_scale: 3.5", "guidance_scale: flux has no classifier-free guidance"),
+    ("negative_prompt: blurry", "negative_prompt: flux has no classifier-free guidance"),
+])
+def test_sample_callback_cfg_settings_are_refused_for_a_family_without_cfg(setting, named, tmp_path, repo, capsys,
+                                                                           no_model_load):
+    path = config(tmp_path, repo)
+    path.write_text(path.read_text().replace("model:\n", SAMPLES_WITH.format(setting=setting) + "model:\n", 1))
+    code, out = run_cli(capsys, "fit", "--config", str(path))
+    assert_user_error(code, out, named, "model.init_args.guidance", max_lines=2)
+
+
 def test_debug_flag_keeps_the_traceback(tmp_path, repo):
     with pytest.raises(errors.ConfigError, match="model.lora.targets"):
         main(["fit", "--config", str(config(tmp_path, repo)), "--model.init_args.lora.targets", "[nope]",

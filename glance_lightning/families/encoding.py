@@ -164,7 +164,7 @@ class EncodeOnce:
         store_key = store.key("condition", prompt=key[0], controls=key[1]) if store is not None else None
         stored = store.get(store_key) if store is not None else None
         if stored is not None:
-            return {k: v.to(self.device) if k != "control_shapes" else v for k, v in stored.items()}
+            return {k: v if k in self.host_condition_keys else v.to(self.device) for k, v in stored.items()}
         if self.encoders_freed or not any(getattr(self.pipe, n, None) is not None for n in TEXT_ENCODERS):
             raise UnencodedPromptError(
                 f"prompt {prompt!r} was not encoded before the text encoders were freed; list it among the "

@@ -24,6 +24,8 @@ class FamilyHooks:
 
     # The negative prompt guided sampling uses when none is given (SD3's pipelines use ""); None: no default.
     default_negative_prompt: str | None = None
+    # Conditioning entries that stay on the host (e.g. a grid the transformer call reads as a Python list).
+    host_condition_keys: tuple[str, ...] = ()
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Text conditioning for a batch of prompts (tensors with batch first)."""

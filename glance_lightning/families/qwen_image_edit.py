@@ -51,6 +51,7 @@ class QwenImageEditGlance(QwenImageGlance):
     """Glance for Qwen-Image-Edit: one control image per sample (``image/`` + ``control/``)."""
 
     family = "qwen-image-edit"
+    host_condition_keys = ("control_shapes",)  # img_shapes of the controls: read as a list on every call
 
     def __init__(
         self, *args: Any, control_resolution: int | None = 1024, condition_resolution: int | None = None,
