@@ -79,11 +79,12 @@ class ChainedSampleCallback(L.Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        kind = pl_module.family_spec.guidance_kind
-        if kind != "cfg" and (self.guidance_scale != 1.0 or self.negative_prompt is not None):
-            setting = "guidance_scale" if self.guidance_scale != 1.0 else "negative_prompt"
-            raise ConfigError(f"ChainedSampleCallback {setting}: {pl_module.family} has no classifier-free guidance"
-                              + ("; its guidance embedding is model.init_args.guidance" if kind == "embedded" else ""))
+        spec = pl_module.family_spec
+        unused = spec.unused_guidance(guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt)
+        if unused is not None:
+            embedded = spec.guidance_kind == "embedded"
+            hint = "; its guidance embedding is model.init_args.guidance" if embedded else ""
+            raise ConfigError(f"ChainedSampleCallback {unused}: {spec.name} has no classifier-free guidance{hint}")
         pl_module.register_prompts(pl_module.sampling_prompts(self.prompts or [], self.negative_prompt,
                                                               self.guidance_scale))
 

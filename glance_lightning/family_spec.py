@@ -105,6 +105,18 @@ class FamilySpec:
     def takes_controls(self) -> bool:
         return self.control_images[1] > 0
 
+    def unused_guidance(self, guidance: float | None = None, guidance_scale: float | None = None,
+                        negative_prompt: str | None = None) -> str | None:
+        """The first of these settings this family's sampling would ignore ("guidance", "guidance_scale" or
+        "negative_prompt"; a scale of 1 is no guidance), else None: callers refuse it, never drop it."""
+        if guidance is not None and self.guidance_kind != "embedded":
+            return "guidance"
+        if self.guidance_kind != "cfg" and guidance_scale is not None and guidance_scale != 1.0:
+            return "guidance_scale"
+        if self.guidance_kind != "cfg" and negative_prompt is not None:
+            return "negative_prompt"
+        return None
+
     def build_tiny(self, seed: int) -> Any:
         """A tiny pipeline of this family from its ``tiny_builder``."""
         builder = load_ref(self.tiny_builder)

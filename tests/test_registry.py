@@ -90,6 +90,19 @@ def test_bad_likes_and_guidance_kinds_are_refused():
     assert "x" not in family_names()
 
 
+@pytest.mark.parametrize(("family", "settings", "unused"), [
+    ("flux", {"guidance": 3.5}, None),
+    ("flux", {"guidance_scale": 1.0}, None),  # a scale of 1 is no guidance
+    ("flux", {"guidance_scale": 4.0}, "guidance_scale"),
+    ("flux", {"negative_prompt": ""}, "negative_prompt"),
+    ("sd3", {"guidance_scale": 4.0, "negative_prompt": "blur"}, None),
+    ("sd3", {"guidance": 3.5}, "guidance"),
+    ("qwen-image-edit", {"guidance": 3.5, "guidance_scale": 4.0}, "guidance"),
+])
+def test_a_spec_names_the_guidance_setting_its_sampling_would_ignore(family, settings, unused):
+    assert get_family(family).unused_guidance(**settings) == unused
+
+
 def test_no_family_name_is_compared_outside_the_family_modules(repo: Path):
     """Shared code decides by a family's spec and hooks, never by its name: no built-in family's name appears as
     a string outside glance_lightning/families/ (the tiny builders' ``__all__`` names functions)."""

@@ -146,13 +146,14 @@ GUIDANCE_OPTIONS = {"embedded": "--guidance (its guidance embedding)",
 def check_guidance(args: argparse.Namespace, spec: FamilySpec) -> None:
     """``--guidance`` only for a family with a guidance embedding, ``--guidance-scale`` (other than 1) and
     ``--negative-prompt`` only for one with classifier-free guidance: never silently ignored."""
-    kind, use = spec.guidance_kind, GUIDANCE_OPTIONS[spec.guidance_kind or "none"]
-    if args.guidance is not None and kind != "embedded":
-        raise ConfigError(f"--guidance sets a guidance embedding, which {spec.name} has none of; it takes {use}")
+    use = GUIDANCE_OPTIONS[spec.guidance_kind or "none"]
     scale = getattr(args, "guidance_scale", None)
-    if kind != "cfg" and scale is not None and scale != 1.0:
+    unused = spec.unused_guidance(args.guidance, scale, getattr(args, "negative_prompt", None))
+    if unused == "guidance":
+        raise ConfigError(f"--guidance sets a guidance embedding, which {spec.name} has none of; it takes {use}")
+    if unused == "guidance_scale":
         raise ConfigError(f"--guidance-scale {scale:g}: {spec.name} has no classifier-free guidance; it takes {use}")
-    if kind != "cfg" and getattr(args, "negative_prompt", None) is not None:
+    if unused == "negative_prompt":
         raise ConfigError(f"--negative-prompt: {spec.name} has no classifier-free guidance; it takes {use}")
 
 
