@@ -22,11 +22,19 @@ Hidden files and folders (names starting with ``.``) are ignored everywhere.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from glance_lightning.datamodules.images import ImageError, ImageRules, open_image, size_notes
+from glance_lightning.datamodules.report import (  # noqa: F401 (re-exported: the dataset contract's names)
+    PROG,
+    SEVERITIES,
+    Collector,
+    DatasetError,
+    DatasetReport,
+    Problem,
+    Sample,
+)
 
 from glance_lightning.errors import ConfigError
 
@@ -34,8 +42,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTENSION = ".txt"
 CONTROL_DIRS = ("control", "control_2", "control_3")
 LAYOUTS = ("auto", "flat", "edit")
-SEVERITIES = ("error", "warning", "info")
-PROG = "python -m glance_lightning validate-data"
 
 _SUPPORTED = ", ".join(IMAGE_EXTENSIONS)
 # Image formats people commonly drop into a dataset that the training loaders do not accept.
@@ -49,91 +55,7 @@ ControlCount = int | tuple[int, int]
 _ORDINALS = {"control": "first", "control_2": "second", "control_3": "third"}
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One usable training sample: target image, its caption text, and its control images (edit only)."""
-
-    image: Path
-    caption: str
-    controls: tuple[Path, ...] = ()
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding about one file or folder of the dataset."""
-
-    path: Path
-    message: str
-    severity: str = "error"
-
-    def __post_init__(self) -> None:
-        if self.severity not in SEVERITIES:
-            raise ConfigError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
-
-
-@dataclass
-class DatasetReport:
-    """Everything :func:`scan_dataset` found: the usable samples and all problems, sorted by path."""
-
-    root: Path
-    layout: str
-    samples: list[Sample] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "warning"]
-
-    @property
-    def notes(self) -> list[Problem]:
-        """Info lines: what training does to a file that needs no action (an EXIF rotation, ...)."""
-        return [p for p in self.problems if p.severity == "info"]
-
-    @property
-    def ok(self) -> bool:
-        """True when there is no error and at least one sample."""
-        return not self.errors and bool(self.samples)
-
-    def format(self) -> str:
-        """One ``path: severity: message`` line per problem, then a summary line."""
-        lines = [f"{p.path}: {p.severity}: {p.message}" for p in self.problems]
-        counts = [
-            _plural(len(self.samples), "sample"),
-            _plural(len(self.errors), "error"),
-            _plural(len(self.warnings), "warning"),
-        ]
-        if self.notes:
-            counts.append(_plural(len(self.notes), "note"))
-        lines.append(", ".join(counts))
-        return "\n".join(lines)
-
-
-class DatasetError(ConfigError):
-    """Raised by :func:`validate_dataset` when the dataset is not usable; ``.report`` has the details."""
-
-    def __init__(self, report: DatasetReport) -> None:
-        super().__init__(report)
-        self.report = report
-
-    def __str__(self) -> str:
-        check = f"{PROG} --path {shlex.quote(str(self.report.root))}"
-        return (
-            f"dataset {self.report.root} (layout {self.report.layout}) is not usable:\n"
-            f"{self.report.format()}\n"
-            "Fix the files listed above (dataset layout: see glance_lightning.datamodules.validation), "
-            f"then re-check with: {check}"
-        )
-
-
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def _visible_entries(folder: Path) -> list[Path]:
@@ -162,28 +84,8 @@ class _FolderScan:
         return self.images[stem][0]
 
 
-class _Collector:
-    """Accumulates problems during one scan; ``rules`` are the image rules the scan checks against."""
-
-    def __init__(self, rules: ImageRules) -> None:
-        self.problems: list[Problem] = []
-        self.rules = rules
-
-    def error(self, path: Path, message: str) -> None:
-        self.problems.append(Problem(path, message, "error"))
-
-    def warning(self, path: Path, message: str) -> None:
-        self.problems.append(Problem(path, message, "warning"))
-
-    def add(self, path: Path, severity: str, message: str) -> None:
-        self.problems.append(Problem(path, message, severity))
-
-    def sorted(self) -> list[Problem]:
-        return sorted(self.problems, key=lambda p: (p.path.parts, SEVERITIES.index(p.severity), p.message))
-
-
 def _scan_folder(
-    folder: Path, out: _Collector, *, captions_here: bool, flat_root: bool = False
+    folder: Path, out: Collector, *, captions_here: bool, flat_root: bool = False
 ) -> _FolderScan:
     """Group a folder's files; report unsupported formats, stray files and sub-folders, then decode images."""
     scan = _FolderScan(folder)
@@ -212,7 +114,7 @@ def _subfolder_message(entry: Path, flat_root: bool) -> str:
     return "unexpected sub-folder, ignored (sub-folders are not scanned)"
 
 
-def _check_images(scan: _FolderScan, out: _Collector) -> None:
+def _check_images(scan: _FolderScan, out: Collector) -> None:
     """Decode every image; only unique, decodable ones go into ``scan.valid``."""
     for stem, paths in scan.images.items():
         decoded = [path for path in paths if _decodes(path, out)]
@@ -224,7 +126,7 @@ def _check_images(scan: _FolderScan, out: _Collector) -> None:
             scan.valid[stem] = decoded[0]
 
 
-def _decodes(path: Path, out: _Collector) -> bool:
+def _decodes(path: Path, out: Collector) -> bool:
     """Open the image as training will (``images.open_image``) and report its findings; False on an error."""
     try:
         opened = open_image(path, out.rules.alpha)
@@ -237,7 +139,7 @@ def _decodes(path: Path, out: _Collector) -> bool:
     return not any(note.severity == "error" for note in notes)
 
 
-def _read_captions(scan: _FolderScan, out: _Collector) -> dict[str, str]:
+def _read_captions(scan: _FolderScan, out: Collector) -> dict[str, str]:
     """Read every caption file; return the unique, non-empty, UTF-8 ones by stem."""
     texts: dict[str, str] = {}
     for stem, paths in scan.captions.items():
@@ -251,7 +153,7 @@ def _read_captions(scan: _FolderScan, out: _Collector) -> dict[str, str]:
     return texts
 
 
-def _read_caption(path: Path, out: _Collector) -> str | None:
+def _read_caption(path: Path, out: Collector) -> str | None:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -266,7 +168,7 @@ def _read_caption(path: Path, out: _Collector) -> str | None:
     return text.strip()
 
 
-def _pair_captions(scan: _FolderScan, out: _Collector) -> dict[str, str]:
+def _pair_captions(scan: _FolderScan, out: Collector) -> dict[str, str]:
     """Report images without captions and captions without images; return the readable captions."""
     texts = _read_captions(scan, out)
     lower_captions = {stem.lower(): paths[0] for stem, paths in scan.captions.items()}
@@ -284,7 +186,7 @@ def _pair_captions(scan: _FolderScan, out: _Collector) -> dict[str, str]:
     return texts
 
 
-def _require_images(scan: _FolderScan, out: _Collector) -> None:
+def _require_images(scan: _FolderScan, out: Collector) -> None:
     if not scan.images:
         out.error(scan.folder, f"empty dataset: no images found (supported extensions: {_SUPPORTED})")
 
@@ -292,14 +194,14 @@ def _require_images(scan: _FolderScan, out: _Collector) -> None:
 # ------------------------------------------------------------------------------------------------ layouts
 
 
-def _scan_flat(root: Path, out: _Collector) -> list[Sample]:
+def _scan_flat(root: Path, out: Collector) -> list[Sample]:
     scan = _scan_folder(root, out, captions_here=True, flat_root=True)
     captions = _pair_captions(scan, out)
     _require_images(scan, out)
     return [Sample(scan.valid[stem], captions[stem]) for stem in sorted(scan.valid.keys() & captions.keys())]
 
 
-def _control_dirs(root: Path, out: _Collector) -> list[Path]:
+def _control_dirs(root: Path, out: Collector) -> list[Path]:
     """The control folders in use, in order; reports ``control_3/`` without ``control_2/``."""
     present = [name for name in CONTROL_DIRS if (root / name).is_dir()]
     used: list[Path] = []
@@ -313,7 +215,7 @@ def _control_dirs(root: Path, out: _Collector) -> list[Path]:
     return used
 
 
-def _check_root_entries(root: Path, out: _Collector) -> None:
+def _check_root_entries(root: Path, out: Collector) -> None:
     known = {"image", *CONTROL_DIRS}
     for entry in _visible_entries(root):
         if entry.is_dir() and entry.name in known:
@@ -325,7 +227,7 @@ def _check_root_entries(root: Path, out: _Collector) -> None:
             out.warning(entry, f"unknown {kind}, ignored (an edit dataset has image/ and control*/ folders)")
 
 
-def _pair_controls(targets: _FolderScan, control: _FolderScan, out: _Collector) -> None:
+def _pair_controls(targets: _FolderScan, control: _FolderScan, out: Collector) -> None:
     """Report targets without a control image in ``control`` and control images without a target."""
     name = control.folder.name
     count_hint = "" if name == "control" else (
@@ -340,7 +242,7 @@ def _pair_controls(targets: _FolderScan, control: _FolderScan, out: _Collector) 
         out.error(control.first_image(stem), message)
 
 
-def _scan_edit(root: Path, out: _Collector) -> tuple[list[Sample], int]:
+def _scan_edit(root: Path, out: Collector) -> tuple[list[Sample], int]:
     _check_root_entries(root, out)
     image_dir = root / "image"
     controls = _control_dirs(root, out)
@@ -378,7 +280,7 @@ def _control_range(num_controls: ControlCount) -> tuple[int, int]:
     return low, high
 
 
-def _check_control_count(root: Path, found: int, num_controls: ControlCount, out: _Collector) -> None:
+def _check_control_count(root: Path, found: int, num_controls: ControlCount, out: Collector) -> None:
     low, high = _control_range(num_controls)
     if low <= found <= high:
         return
@@ -407,7 +309,7 @@ def scan_dataset(
     if num_controls is not None:
         _control_range(num_controls)
     root = Path(root)
-    out = _Collector(rules or ImageRules())
+    out = Collector(rules or ImageRules())
     if not root.is_dir():
         out.error(root, "dataset path is not a directory" if root.exists() else "dataset path does not exist")
         return DatasetReport(root, layout, [], out.sorted())
