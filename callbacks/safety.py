@@ -31,6 +31,12 @@ class KeepLorasOnFailure(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not self.training_started or pl_module.transformer is None:
             return
+        if pl_module.sharded:  # gathering the shards needs every rank, which may be elsewhere or gone
+            self.outcome = f"sharded run: kept the LoRAs saved at the last checkpoint in {pl_module.lora_dir}"
+            if trainer.is_global_zero:
+                log.warning("%s: %s", type(exception).__name__, self.outcome)
+                print(f"glance_lightning: {type(exception).__name__}: {self.outcome}", flush=True)
+            return
         params = [p for phase in ("slow", "fast") for p in pl_module.adapter_parameters(phase)]
         if not all(torch.isfinite(p).all() for p in params):
             self.outcome = f"adapters are not finite; kept the LoRAs already saved in {pl_module.lora_dir}"

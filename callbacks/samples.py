@@ -1,5 +1,6 @@
 """Render chained Slow->Fast samples during training: PNGs in the run folder, a grid in the loggers
-(``glance_lightning.dashboard``)."""
+(``glance_lightning.dashboard``). Rank 0 renders and writes; under sharding (``glance_lightning.sharding``) every
+rank runs the same forward passes on its shard of the weights, and rank 0 alone writes and logs."""
 
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ class ChainedSampleCallback(L.Callback):
 
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
         self._last_step = trainer.global_step
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero and not pl_module.sharded:  # sharded: every rank runs the forward passes
             return []
         started = time.perf_counter()
         with pl_module.timed("samples"):
@@ -140,7 +141,8 @@ class ChainedSampleCallback(L.Callback):
                 pixels = pl_module.decode_to_images(latents)
                 image = to_pil(pixels[0])
                 path = out_dir / f"step{trainer.global_step:06d}_p{p_index}_s{seed}.png"
-                save_png_atomic(image, path, self._png_text(pl_module, prompt, seed, trainer.global_step))
+                if trainer.is_global_zero:
+                    save_png_atomic(image, path, self._png_text(pl_module, prompt, seed, trainer.global_step))
                 paths.append(path)
                 caption = (f"step {trainer.global_step} | seed {seed} | {prompt} | slow "
                            f"{[round(t, 1) for t in schedule['slow']]} fast {[round(t, 1) for t in schedule['fast']]}")
@@ -151,6 +153,8 @@ class ChainedSampleCallback(L.Callback):
                     training = to_pil(reference[0])
                 base = self._base_sample(pl_module, prompt, seed, height, width, controls)
                 rows.append(dashboard.SampleRow(prompt, seed, image, base, training, caption))
+        if not trainer.is_global_zero:
+            return []
         self._log_metrics(pl_module, fidelity, trainer.global_step)
         dashboard.log_samples(trainer, rows)
         self.rendered.extend(paths)

@@ -83,7 +83,7 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
             # Before any model is loaded: refuse to write over the LoRAs of an earlier run; a logger that
             # cannot start is reported here, not after the model has loaded.
             module, kwargs = self.model, self.config_init[self.subcommand]
-            check_strategy(self.trainer.strategy)  # before Lightning's launcher starts other processes
+            check_strategy(self.trainer.strategy, module)  # before Lightning's launcher starts other processes
             ckpt_path = kwargs.get("ckpt_path")
             lora_dir = module.lora_dir
             module.allow_other_data = bool(kwargs.get("allow_other_data"))

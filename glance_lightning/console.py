@@ -191,10 +191,14 @@ def _rank() -> int:
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
-def info(message: str) -> None:
-    """A project line (``glance_lightning: ...``) on stderr, from global rank 0 only. stderr is looked up at
-    each call, so a live progress bar that redirects it prints the line above itself."""
-    if _rank() == 0:
+def info(message: str, every_rank: bool = False) -> None:
+    """A project line (``glance_lightning: ...``) on stderr, from global rank 0 only (``every_rank``: from every
+    rank of a multi-process run, prefixed ``rank N:``). stderr is looked up at each call, so a live progress bar
+    that redirects it prints the line above itself."""
+    rank = _rank()
+    if every_rank:
+        print(f"{PREFIX}rank {rank}: {message}", file=sys.stderr, flush=True)
+    elif rank == 0:
         print(f"{PREFIX}{message}", file=sys.stderr, flush=True)
 
 

@@ -26,10 +26,11 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
+from lightning.pytorch.utilities import rank_zero_info
 from peft.utils import get_peft_model_state_dict
 from torchmetrics import MeanMetric
 
-from glance_lightning import dashboard, flow, model_card
+from glance_lightning import dashboard, flow, model_card, sharding
 from glance_lightning import performance as perf_ops
 from glance_lightning.atomic import install_checkpoint_io
 from glance_lightning.draws import Draws, DrawSpec, GlanceData
@@ -158,6 +159,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         self._last_draw: tuple[str, list[float]] = ("", [])
         self.fit_timings: dict[str, float] = {}  # seconds spent outside the training steps, by part
         self.fit_started: float | None = None
+        self.sharded = False  # the transformer's weights are FSDP2 shards (configure_model)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -228,16 +230,14 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
             preflight.check_output_dir(self.lora_dir)
             preflight.remove_leftovers(trainer, self.run_dir, self.lora_dir, whole_run=self.claimed_run_dir is not None)
         preflight.set_max_steps(trainer, self.total_steps)
-        preflight.check_strategy(trainer.strategy)
+        preflight.check_strategy(trainer.strategy, self)
         samples = self.data.train_samples
         self.check_samples(samples)
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % (2**31)
         self.resolve_model()
         self.check_model_settings()
         # Staged, so host memory holds one large component at a time: encoders, encode, free, transformer.
-        if self._pipe is None:
-            self.load_encoders(text_encoders=not self.all_encoded(samples))
-        self.encode_before_transformer_moves(samples, trainer.strategy.root_device)
+        self.encode_for_fit(samples, trainer)
         self.free_text_encoders()
         if self.transformer is None:
             self.load_transformer()
@@ -245,6 +245,19 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
             weights = sum(p.numel() * p.element_size() for phase in PHASES for p in self.adapter_parameters(phase))
             preflight.check_free_space(self.lora_dir, 2 * weights,
                                        preflight.checkpoint_needs(trainer, weights, self.total_steps))
+
+    def configure_model(self) -> None:
+        """Under ``strategy: fsdp2`` (``glance_lightning.sharding``): shard the frozen transformer and both adapters
+        per repeated block over the data-parallel ranks, after ``setup`` loaded it and before the strategy moves it
+        to the device. Other strategies keep the whole module on every rank."""
+        trainer = self.attached_trainer()
+        if trainer is None or not sharding.is_sharded(trainer.strategy) or self.sharded:
+            return
+        blocks = perf_ops.repeated_blocks(self.transformer, self.repeated_blocks)
+        count = sharding.shard_transformer(self.transformer, blocks, self.device_mesh["data_parallel"])
+        self.sharded = True
+        rank_zero_info(f"glance_lightning: transformer sharded over {trainer.world_size} ranks ({count} blocks, "
+                       "FSDP2)")
 
     def refuse_overwrite(self, resuming: bool) -> None:
         preflight.refuse_overwrite(self.lora_dir, resuming)
@@ -312,7 +325,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
             self.step_metrics.update(dashboard.loss_metrics(phase, timesteps, loss, per_sample, choice))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._finite is not None and not bool(self._finite):  # the step's one host-device sync
+        if self._finite is not None and not self._all_finite():  # the step's one host-device sync
             raise NonFiniteLossError(
                 f"loss is not finite at step {self.global_step} ({self._last_draw[0]} phase, sigmas "
                 f"{[round(s, 4) for s in self._last_draw[1]]}); training stopped and the last "
@@ -322,11 +335,18 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         if not self.diagnostics_due():
             return
         grads = [p.grad for p in self.adapter_parameters(self._active_adapter) if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if grads:  # DTensor shards under sharding: the norm is reduced over the ranks
+            norm = sharding.local_value(torch.nn.utils.get_total_norm(grads))
             self.step_metrics[f"train/grad_norm_{self._active_adapter}"] = norm.detach()
         self.step_metrics[f"train/lr_{self._active_adapter}"] = optimizer.param_groups[
             PHASES.index(self._active_adapter)]["lr"]
+
+    def _all_finite(self) -> bool:
+        """This step's losses finite on every rank (one all-reduce with several), so all ranks stop together."""
+        finite = self._finite.float()
+        if self.trainer.world_size > 1:
+            return bool(self.trainer.strategy.reduce(finite, reduce_op="sum") >= self.trainer.world_size)
+        return bool(finite)
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [{"params": self.adapter_parameters(p), "name": p} for p in PHASES]
@@ -360,6 +380,19 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         resume.restore(self, checkpoint)
+        if self.sharded:
+            self._drop_unstarted_optimizer_state(int(checkpoint.get("global_step", 0)))
+
+    def _drop_unstarted_optimizer_state(self, step: int) -> None:
+        """Sharded loading (torch.distributed.checkpoint) gives every parameter AdamW state, by one step at lr 0
+        with zero gradients, before the checkpoint's state is set; an adapter whose phase had not started has
+        none in the checkpoint and would keep that step, which changes its bias correction. It is removed."""
+        optimizer = self.trainer.optimizers[0]
+        for phase in PHASES:
+            start = 0 if phase == "slow" else self.phase_steps["slow"]
+            if step <= start or self.phase_steps[phase] == 0:
+                for param in self.adapter_parameters(phase):
+                    optimizer.state.pop(param, None)
 
     def on_train_end(self) -> None:
         self.save_loras()  # after the callbacks' on_train_end: the last chained samples are rendered
@@ -386,15 +419,17 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         }
 
     def save_loras(self, directory: str | os.PathLike | None = None) -> list[Path]:
-        """Write both adapters as ``<dir>/slow`` and ``<dir>/fast`` in the diffusers LoRA format (rank 0)."""
+        """Write both adapters as ``<dir>/slow`` and ``<dir>/fast`` in the diffusers LoRA format (rank 0). Sharded,
+        every rank must call it: the LoRA shards are gathered (a collective), then rank 0 writes."""
         trainer = self.attached_trainer()
-        if trainer is not None and not trainer.is_global_zero:
+        if trainer is not None and not trainer.is_global_zero and not self.sharded:
             return []
         root = Path(directory) if directory is not None else self.lora_dir
         config = self.lora_config().to_dict()
         paths = []
         with self.timed("save"):
             for phase in PHASES:
-                state = get_peft_model_state_dict(self.transformer, adapter_name=phase)
-                paths.append(save_lora(root / phase, state, config, self.glance_metadata(phase)))
+                state = sharding.full_tensors(get_peft_model_state_dict(self.transformer, adapter_name=phase))
+                if trainer is None or trainer.is_global_zero:
+                    paths.append(save_lora(root / phase, state, config, self.glance_metadata(phase)))
         return paths

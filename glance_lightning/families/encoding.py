@@ -15,10 +15,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from glance_lightning import console
 from glance_lightning.draws import TrainSample
 from glance_lightning.encode_store import EncodeStore, tensor_digest
 from glance_lightning.errors import ConfigError
@@ -107,6 +109,27 @@ class EncodeOnce:
         return wanted
 
     # ------------------------------------------------------------------ building the caches
+    def encode_for_fit(self, samples: Sequence[TrainSample], trainer: Any) -> None:
+        """Load what encoding needs and build the caches. With several processes and a disk store, each node's
+        local rank 0 encodes and fills the store while the other ranks wait at a barrier, then read it back
+        (loading the VAE only); without a store every rank encodes for itself."""
+        shared = trainer.world_size > 1 and self.encode_store() is not None
+        first = not shared or trainer.local_rank == 0
+        if first:
+            self._load_and_encode(samples, trainer.strategy.root_device)
+        if shared:
+            trainer.strategy.barrier("glance_lightning_encode")  # the store is complete on this node
+        if not first:
+            self._load_and_encode(samples, trainer.strategy.root_device)
+            store = self.encode_store()
+            console.info(f"read {store.hits} encoding(s) from {store.root} (written by local rank 0), encoded "
+                         f"{store.misses}", every_rank=True)
+
+    def _load_and_encode(self, samples: Sequence[TrainSample], device: torch.device) -> None:
+        if self._pipe is None:
+            self.load_encoders(text_encoders=not self.all_encoded(samples))
+        self.encode_before_transformer_moves(samples, device)
+
     def encode_before_transformer_moves(self, samples: Sequence[TrainSample], device: torch.device) -> None:
         """Build the caches on the training device while nothing has been moved there yet (``setup`` runs before
         the strategy moves the module), so the fit's peak memory is training's, not encoder + transformer."""

@@ -193,10 +193,16 @@ class AdaptedBaseModel:
         return perf_ops.attention_context(self.perf.attention_backend)
 
     def set_phase(self, phase: str) -> None:
-        """Activate one adapter (peft also makes only it trainable)."""
+        """Activate one adapter (peft also makes only it trainable). Sharded, both stay trainable: FSDP2 fixes
+        which gathered weights need gradients at its first forward pass; the inactive adapter is left out of the
+        forward pass, so it still gets no gradient and AdamW skips it."""
         if phase != self._active_adapter:
             self.transformer.set_adapter(phase)
             self._active_adapter = phase
+            if getattr(self, "sharded", False):
+                for other in PHASES:
+                    for param in self.adapter_parameters(other):
+                        param.requires_grad_(True)
 
     def adapter_parameters(self, phase: str) -> list[torch.nn.Parameter]:
         return [p for n, p in self.transformer.named_parameters() if f".{phase}." in n and "lora_" in n]

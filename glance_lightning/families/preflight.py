@@ -162,23 +162,31 @@ def set_max_steps(trainer: Any, total_steps: int) -> None:
         )
 
 
-def check_strategy(strategy: Any) -> None:
-    """One device or DDP told about unused parameters; sharding strategies are refused with the alternatives."""
+def check_strategy(strategy: Any, module: Any = None) -> None:
+    """One device, DDP told about unused parameters, or FSDP2 sharding (``glance_lightning.sharding``) with
+    ``module``'s settings it can serve; other sharding strategies are refused with the one to use."""
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+    from glance_lightning import sharding
+
+    if sharding.is_sharded(strategy):
+        sharding.check_sharding(strategy, module)
+        return
     if not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
-        # Sharding strategies (FSDP, DeepSpeed, model parallel) would leave each rank with a shard of the
-        # LoRA weights when they are saved; that path is not implemented, so it is refused, not guessed.
+        # FSDP1, DeepSpeed: flat parameters mixing the frozen base and the LoRA weights, shards saved per rank;
+        # refused, not guessed. FSDP2 through Lightning's ModelParallelStrategy is the supported way to shard.
         raise ConfigError(
-            f"trainer.strategy: {type(strategy).__name__} shards parameters, which glance_lightning does not "
-            "support yet; use one device, or ddp_find_unused_parameters_true across devices. To fit a large "
-            "base model on one card, see model.performance (base_quantization, gradient_checkpointing)"
+            f"trainer.strategy: {type(strategy).__name__} is not supported; to shard the base model over devices "
+            f"use strategy: {sharding.STRATEGY_NAME} (FSDP2), or ddp_find_unused_parameters_true to replicate it. "
+            "To fit a large base model on one card, see model.performance (base_quantization, "
+            "gradient_checkpointing)"
         )
     # DDPStrategy keeps its DistributedDataParallel kwargs private (no public accessor in Lightning 2.x).
     if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
         raise ConfigError(
             "trainer.strategy: DDP must be told that the inactive adapter gets no gradient; use "
-            "strategy: ddp_find_unused_parameters_true (or ddp_spawn_find_unused_parameters_true)"
+            "strategy: ddp_find_unused_parameters_true (or ddp_spawn_find_unused_parameters_true), or "
+            f"{sharding.STRATEGY_NAME} to shard the base"
         )
 
 
