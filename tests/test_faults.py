@@ -160,7 +160,7 @@ def test_sharding_strategies_are_refused_with_the_alternatives(tmp_path: Path):
 
     from glance_lightning.families.preflight import check_strategy
 
-    with pytest.raises(ValueError, match="FSDPStrategy shards parameters.*ddp_find_unused_parameters_true"):
+    with pytest.raises(ValueError, match="FSDPStrategy is not supported.*strategy: fsdp2.*ddp_find_unused_param"):
         check_strategy(FSDPStrategy())  # Lightning allows FSDP on CUDA only, so it is checked directly
 
 

@@ -82,12 +82,37 @@ def assert_user_error(code: int, out: str, *named: str, max_lines: int = 6) -> N
     (["--model.init_args.transformer", "/no/such.safetensors"], "model.transformer='/no/such.safetensors'"),
     (["--trainer.accelerator", "gpu"] if not torch.cuda.is_available() else ["--trainer.devices", "-7"],
      "trainer settings:"),
-    (["--trainer.devices", "3"], "trainer.strategy: DDP must be told"),  # refused before any process starts
+    (["--trainer.devices", "2"], "trainer.strategy: DDP must be told"),  # refused before any process starts
 ])
 def test_config_mistakes_are_one_line_before_any_model_loads(override, named, tmp_path, repo, capsys,
                                                              no_model_load):
     code, out = run_cli(capsys, "fit", "--config", str(config(tmp_path, repo)), *override)
     assert_user_error(code, out, named, max_lines=2)
+
+
+FSDP2 = ["--trainer.devices", "2", "--trainer.strategy", "fsdp2"]
+PERF = "--model.init_args.performance."
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    (["--trainer.strategy", "fsdp3"], "trainer.strategy: 'fsdp3' is not a strategy; did you mean fsdp2?"),
+    (["--trainer.strategy", "fsdp"], "trainer.strategy: fsdp is not supported"),
+    (["--trainer.strategy", "deepspeed_stage_3"], "use strategy: fsdp2"),
+    (["--trainer.devices", "4096", "--trainer.strategy", "fsdp2"], "trainer.devices=4096: this machine has"),
+    ([*FSDP2, PERF + "base_quantization", "int8-weight-only"],
+     "model.performance.base_quantization cannot be used with trainer.strategy: fsdp2"),
+    ([*FSDP2, PERF + "offload", "block", PERF + "gradient_checkpointing", "true"],
+     "model.performance.offload cannot be used with trainer.strategy: fsdp2"),
+    ([*FSDP2, PERF + "compile_blocks", "true"], "model.performance.compile_blocks cannot be used"),
+    ([*FSDP2, "--model.init_args.optimizer.name", "adamw8bit"], "model.optimizer.name=adamw8bit cannot be used"),
+    ([*FSDP2, "--model.init_args.encode_cache", "null"], "model.encode_cache=null with trainer.strategy: fsdp2"),
+])
+def test_strategies_and_sharding_settings_it_cannot_serve_are_one_line_with_nothing_written(
+        override, named, tmp_path, repo, capsys, no_model_load):
+    """Refused before Lightning's launcher starts another process or any model loads: no run folder is left."""
+    code, out = run_cli(capsys, "fit", "--config", str(config(tmp_path, repo)), *override)
+    assert_user_error(code, out, named, max_lines=2)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*")), out
 
 
 def test_a_model_of_another_family_is_refused_from_its_model_index(tmp_path, repo, capsys, no_model_load):

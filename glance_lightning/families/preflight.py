@@ -7,6 +7,7 @@ LoRAs: ``model.output_dir``, else the run folder, which on resume is the resumed
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 from collections.abc import Sequence
@@ -160,6 +161,55 @@ def set_max_steps(trainer: Any, total_steps: int) -> None:
             f"trainer.max_steps={trainer.max_steps} but model.slow_steps + model.fast_steps = "
             f"{total_steps}; leave trainer.max_steps unset (the phases decide it)"
         )
+
+
+def check_trainer_flags(strategy: Any, accelerator: Any, devices: Any) -> None:
+    """The trainer's strategy name and device count as the config gives them, checked before any run folder,
+    logger or process exists: an unknown name, Lightning's FSDP1 or DeepSpeed, or more devices than this
+    machine has (CPU devices are processes: at most one per core) is one line."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from glance_lightning import sharding
+
+    if isinstance(strategy, str):
+        name = strategy.lower()
+        if name != "auto" and name not in StrategyRegistry:
+            supported = [sharding.STRATEGY_NAME, "auto",
+                         *(k for k in StrategyRegistry if k.endswith("unused_parameters_true"))]
+            close = difflib.get_close_matches(name, supported, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(
+                f"trainer.strategy: {strategy!r} is not a strategy; {hint}use auto (one device), "
+                f"ddp_find_unused_parameters_true (the base copied on each device) or {sharding.STRATEGY_NAME} "
+                "(the base sharded over devices)")
+        if name.startswith(("fsdp", "deepspeed")) and name != sharding.STRATEGY_NAME:
+            raise ConfigError(
+                f"trainer.strategy: {strategy} is not supported (flat parameters mixing the frozen base and the "
+                f"LoRA weights); use strategy: {sharding.STRATEGY_NAME} to shard the base over devices (FSDP2)")
+    wanted = requested_devices(devices)
+    if wanted is None:
+        return
+    where = str(accelerator).lower() if isinstance(accelerator, str) else "auto"
+    import torch
+
+    if where == "auto":
+        where = "cuda" if torch.cuda.is_available() else "cpu"
+    available = {"cpu": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                 "cuda": torch.cuda.device_count(), "gpu": torch.cuda.device_count()}.get(where)
+    if available is not None and wanted > available:
+        unit = "CPU core(s) (each CPU device is one process)" if where == "cpu" else "CUDA device(s)"
+        raise ConfigError(f"trainer.devices={devices}: this machine has {available} {unit}; "
+                          f"set trainer.devices to at most {available}")
+
+
+def requested_devices(devices: Any) -> int | None:
+    """How many devices ``trainer.devices`` asks for (an int, a digit string or a list of ids); None for
+    "auto", -1 and anything Lightning itself parses and checks."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    return devices if isinstance(devices, int) and devices > 0 else None
 
 
 def check_strategy(strategy: Any, module: Any = None) -> None:

@@ -1,0 +1,163 @@
+"""``strategy: fsdp2`` on two CPU processes over gloo (glance_lightning.sharding): both LoRAs train and save in the
+single-device format, equal to DDP's (the base replicated) within float noise, load in stock diffusers; the encode
+cache is filled once by local rank 0; gradient checkpointing works sharded; a sharded resume continues to the
+same LoRAs as a run that never stopped. Each run is the real command line in its own process group
+(``reaping.run_reaped``), bounded in time, every process reaped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from glance_lightning.lora_io import read_glance_metadata
+
+import reaping
+
+CONFIG = """seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 2
+  strategy: {strategy}
+  precision: 32-true
+  gradient_clip_val: 1.0
+  default_root_dir: {root}
+  enable_progress_bar: false
+  logger: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{every_n_train_steps: 1, save_last: true, save_top_k: -1}}
+    - class_path: glance_lightning.callbacks.samples.ChainedSampleCallback
+      init_args: {{every_n_steps: 3, seeds: [0], prompts: [a red square]}}
+model:
+  class_path: glance_lightning.families.flux.FluxGlance
+  init_args:
+    pretrained_model: tiny:flux
+    timesteps: {{slow: [1000.0, 973.2, 943.1], fast: [926.6, 677.9, 60.5]}}
+    slow_steps: 3
+    fast_steps: 3
+    lora: {{rank: 4, alpha: 4, targets: [to_q, to_k, to_v, to_out.0, proj_mlp, proj_out]}}
+    optimizer: {{lr: 0.01, warmup_steps: 1}}
+    max_sequence_length: 64
+    encode_cache: {cache}
+    performance: {{gradient_checkpointing: {checkpointing}}}
+data:
+  class_path: glance_lightning.datamodules.glance.GlanceDataModule
+  init_args: {{path: {repo}/glance_lightning/assets/samples/t2i, resolution: 64, size_multiple: 32, batch_size: 2}}
+"""
+
+PHASES = ("slow", "fast")
+TIMEOUT = 240  # seconds per two-process fit; a run takes 10-30 s here
+
+
+def fit(tmp_path: Path, repo: Path, name: str, strategy: str = "fsdp2", checkpointing: bool = False,
+        *extra: str) -> tuple[Path, str]:
+    """One two-process fit through the command line; its run folder and everything it printed."""
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(CONFIG.format(strategy=strategy, root=tmp_path / name, cache=tmp_path / f"{name}-cache",
+                                    checkpointing=str(checkpointing).lower(), repo=repo))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("GLANCE_LIGHTNING_RUN_DIR", None)
+    done = reaping.run_reaped([sys.executable, "-m", "glance_lightning", "fit", "--config", str(config), *extra],
+                              timeout=TIMEOUT, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-4000:]
+    (run,) = sorted((tmp_path / name).glob("version_*"))
+    return run, done.stdout
+
+
+def loras(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {phase: load_file(run / phase / "pytorch_lora_weights.safetensors") for phase in PHASES}
+
+
+def assert_loras_close(mine: dict, theirs: dict, atol: float) -> None:
+    for phase in PHASES:
+        assert mine[phase].keys() == theirs[phase].keys()
+        for key, value in mine[phase].items():
+            torch.testing.assert_close(value, theirs[phase][key], atol=atol, rtol=0, msg=f"{phase}: {key}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> dict[str, tuple[Path, str]]:
+    """The same 3 + 3 step fit: sharded, sharded with gradient checkpointing, and DDP (the base replicated)."""
+    tmp = tmp_path_factory.mktemp("sharding")
+    return {
+        "fsdp2": fit(tmp, repo, "fsdp2"),
+        "fsdp2-checkpointing": fit(tmp, repo, "ckpt", "fsdp2", True),
+        "ddp": fit(tmp, repo, "ddp", "ddp_find_unused_parameters_true"),
+    }
+
+
+def test_both_phases_train_sharded_and_save_single_device_files(runs):
+    run, out = runs["fsdp2"]
+    assert "transformer sharded over 2 ranks (2 blocks, FSDP2)" in out
+    weights = loras(run)
+    for phase in PHASES:
+        meta = read_glance_metadata(run / phase)
+        assert meta["trained_steps"] == 3 and meta["phase"] == phase
+        # lora_B starts at zero: every B matrix moved, in both phases
+        moved = [v.abs().max().item() for k, v in weights[phase].items() if "lora_B" in k]
+        assert moved and min(moved) > 0, phase
+        assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in weights[phase].values())
+    assert weights["slow"].keys() == weights["fast"].keys()
+    assert not any(torch.equal(weights["slow"][k], weights["fast"][k]) for k in weights["slow"] if "lora_B" in k)
+    # one file per phase, one sample per render step, written once (rank 0); no stray temporary files
+    assert sorted(p.name for p in (run / "slow").iterdir()) == ["pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step000003_p0_s0.png", "step000006_p0_s0.png"]
+
+
+def test_sharded_loras_equal_the_replicated_ones(runs):
+    """FSDP2 and DDP differ only in the order floats are summed: the same LoRAs within float noise (this also
+    justifies hiding FSDP2's warning about view outputs, glance_lightning.console)."""
+    assert_loras_close(loras(runs["fsdp2"][0]), loras(runs["ddp"][0]), atol=1e-5)
+    assert "returned a view tensor" not in runs["fsdp2"][1]
+
+
+def test_gradient_checkpointing_under_sharding_trains_the_same_loras(runs):
+    assert_loras_close(loras(runs["fsdp2-checkpointing"][0]), loras(runs["fsdp2"][0]), atol=1e-5)
+
+
+def test_sharded_loras_load_in_stock_diffusers(runs):
+    from diffusers import FluxPipeline
+
+    from glance_lightning.tiny import tiny_model_path
+
+    run, _ = runs["fsdp2"]
+    weights = loras(run)
+    for phase in PHASES:
+        pipe = FluxPipeline.from_pretrained(tiny_model_path("tiny:flux"))
+        pipe.load_lora_weights(str(run / phase), adapter_name=phase)
+        loaded = {n: p for n, p in pipe.transformer.named_parameters() if f"lora_B.{phase}" in n}
+        assert loaded and all(p.abs().max() > 0 for p in loaded.values())
+        trained = sorted(v.abs().sum().item() for k, v in weights[phase].items() if "lora_B" in k)
+        torch.testing.assert_close(sorted(p.abs().sum().item() for p in loaded.values()), trained)
+
+
+def test_the_encode_cache_is_filled_once_by_local_rank_zero(runs):
+    run, out = runs["fsdp2"]
+    cache = run.parent.parent / "fsdp2-cache"
+    # rank 1 waited at the barrier, read every encoding and encoded nothing: it never needed its text encoders
+    assert "rank 1: read " in out and "(written by local rank 0), encoded 0" in out
+    assert "rank 0: read" not in out
+    written = [p for p in cache.rglob("*") if p.is_file()]
+    assert written and not [p for p in written if p.name.endswith(".tmp") or p.name.startswith(".")]
+    read = int(out.split("rank 1: read ")[1].split()[0])
+    assert read >= 2  # the caption and the sampling prompt, and the latents
+
+
+def test_a_sharded_resume_continues_to_the_loras_of_a_run_that_never_stopped(runs, tmp_path, repo):
+    """Resumed at step 2, while Fast has not started: AdamW's sharded state of Slow continues exactly, Fast's
+    starts fresh as it would have."""
+    uninterrupted, _ = runs["fsdp2-checkpointing"]
+    step2 = tmp_path / "resumed" / "version_0" / "checkpoints" / "epoch=0-step=2.ckpt"
+    step2.parent.mkdir(parents=True)  # a copied run folder: the resume writes its LoRAs there, not into the original
+    shutil.copy(uninterrupted / "checkpoints" / step2.name, step2)
+    resumed, _ = fit(tmp_path, repo, "resumed", "fsdp2", True, "--ckpt_path", str(step2))
+    assert resumed == step2.parent.parent
+    assert_loras_close(loras(resumed), loras(uninterrupted), atol=0)
+    assert read_glance_metadata(resumed / "fast")["trained_steps"] == 3
