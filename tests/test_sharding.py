@@ -7,6 +7,7 @@ same LoRAs as a run that never stopped. Each run is the real command line in its
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -56,13 +57,22 @@ PHASES = ("slow", "fast")
 TIMEOUT = 240  # seconds per two-process fit; a run takes 10-30 s here
 
 
+PROBE = """    - class_path: sharding_probe.ShardProbe
+      init_args: {{folder: {folder}}}
+"""
+
+
 def fit(tmp_path: Path, repo: Path, name: str, strategy: str = "fsdp2", checkpointing: bool = False,
-        *extra: str) -> tuple[Path, str]:
-    """One two-process fit through the command line; its run folder and everything it printed."""
+        *extra: str, probe: bool = False) -> tuple[Path, str]:
+    """One two-process fit through the command line; its run folder and everything it printed. ``probe``: each
+    rank records what it holds of every parameter and AdamW state in ``<name>-probe/`` (tests/sharding_probe.py)."""
     config = tmp_path / f"{name}.yaml"
-    config.write_text(CONFIG.format(strategy=strategy, root=tmp_path / name, cache=tmp_path / f"{name}-cache",
-                                    checkpointing=str(checkpointing).lower(), repo=repo))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    text = CONFIG.format(strategy=strategy, root=tmp_path / name, cache=tmp_path / f"{name}-cache",
+                         checkpointing=str(checkpointing).lower(), repo=repo)
+    if probe:
+        text = text.replace("model:\n", PROBE.format(folder=tmp_path / f"{name}-probe") + "model:\n", 1)
+    config.write_text(text)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
     env.pop("GLANCE_LIGHTNING_RUN_DIR", None)
     done = reaping.run_reaped([sys.executable, "-m", "glance_lightning", "fit", "--config", str(config), *extra],
                               timeout=TIMEOUT, cwd=tmp_path, env=env)
@@ -87,7 +97,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> dict[str, tupl
     """The same 3 + 3 step fit: sharded, sharded with gradient checkpointing, and DDP (the base replicated)."""
     tmp = tmp_path_factory.mktemp("sharding")
     return {
-        "fsdp2": fit(tmp, repo, "fsdp2"),
+        "fsdp2": fit(tmp, repo, "fsdp2", probe=True),
         "fsdp2-checkpointing": fit(tmp, repo, "ckpt", "fsdp2", True),
         "ddp": fit(tmp, repo, "ddp", "ddp_find_unused_parameters_true"),
     }
@@ -111,11 +121,35 @@ def test_both_phases_train_sharded_and_save_single_device_files(runs):
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step000003_p0_s0.png", "step000006_p0_s0.png"]
 
 
+def test_every_rank_holds_only_its_shard_of_the_base_the_loras_and_their_adamw_state(runs):
+    run, _ = runs["fsdp2"]
+    ranks = [json.loads((run.parent.parent / "fsdp2-probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for part in ("params", "adamw"):
+        assert ranks[0][part].keys() == ranks[1][part].keys()
+        for name, (local, full, *_) in ranks[0][part].items():
+            assert local + ranks[1][part][name][0] == full, (part, name)  # split over the two ranks, not copied
+    trainable = {n for n, (_, _, grad) in ranks[0]["params"].items() if grad}
+    assert {n for n in trainable if ".slow." in n} and {n for n in trainable if ".fast." in n}
+    assert trainable == set(ranks[0]["adamw"])  # both adapters trained and both keep sharded AdamW moments
+    frozen = sum(full for n, (_, full, grad) in ranks[0]["params"].items() if not grad)
+    held = sum(local for n, (local, _, grad) in ranks[0]["params"].items() if not grad)
+    assert held <= frozen // 2 + 1000, (held, frozen)  # the base is halved (odd first dimensions round up)
+
+
 def test_sharded_loras_equal_the_replicated_ones(runs):
     """FSDP2 and DDP differ only in the order floats are summed: the same LoRAs within float noise (this also
     justifies hiding FSDP2's warning about view outputs, glance_lightning.console)."""
     assert_loras_close(loras(runs["fsdp2"][0]), loras(runs["ddp"][0]), atol=1e-5)
     assert "returned a view tensor" not in runs["fsdp2"][1]
+
+
+def test_a_bf16_base_sharded_trains_the_loras_ddp_trains_in_the_single_device_dtype(tmp_path, repo):
+    bf16 = ["--model.init_args.torch_dtype", "bfloat16", "--trainer.precision", "bf16-mixed"]
+    sharded, _ = fit(tmp_path, repo, "fsdp2-bf16", "fsdp2", True, *bf16)
+    replicated, _ = fit(tmp_path, repo, "ddp-bf16", "ddp_find_unused_parameters_true", False, *bf16)
+    mine, theirs = loras(sharded), loras(replicated)
+    assert {v.dtype for phase in PHASES for v in mine[phase].values()} == {torch.bfloat16}
+    assert_loras_close(mine, theirs, atol=1e-2)
 
 
 def test_gradient_checkpointing_under_sharding_trains_the_same_loras(runs):
