@@ -31,14 +31,18 @@ class KeepLorasOnFailure(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not self.training_started or pl_module.transformer is None:
             return
-        if pl_module.sharded:  # gathering the shards needs every rank, which may be elsewhere or gone
-            self.outcome = f"sharded run: kept the LoRAs saved at the last checkpoint in {pl_module.lora_dir}"
-            if trainer.is_global_zero:
-                log.warning("%s: %s", type(exception).__name__, self.outcome)
-                print(f"glance_lightning: {type(exception).__name__}: {self.outcome}", flush=True)
+        from glance_lightning.families.base import NonFiniteLossError
+
+        if pl_module.sharded and not isinstance(exception, NonFiniteLossError):
+            # Gathering the shards needs every rank, which may be elsewhere or gone (Ctrl-C, one rank's error).
+            # A non-finite loss is agreed on by all ranks at the same point (an all-reduce), so it is saved below.
+            self.outcome = (f"sharded run: the LoRAs of step {trainer.global_step} were not gathered; kept those "
+                            f"already saved in {pl_module.lora_dir}; the last checkpoint holds the latest "
+                            "(resume with --ckpt_path last)")
+            self._tell(trainer, exception)
             return
         params = [p for phase in ("slow", "fast") for p in pl_module.adapter_parameters(phase)]
-        if not all(torch.isfinite(p).all() for p in params):
+        if not _all_finite(trainer, pl_module, params):
             self.outcome = f"adapters are not finite; kept the LoRAs already saved in {pl_module.lora_dir}"
         else:
             try:
@@ -48,5 +52,20 @@ class KeepLorasOnFailure(L.Callback):
                                 f"already saved in {pl_module.lora_dir}")
             else:
                 self.outcome = f"saved the LoRAs of step {trainer.global_step} to {', '.join(map(str, paths))}"
-        log.warning("%s: %s", type(exception).__name__, self.outcome)
-        print(f"glance_lightning: {type(exception).__name__}: {self.outcome}", flush=True)
+        self._tell(trainer, exception)
+
+    def _tell(self, trainer: L.Trainer, exception: BaseException) -> None:
+        if trainer.is_global_zero:
+            log.warning("%s: %s", type(exception).__name__, self.outcome)
+            print(f"glance_lightning: {type(exception).__name__}: {self.outcome}", flush=True)
+
+
+def _all_finite(trainer: L.Trainer, pl_module: L.LightningModule, params: list[torch.Tensor]) -> bool:
+    """Every adapter weight finite; sharded, each rank checks its own shards and the ranks agree (all-reduce)."""
+    from torch.distributed.tensor import DTensor
+
+    local = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in params)
+    if not pl_module.sharded:
+        return local
+    votes = trainer.strategy.reduce(torch.tensor(float(local), device=trainer.strategy.root_device), reduce_op="sum")
+    return bool(votes >= trainer.world_size)

@@ -28,3 +28,20 @@ class ShardProbe(Callback):
         states = {names[id(p)]: _sizes(state["exp_avg"]) for p, state in optimizer.state.items() if "exp_avg" in state}
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps({"params": params, "adamw": states}))
+
+
+class PoisonOnRank(Callback):
+    """From ``step`` on, rank ``rank``'s velocity prediction is NaN: its loss is not finite, the others' are."""
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank != self.rank or trainer.global_step != self.step:
+            return
+        original = type(pl_module).predict_velocity
+
+        def poisoned(*args, **kwargs):
+            return original(pl_module, *args, **kwargs) * float("nan")
+
+        pl_module.predict_velocity = poisoned

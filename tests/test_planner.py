@@ -127,6 +127,15 @@ def test_plan_table_says_predicted(arch_file, repo, monkeypatch, capsys):
     assert "predicted" in out and "peak GPU memory" in out and "fits" in out
 
 
+def test_plan_of_a_sharded_config_says_its_figures_are_for_one_device(arch_file, repo, monkeypatch, capsys):
+    monkeypatch.chdir(repo)
+    base = ["plan", "--config", "configs/quickstart.yaml", *SMALL, "--architecture", arch_file, "--gpu", "h100"]
+    assert main(base) == 0
+    assert "fsdp2" not in capsys.readouterr().out
+    assert main([*base, "--trainer.devices", "2", "--trainer.strategy", "fsdp2"]) == 0
+    assert "trainer.strategy fsdp2: these figures are for one device holding the whole base" in capsys.readouterr().out
+
+
 def test_quantised_bases_and_8bit_states_are_planned():
     """NF4 < int8 < bf16 base weights; 8-bit AdamW keeps less state than AdamW (both by their layouts)."""
     init = {"pretrained_model": "tiny:flux", "torch_dtype": "bfloat16", "max_sequence_length": 16,

@@ -62,21 +62,26 @@ PROBE = """    - class_path: sharding_probe.ShardProbe
 """
 
 
+POISON = """    - class_path: sharding_probe.PoisonOnRank
+      init_args: {step: 4, rank: 1}
+"""
+
+
 def fit(tmp_path: Path, repo: Path, name: str, strategy: str = "fsdp2", checkpointing: bool = False,
-        *extra: str, probe: bool = False) -> tuple[Path, str]:
+        *extra: str, probe: bool = False, callback: str = "", returncode: int = 0) -> tuple[Path, str]:
     """One two-process fit through the command line; its run folder and everything it printed. ``probe``: each
-    rank records what it holds of every parameter and AdamW state in ``<name>-probe/`` (tests/sharding_probe.py)."""
+    rank records what it holds of every parameter and AdamW state in ``<name>-probe/``; ``callback``: one more
+    (tests/sharding_probe.py)."""
     config = tmp_path / f"{name}.yaml"
     text = CONFIG.format(strategy=strategy, root=tmp_path / name, cache=tmp_path / f"{name}-cache",
                          checkpointing=str(checkpointing).lower(), repo=repo)
-    if probe:
-        text = text.replace("model:\n", PROBE.format(folder=tmp_path / f"{name}-probe") + "model:\n", 1)
-    config.write_text(text)
+    callback += PROBE.format(folder=tmp_path / f"{name}-probe") if probe else ""
+    config.write_text(text.replace("model:\n", callback + "model:\n", 1))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
     env.pop("GLANCE_LIGHTNING_RUN_DIR", None)
     done = reaping.run_reaped([sys.executable, "-m", "glance_lightning", "fit", "--config", str(config), *extra],
                               timeout=TIMEOUT, cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stdout[-4000:]
+    assert done.returncode == returncode, done.stdout[-4000:]
     (run,) = sorted((tmp_path / name).glob("version_*"))
     return run, done.stdout
 
@@ -195,3 +200,12 @@ def test_a_sharded_resume_continues_to_the_loras_of_a_run_that_never_stopped(run
     assert resumed == step2.parent.parent
     assert_loras_close(loras(resumed), loras(uninterrupted), atol=0)
     assert read_glance_metadata(resumed / "fast")["trained_steps"] == 3
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_and_keeps_the_last_good_loras(tmp_path, repo):
+    """Rank 1's loss turns NaN at step 4 (Fast's second step): every rank stops before that step's update, and the
+    LoRAs of step 3 are gathered and written, as on one device."""
+    run, out = fit(tmp_path, repo, "nan", callback=POISON, returncode=2)
+    assert "loss is not finite at step 4" in out and "Traceback" not in out
+    assert read_glance_metadata(run / "fast")["trained_steps"] == 1
+    assert all(torch.isfinite(v).all() for phase in PHASES for v in loras(run)[phase].values())
