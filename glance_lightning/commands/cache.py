@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-from glance_lightning.cli import run_lightning_cli
+from glance_lightning.trainer_cli import run_lightning_cli
 
 HELP = __doc__.split("\n\n")[0] + "\n\nusage: python -m glance_lightning cache --config FILE [fit overrides]\n"
 

@@ -27,7 +27,7 @@ def _parse(argv: list[str]) -> Any:
     import logging
 
     from glance_lightning import console
-    from glance_lightning.cli import run_lightning_cli
+    from glance_lightning.trainer_cli import run_lightning_cli
 
     err = io.StringIO()
     seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to 0": no run is started
