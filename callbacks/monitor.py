@@ -67,7 +67,7 @@ class TrainingMonitor(L.Callback):
         seconds = statistics.median(self._times)
         size = len(batch["index"])
         phase = pl_module.phase_at(trainer.global_step - 1)
-        step_in_phase = trainer.global_step - (0 if phase == "slow" else pl_module.phase_steps["slow"])
+        step_in_phase = trainer.global_step - pl_module.phase_start(phase)
         self._print_progress(trainer, pl_module, step_in_phase, pl_module.phase_steps[phase])
         metrics, pl_module.step_metrics = pl_module.step_metrics, {}
         if step_in_phase == pl_module.phase_steps[phase]:  # the phase's mean loss, once, when it ends

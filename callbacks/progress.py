@@ -70,7 +70,7 @@ class PhaseStatus:
 
 def is_glance(pl_module: Any) -> bool:
     """Whether the module trains Glance phases (other modules keep Lightning's display)."""
-    return isinstance(getattr(pl_module, "phase_steps", None), dict) and hasattr(pl_module, "phase_at")
+    return isinstance(getattr(pl_module, "phase_steps", None), dict) and hasattr(pl_module, "phase_start")
 
 
 def phase_status(trainer: L.Trainer, pl_module: L.LightningModule) -> PhaseStatus | None:
@@ -80,7 +80,7 @@ def phase_status(trainer: L.Trainer, pl_module: L.LightningModule) -> PhaseStatu
     phase_steps = pl_module.phase_steps
     done = trainer.global_step
     phase = pl_module.phase_at(max(done - 1, 0))
-    start = 0 if phase == "slow" else phase_steps["slow"]
+    start = pl_module.phase_start(phase)
     loss = trainer.progress_bar_metrics.get(f"train/loss_{phase}")
     seconds = None
     for callback in trainer.callbacks:

@@ -61,11 +61,11 @@ class KeepLorasOnFailure(L.Callback):
 
 
 def _all_finite(trainer: L.Trainer, pl_module: L.LightningModule, params: list[torch.Tensor]) -> bool:
-    """Every adapter weight finite; sharded, each rank checks its own shards and the ranks agree (all-reduce)."""
+    """Every adapter weight finite; sharded, each rank checks its own shards and the ranks agree (a collective:
+    only sharded runs, where every rank is here together)."""
     from torch.distributed.tensor import DTensor
 
-    local = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in params)
-    if not pl_module.sharded:
-        return local
-    votes = trainer.strategy.reduce(torch.tensor(float(local), device=trainer.strategy.root_device), reduce_op="sum")
-    return bool(votes >= trainer.world_size)
+    from glance_lightning.sharding import on_every_rank
+
+    local = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()) for p in params)
+    return on_every_rank(trainer, local) if pl_module.sharded else local

@@ -70,7 +70,7 @@ def log_step(trainer: Any, metrics: dict[str, torch.Tensor | float]) -> None:
 def announce_phase(trainer: Any, module: Any, phase: str) -> None:
     """The phase that starts now, its timestep list and step range, once."""
     timesteps = [round(t, 4) for t in module.glance_timesteps.as_timesteps()[phase]]
-    start = 0 if phase == "slow" else module.phase_steps["slow"]
+    start = module.phase_start(phase)
     steps = module.phase_steps[phase]
     text = f"{phase} phase: steps {start + 1}-{start + steps}, timesteps {timesteps}"
     for logger in trainer.loggers:

@@ -94,6 +94,23 @@ def local_value(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+def on_every_rank(trainer: Any, flag: torch.Tensor | bool) -> bool:
+    """Whether ``flag`` holds on every rank: one all-reduce when there are several (every rank must call it);
+    so that all ranks take the same branch (stop, save) together."""
+    if trainer.world_size == 1:
+        return bool(flag)
+    value = torch.as_tensor(flag, dtype=torch.float32, device=trainer.strategy.root_device)
+    return bool(trainer.strategy.reduce(value, reduce_op="sum") >= trainer.world_size)
+
+
+def drop_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> None:
+    """Forget ``params``' optimizer state. Sharded loading (torch.distributed.checkpoint) first gives every
+    parameter AdamW state, by one step at lr 0 with zero gradients, then sets the checkpoint's; a parameter the
+    checkpoint has no state for would keep that fake step, which changes its bias correction."""
+    for param in params:
+        optimizer.state.pop(param, None)
+
+
 def check_sharding(strategy: Any, module: Any = None) -> None:
     """Refuse, naming the setting, what sharding cannot serve with ``module``'s settings (a ``GlanceModule``),
     before any model is loaded."""

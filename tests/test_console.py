@@ -168,7 +168,8 @@ def _fake_fit(global_step: int, seconds: float | None = 0.0123):
     monitor = TrainingMonitor()
     monitor._times = [] if seconds is None else [seconds]
     module = SimpleNamespace(phase_steps={"slow": 150, "fast": 150},
-                             phase_at=lambda step: "slow" if step < 150 else "fast")
+                             phase_at=lambda step: "slow" if step < 150 else "fast",
+                             phase_start=lambda phase: 0 if phase == "slow" else 150)
     trainer = SimpleNamespace(global_step=global_step, callbacks=[monitor],
                               progress_bar_metrics={"train/loss_slow": 0.41234, "train/loss_fast": 0.00123})
     return trainer, module

@@ -1,11 +1,11 @@
 """The family-independent Glance LightningModule.
 
 ``GlanceModule`` owns loading the base pipeline (one ``from_pretrained``), freezing it, the two named LoRA
-adapters ("slow", "fast"), the training step (the flow-matching loss at the drawn timesteps), the per-phase
-optimisation schedule and saving the adapters. Pre-flight checks live in ``preflight``, the encode-once cache
-in ``encoding``, sampling in ``generation``; what a family is (pipeline, scheduler, controls) in its registry
-entry. A family subclass implements only what differs: prompt encoding, latent encoding/decoding and velocity
-prediction.
+adapters ("slow", "fast"), the training step (the flow-matching loss at the drawn timesteps) and the per-phase
+optimisation schedule. Pre-flight checks live in ``preflight``, the encode-once cache in ``encoding``, sampling in
+``generation``, writing the LoRAs and checkpoints in ``saving``; what a family is (pipeline, scheduler, controls)
+in its registry entry. A family subclass implements only what differs: prompt encoding, latent
+encoding/decoding and velocity prediction.
 
 Phases run one after the other in a single fit: optimizer steps ``[0, slow_steps)`` train "slow", the next
 ``fast_steps`` train "fast". Both adapters sit in one AdamW with one parameter group each; the inactive
@@ -27,21 +27,20 @@ import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
-from peft.utils import get_peft_model_state_dict
 from torchmetrics import MeanMetric
 
-from glance_lightning import dashboard, flow, model_card, sharding
+from glance_lightning import dashboard, flow, sharding
 from glance_lightning import performance as perf_ops
 from glance_lightning.atomic import install_checkpoint_io
 from glance_lightning.draws import Draws, DrawSpec, GlanceData
 from glance_lightning.errors import ConfigError, UserError
-from glance_lightning.families import preflight, resume
+from glance_lightning.families import preflight
 from glance_lightning.families.encoding import EncodeOnce
 from glance_lightning.families.generation import GenerationMixin
 from glance_lightning.families.hooks import Conditioning, FamilyHooks
 from glance_lightning.families.latents import ShiftScaleLatents
 from glance_lightning.families.loading import AdaptedBaseModel
-from glance_lightning.lora_io import save_lora
+from glance_lightning.families.saving import SavesLoras
 from glance_lightning.models import ResolvedModel
 from glance_lightning.registry import FamilySpec, get_family
 from glance_lightning.settings import (
@@ -65,7 +64,7 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN/inf: training stops before the bad step touches the adapters."""
 
 
-class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L.LightningModule):
+class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, SavesLoras, L.LightningModule):
     """Base class of every family. Subclasses set the class attributes and the four family hooks; the family's
     registry entry (``family_spec``) says which pipeline it loads, its scheduler and its control images."""
 
@@ -178,6 +177,10 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
 
     def phase_at(self, step: int) -> str:
         return "slow" if step < self.phase_steps["slow"] else "fast"
+
+    def phase_start(self, phase: str) -> int:
+        """The global step at which ``phase`` starts (Slow first, then Fast)."""
+        return 0 if phase == "slow" else self.phase_steps["slow"]
 
     def draw_spec(self) -> DrawSpec:
         """What the DataModule's draws depend on (``glance_lightning.draws``)."""
@@ -325,7 +328,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
             self.step_metrics.update(dashboard.loss_metrics(phase, timesteps, loss, per_sample, choice))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._finite is not None and not self._all_finite():  # the step's one host-device sync
+        # the step's one host-device sync; all ranks agree (one all-reduce), so all stop together
+        if self._finite is not None and not sharding.on_every_rank(self.trainer, self._finite):
             raise NonFiniteLossError(
                 f"loss is not finite at step {self.global_step} ({self._last_draw[0]} phase, sigmas "
                 f"{[round(s, 4) for s in self._last_draw[1]]}); training stopped and the last "
@@ -341,13 +345,6 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         self.step_metrics[f"train/lr_{self._active_adapter}"] = optimizer.param_groups[
             PHASES.index(self._active_adapter)]["lr"]
 
-    def _all_finite(self) -> bool:
-        """This step's losses finite on every rank (one all-reduce with several), so all ranks stop together."""
-        finite = self._finite.float()
-        if self.trainer.world_size > 1:
-            return bool(self.trainer.strategy.reduce(finite, reduce_op="sum") >= self.trainer.world_size)
-        return bool(finite)
-
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [{"params": self.adapter_parameters(p), "name": p} for p in PHASES]
         optimizer = perf_ops.build_optimizer(self.optim_settings, groups, self.device)
@@ -356,8 +353,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _phase_lr_lambda(self, phase: str):
-        start = 0 if phase == "slow" else self.phase_steps["slow"]
-        length = self.phase_steps[phase]
+        start, length = self.phase_start(phase), self.phase_steps[phase]
         warmup = max(1, self.optim_settings.warmup_steps)
 
         def factor(step: int) -> float:
@@ -367,69 +363,3 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, L
             return min(1.0, (local + 1) / warmup)
 
         return factor
-
-    # ------------------------------------------------------------------ saving
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Only the trainable adapter weights: checkpoints never carry the frozen base model."""
-        full = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in full.items() if "lora_" in k}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        resume.record(self, checkpoint)  # settings, data, run id: what a resume checks and continues
-        self.save_loras()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        resume.restore(self, checkpoint)
-        if self.sharded:
-            self._drop_unstarted_optimizer_state(int(checkpoint.get("global_step", 0)))
-
-    def _drop_unstarted_optimizer_state(self, step: int) -> None:
-        """Sharded loading (torch.distributed.checkpoint) gives every parameter AdamW state, by one step at lr 0
-        with zero gradients, before the checkpoint's state is set; an adapter whose phase had not started has
-        none in the checkpoint and would keep that step, which changes its bias correction. It is removed."""
-        optimizer = self.trainer.optimizers[0]
-        for phase in PHASES:
-            start = 0 if phase == "slow" else self.phase_steps["slow"]
-            if step <= start or self.phase_steps[phase] == 0:
-                for param in self.adapter_parameters(phase):
-                    optimizer.state.pop(param, None)
-
-    def on_train_end(self) -> None:
-        self.save_loras()  # after the callbacks' on_train_end: the last chained samples are rendered
-        if self.trainer.is_global_zero and self.lora_dir is not None and self.run_dir is not None:
-            with self.timed("save"):
-                model_card.write_for_run(self.run_dir, self.lora_dir, self.trainer.callbacks)
-
-    def glance_metadata(self, phase: str) -> dict[str, Any]:
-        trainer = self.attached_trainer()
-        datamodule = getattr(trainer, "datamodule", None)
-        return {
-            "family": self.family,
-            "run_id": self.run_id,
-            "base_model": self.hparams.pretrained_model,
-            "phase": phase,
-            "timesteps": self.glance_timesteps.as_timesteps()[phase],
-            "schedule": self.glance_timesteps.as_timesteps(),
-            "rank": self.lora_settings.rank,
-            "alpha": self.lora_settings.alpha,
-            "resolution": getattr(datamodule, "resolution", None),
-            "family_options": self.family_options(),
-            "trained_steps": min(max(self.global_step - (0 if phase == "slow" else self.phase_steps["slow"]), 0),
-                                 self.phase_steps[phase]),
-        }
-
-    def save_loras(self, directory: str | os.PathLike | None = None) -> list[Path]:
-        """Write both adapters as ``<dir>/slow`` and ``<dir>/fast`` in the diffusers LoRA format (rank 0). Sharded,
-        every rank must call it: the LoRA shards are gathered (a collective), then rank 0 writes."""
-        trainer = self.attached_trainer()
-        if trainer is not None and not trainer.is_global_zero and not self.sharded:
-            return []
-        root = Path(directory) if directory is not None else self.lora_dir
-        config = self.lora_config().to_dict()
-        paths = []
-        with self.timed("save"):
-            for phase in PHASES:
-                state = sharding.full_tensors(get_peft_model_state_dict(self.transformer, adapter_name=phase))
-                if trainer is None or trainer.is_global_zero:
-                    paths.append(save_lora(root / phase, state, config, self.glance_metadata(phase)))
-        return paths

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glance_lightning import sharding
 from glance_lightning.errors import ConfigError
 from glance_lightning.planner.memory import GIB, StepMemory, StepPlan, simulate_step
 from glance_lightning.planner.runtime import GpuSpec
@@ -130,10 +131,10 @@ def make_plan(request: PlanRequest) -> Plan:
         notes.append("tiny model: encode stage not planned" if tiny else
                      f"family {spec.name} gives no encoder sizes (FamilySpec.encoder_params): encode stage not "
                      "planned")
-    strategy = str((request.raw.get("trainer") or {}).get("strategy") or "")
-    if strategy == "fsdp2":
-        notes.append("trainer.strategy fsdp2: these figures are for one device holding the whole base; FSDP2 gives "
-                     "each rank about 1/N of the base weights, LoRAs and AdamW states (per-rank plan: not yet)")
+    strategy = str((request.raw.get("trainer") or {}).get("strategy") or "").lower()
+    if strategy == sharding.STRATEGY_NAME:
+        notes.append(f"trainer.strategy {strategy}: these figures are for one device holding the whole base; FSDP2 "
+                     "gives each rank about 1/N of the base weights, LoRAs and AdamW states (per-rank plan: not yet)")
     bf16_transformer = memory.base / GIB if request.step.quantization == "none" else \
         _bf16_params(request.step.architecture) * 2 / GIB
     host = host_ram_gib(bf16_transformer, encoders)
