@@ -1,7 +1,8 @@
 """The planner's predictions: every shipped config, and the planner against the four measured reference runs.
 
-``python benchmarks/bench_plan.py`` prints two markdown tables (all figures predicted, on fake tensors):
+``python benchmarks/bench_plan.py`` prints markdown tables (all figures predicted, on fake tensors):
 
+0. measured: our module's steps measured on an H200 (glance_lightning/planner/measured.py) against ``plan``.
 1. reference: the plain diffusers + peft step measured on an H100 (random full-size weights, rank 32 on
    to_q/k/v/out.0, 1024x1024, 512 text tokens, bf16 weights, AdamW, no autocast: benchmarks/bench_training.py's
    ``reference`` loop), simulated as that loop runs it, and our module configured like it (same rank, targets,
@@ -34,7 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from glance_lightning.planner.fake import PlannerMemTracker, cuda_behaviour  # noqa: E402
 from glance_lightning.planner.memory import GIB, StepPlan, _PlanPipe, build_transformer, fake_inputs  # noqa: E402
-from glance_lightning.planner.runtime import RooflineEstimator, get_gpu  # noqa: E402
+from glance_lightning.planner.runtime import get_gpu  # noqa: E402
+from glance_lightning.planner.timing import step_time  # noqa: E402
+from glance_lightning.planner.trace import TraceRecorder  # noqa: E402
 from glance_lightning.registry import get_family  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -84,22 +87,25 @@ def plain_step(family: str, checkpointing: bool, autocast: bool = True) -> tuple
         params = [p for p in transformer.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
         latents, cond = fake_inputs(module, plan)
-        tracker, estimator = PlannerMemTracker(), RooflineEstimator(get_gpu("h100"))
+        tracker, recorder = PlannerMemTracker(), TraceRecorder()
         tracker.track_external(transformer, latents, *cond.values())
         with tracker:
             for step in range(2):
-                with estimator if step == 1 else contextlib.nullcontext():
+                with recorder if step == 1 else contextlib.nullcontext():
+                    recorder.phase = "forward"
                     noise = torch.randn_like(latents)
                     sigma = torch.tensor([0.95])
                     cast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
                     with cast:
                         pred = module.predict_velocity((1 - sigma) * latents + sigma * noise, sigma, cond)
                     loss = F.mse_loss(pred.float(), (noise - latents).float())
+                    recorder.phase = "backward"
                     loss.backward()
+                    recorder.phase = "optimizer"
                     optimizer.step()
                     optimizer.zero_grad()
                 del loss, pred
-    return tracker.peak_bytes() / GIB, estimator.seconds
+    return tracker.peak_bytes() / GIB, step_time(recorder.trace, get_gpu("h100")).seconds
 
 
 def module_like_reference(family: str, checkpointing: bool, autocast: bool = True) -> tuple[float, float]:
@@ -118,6 +124,36 @@ def module_like_reference(family: str, checkpointing: bool, autocast: bool = Tru
     with contextlib.redirect_stdout(io.StringIO()):
         plan = make_plan(request)
     return plan.peak_gib, plan.memory.step_s
+
+
+def measured_table(sink: Any) -> list[str]:
+    """Our module's steps measured on an H200 (glance_lightning/planner/measured.py, GLANCE.md section 8) against
+    ``plan`` configured as each run was."""
+    from glance_lightning.planner.measured import OURS, planned_like
+    from glance_lightning.planner.plan import make_plan
+    from glance_lightning.planner.request import build_request
+
+    rows = ["| run | measured s/step | predicted s/step | error | measured GiB | predicted GiB | error | derived as |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in OURS:
+        init, data, trainer = planned_like(row)
+        spec = get_family(row.family)
+        request = build_request(spec.module_class(), init, data, trainer, row.gpu,
+                                architecture=dict(spec.architecture))
+        with contextlib.redirect_stdout(io.StringIO()):
+            plan = make_plan(request)
+        step, peak = plan.memory.step_s, plan.peak_gib
+        sink({"table": "measured", "run": row.label, "measured_s": row.step_s, "predicted_s": step,
+              "measured_gib": row.peak_gib, "predicted_gib": peak})
+
+        def err(pred: float, meas: float | None) -> str:
+            return "-" if meas is None else f"{100 * (pred / meas - 1):+.1f}%"
+
+        rows.append(f"| {row.label} | {row.step_s or 'kept back'} | {step:.3f} | {err(step, row.step_s)} | "
+                    f"{row.peak_gib or 'kept back'} | {peak:.2f} | {err(peak, row.peak_gib)} | "
+                    f"{plan.memory.time.derivation().split(' (')[0]} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
 
 
 def reference_table(sink: Any, autocast: bool = True) -> list[str]:
@@ -202,8 +238,8 @@ def presets_table(sink: Any) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="reference,configs,presets", help="comma list of reference, configs, "
-                        "presets")
+    parser.add_argument("--only", default="measured,reference,configs,presets",
+                        help="comma list of measured, reference, configs, presets")
     parser.add_argument("--match", default="", help="configs table: only configs whose path contains this")
     parser.add_argument("--jsonl", type=Path, default=None, help="append each row here as JSON when done")
     parser.add_argument("--no-autocast", action="store_true",
@@ -216,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(json.dumps(row, default=str) + "\n")
 
     tables = args.only.split(",")
+    if "measured" in tables:
+        print("\n".join(measured_table(sink)) + "\n")
     if "reference" in tables:
         print("\n".join(reference_table(sink, not args.no_autocast)) + "\n")
     if "configs" in tables:

@@ -19,17 +19,31 @@ from glance_lightning.model_card import published_files
 from glance_lightning.run_folder import shown
 
 
+ORDER = ("start", "fetch", "load", "encode", "to device", "first step")
+
+
 def fit_breakdown(started: float | None, parts: dict[str, float], step_times: list[float]) -> str:
-    """One line: where a fit's wall time went; "other" is Lightning around the steps (checkpoint files,
-    loggers, the progress bar, data)."""
+    """One line: where a fit's wall time went, in order: "start" (from the process start: interpreter, imports,
+    config, Trainer; the command line only), "fetch" (a hub download, or building a tiny model), "load" (reading
+    the weights), "encode", "to device" (Lightning's
+    strategy setup: the module to the device, the optimizer), "first step" (its warm-up: CUDA and cuBLAS
+    initialisation, compilation), the other training steps, samples, save, and "other": Lightning around the steps
+    (checkpoint files, loggers, the progress bar, data)."""
     if started is None:
         return "fit timings unavailable"
     total = time.perf_counter() - started
-    steps = sum(step_times)
-    median = f" (median {statistics.median(step_times):.3f} s/step)" if step_times else ""
-    shown = "".join(f"{name} {seconds:.1f} + " for name, seconds in parts.items())
-    other = total - sum(parts.values()) - steps
-    return f"fit took {total:.1f} s = {shown}{len(step_times)} training steps {steps:.1f}{median} + other {other:.1f}"
+    parts = dict(parts)
+    rest = list(step_times)
+    if len(rest) > 1:
+        parts["first step"] = rest.pop(0)
+    ordered = [k for k in ORDER if k in parts] + [k for k in parts if k not in ORDER]
+    before = [k for k in ordered if k in ORDER]
+    after = [k for k in ordered if k not in ORDER]
+    median = f" (median {statistics.median(rest):.3f} s/step)" if rest else ""
+    steps = f"{len(rest)} {'more ' if 'first step' in parts else ''}training steps {sum(rest):.1f}{median}"
+    shown = [f"{k} {parts[k]:.1f}" for k in before] + [steps] + [f"{k} {parts[k]:.1f}" for k in after]
+    other = total - sum(parts.values()) - sum(rest)
+    return f"fit took {total:.1f} s = {' + '.join(shown)} + other {other:.1f}"
 
 
 class TrainingMonitor(L.Callback):

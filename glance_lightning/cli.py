@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from glance_lightning import console, errors
+from glance_lightning import console, errors, startup
 
 TOP_HELP = """usage: python -m glance_lightning COMMAND [options]
 
@@ -58,6 +58,8 @@ def _extra_commands() -> dict[str, Callable[[list[str]], int]]:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user error (``glance_lightning.errors``) is one short message and exit status 2."""
     from_command_line = argv is None
+    if from_command_line:
+        startup.mark_command_start()
     argv, verbose = console.pop_verbose_flag(list(sys.argv[1:] if argv is None else argv))
     argv, debug = errors.pop_debug_flag(argv)
     debug = debug or errors.is_debug()

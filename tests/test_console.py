@@ -109,6 +109,23 @@ def test_quickstart_says_what_it_does(quickstart):
         assert needle in output, f"{needle!r} missing from\n{output}"
 
 
+def test_the_fit_breakdown_accounts_for_the_seconds_from_the_process_start(quickstart):
+    """Every part is named (start: interpreter, imports, config; fetch: building the tiny model; load; encode;
+    to device; the first step's warm-up) and what is left unexplained is a small share of the whole."""
+    output, _, _ = quickstart
+    (line,) = [ln for ln in output.splitlines() if "fit took" in ln]
+    total = float(line.split("fit took ")[1].split(" s")[0])
+    parts = dict(re.findall(r"(?:= |\+ )([a-z ]+?) (-?\d+\.\d)(?= |$)", line))
+    for name in ("start", "fetch", "load", "encode", "to device", "first step", "save", "samples", "other"):
+        assert name in parts, (name, line)
+    steps = float(line.split("more training steps ")[1].split()[0])
+    named = sum(float(v) for k, v in parts.items() if k != "other") + steps
+    assert abs(named + float(parts["other"]) - total) <= 0.1 * len(parts)  # the line adds up (tenths)
+    assert float(parts["start"]) > 0.5  # imports are seconds: counted, not missing
+    assert float(parts["fetch"]) > 0.1  # the first run builds the tiny model
+    assert float(parts["other"]) <= 0.25 * total, line
+
+
 def test_the_bar_shows_phase_step_in_phase_loss_and_step_time(quickstart):
     output, _, _ = quickstart
     lines = output.splitlines()

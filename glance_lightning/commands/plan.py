@@ -1,12 +1,12 @@
-"""``python -m glance_lightning plan --config FILE [fit overrides] [--gpu NAME] [--gpu-memory GiB] [--search]``:
-will this fit run fit my card, and how fast? Predicted, before any model is loaded.
+"""``python -m glance_lightning plan --config FILE [fit overrides] [--gpu NAME] [--gpu-memory GiB] [--search]``: will
+this fit run fit my card, and how fast? Predicted, before any model is loaded.
 
-The config and overrides are read by fit's own parser, so the options are exactly fit's. The module's own
-training step then runs at full size on fake tensors (no weights, no GPU, no hub: the transformer's config comes
-from the registry, or from a local/cached model's transformer/config.json). Prints the predicted peak GPU
-memory with its breakdown, the encode stage's peak, host RAM per stage, a roofline s/step for the GPU and
-whether it fits; ``--format json`` prints the same as JSON; ``--search`` proposes the fastest combination of
-the performance options predicted to fit.
+The config and overrides are read by fit's own parser, so the options are exactly fit's. The module's own training step
+then runs at full size on fake tensors (no weights, no GPU, no hub: the transformer's config comes from the registry, or
+from a local/cached model's transformer/config.json). Prints the predicted peak GPU memory with its breakdown, the
+encode stage's peak, host RAM per stage, the s/step on the GPU (with how it was derived) and whether it fits; ``--format
+json`` prints the same as JSON; ``--search`` proposes the fastest combination of the performance options predicted to
+fit.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def format_plan(d: dict[str, Any]) -> str:
         ("encode stage peak", f"{d['encode_peak_gib']:.2f} GiB  (text encoders + VAE on the device)"),
         ("host RAM", ", ".join(f"{k} {v:.1f} GiB" for k, v in host.items())),
         (f"time on {card}", step),
+        *([("  derived as", d["step_time"]["derivation"])] if d.get("step_time") else []),
         ("fits", f"{fits}  (training step: peak + {d['cuda_context_gib']} GiB CUDA context)"),
     ]
     if d["fits"] is False:

@@ -29,7 +29,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from glance_lightning import dashboard, flow, sharding
+from glance_lightning import dashboard, flow, sharding, startup
 from glance_lightning import performance as perf_ops
 from glance_lightning.atomic import install_checkpoint_io
 from glance_lightning.draws import Draws, DrawSpec, GlanceData
@@ -157,6 +157,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
         self._finite: torch.Tensor | None = None
         self._last_draw: tuple[str, list[float]] = ("", [])
         self.fit_timings: dict[str, float] = {}  # seconds spent outside the training steps, by part
+        self._setup_ended: float | None = None
+        self._fetch_s = 0.0
         self.fit_started: float | None = None
         self.sharded = False  # the transformer's weights are FSDP2 shards (configure_model)
 
@@ -202,7 +204,9 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
         """Download a hub model's components, or build a ``tiny:`` model, once per node before any rank loads it
         (Lightning runs this on local rank 0 and holds the others at a barrier). transformers writes weights on
         rank 0 only once torch.distributed is up, so a tiny build on another rank would be incomplete."""
+        started = time.perf_counter()
         self.resolve_model()
+        self._fetch_s = time.perf_counter() - started  # the fit breakdown's "fetch"
 
     def attached_trainer(self) -> L.Trainer | None:
         """The trainer, or None when the module is used on its own (sampling, tests)."""
@@ -224,7 +228,12 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
             self.load_base_model()
             return
         trainer = self.trainer
-        self.fit_started, self.fit_timings = time.perf_counter(), {}
+        self.fit_started, self.fit_timings = time.perf_counter() - self._fetch_s, {}
+        if startup.command_started() is not None:  # the seconds before this hook: interpreter, imports, config
+            self.fit_timings["start"] = self.fit_started - startup.command_started()
+            self.fit_started = startup.command_started()
+        if self._fetch_s:  # prepare_data, just before: a hub model's download, or building a tiny model
+            self.fit_timings["fetch"], self._fetch_s = self._fetch_s, 0.0
         install_checkpoint_io(trainer.strategy)  # checkpoints written all or nothing (glance_lightning.atomic)
         # on every rank: without the command line's folder, trainer.log_dir is a collective (a broadcast)
         self.run_dir = self.claimed_run_dir or preflight.trainer_run_dir(trainer)
@@ -248,6 +257,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
             weights = sum(p.numel() * p.element_size() for phase in PHASES for p in self.adapter_parameters(phase))
             preflight.check_free_space(self.lora_dir, 2 * weights,
                                        preflight.checkpoint_needs(trainer, weights, self.total_steps))
+        self._setup_ended = time.perf_counter()
 
     def configure_model(self) -> None:
         """Under ``strategy: fsdp2`` (``glance_lightning.sharding``): shard the frozen transformer and both adapters
@@ -278,6 +288,9 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
         return [KeepLorasOnFailure(), TrainingMonitor()]
 
     def on_fit_start(self) -> None:
+        if self._setup_ended is not None:  # Lightning's strategy setup: the module to the device, the optimizer
+            self.fit_timings["to device"] = time.perf_counter() - self._setup_ended
+            self._setup_ended = None
         self.refuse_overwrite(resuming=self.trainer.ckpt_path is not None)
 
     def training_step(self, batch: Draws, batch_idx: int) -> torch.Tensor:

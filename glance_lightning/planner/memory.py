@@ -1,13 +1,13 @@
-"""The project's own training step at full size on fake tensors: peak GPU memory, its breakdown and a roofline time.
+"""The project's own training step at full size on fake tensors: peak GPU memory, its breakdown and its op trace.
 
 ``simulate_step`` builds the family's transformer from its full-size config on fake CPU tensors, quantised where
 configured (``quant``), hands it to the module's own ``adapt_transformer`` (the same peft adapters, LoRA targets,
-gradient checkpointing share and policy as ``fit``), fills the module's encode-once caches through the family's
-own hooks (``fake_inputs``: latents of its ``latent_shape``, its ``encode_condition`` with the text encoders stood
-in by ``planned_prompt_embeds``; text encoders are never simulated in the step: the module trains from its caches),
-and runs two optimizer steps the way Lightning's automatic optimisation does (autocast
-forward, zero_grad, backward, gradient clipping, AdamW step) under ``PlannerMemTracker`` and, for the second step,
-``RooflineEstimator``. Logging (``self.log``) is not part of it: it needs a Trainer and allocates only scalars.
+gradient checkpointing share and policy as ``fit``), fills the module's encode-once caches through the family's own
+hooks (``fake_inputs``: latents of its ``latent_shape``, its ``encode_condition`` with the text encoders stood in by
+``planned_prompt_embeds``; text encoders are never simulated in the step: the module trains from its caches), and runs
+two optimizer steps the way Lightning's automatic optimisation does (autocast forward, zero_grad, backward, gradient
+clipping, AdamW step) under ``PlannerMemTracker`` and, for the second step, ``TraceRecorder``, whose op trace ``timing``
+prices on the card. Logging (``self.log``) is not part of it: it needs a Trainer and allocates only scalars.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from glance_lightning import performance as perf_ops
 from glance_lightning.draws import draw_micro_batch
 from glance_lightning.errors import ConfigError
+from glance_lightning.planner.compiled import ElementwiseSaved
 from glance_lightning.planner.fake import PlannerMemTracker, cuda_behaviour
 from glance_lightning.planner.quant import QUANTIZED, emulate_quantised_base, optimizer_state_bytes
-from glance_lightning.planner.runtime import GpuSpec, RooflineEstimator
+from glance_lightning.planner.runtime import GpuSpec
+from glance_lightning.planner.timing import StepTime, step_time
+from glance_lightning.planner.trace import OpTrace, TraceRecorder
 
 GIB = 2**30
 LATENT_CHANNELS = 16  # the planned VAE's latent channels (FLUX/SD3 AutoencoderKL, Qwen's causal VAE)
@@ -50,12 +53,13 @@ class StepPlan:
     optimizer: str = "adamw"
     gpu: GpuSpec | None = None
     other_gpus: tuple[GpuSpec, ...] = ()  # more cards to time the same ops on (step_s_on)
+    compiled: bool = False  # regional compile of the repeated blocks (timed with fused elementwise runs)
     latent_channels: int = LATENT_CHANNELS  # of the model's VAE (a tiny model's has fewer)
 
 
 @dataclass
 class StepMemory:
-    """Bytes at the peak by kind, the roofline time and what the simulation took."""
+    """Bytes at the peak by kind, the step's op trace and its time on the card, and what the simulation took."""
 
     peak: int
     base: int
@@ -67,13 +71,14 @@ class StepMemory:
     flops: int
     wall_s: float
     notes: list[str] = field(default_factory=list)
-    time_by_kind: dict[str, float] = field(default_factory=dict)
+    time: StepTime | None = None  # step_s by part (planner.timing)
     recomputed_block_bytes: list[int] = field(default_factory=list)  # frozen weights of each checkpointed block
-    step_s_on: dict[str, float] = field(default_factory=dict)  # roofline s/step per GPU name
+    step_s_on: dict[str, float] = field(default_factory=dict)  # s/step on each of StepPlan.other_gpus
     optimizer_adamw: int = 0  # optimizer state bytes as torch AdamW (simulated) ...
     optimizer_8bit: int = 0  # ... and as bitsandbytes AdamW8bit (formula)
     grad_input_linear_bytes: int = 0  # bf16 bytes of the nn.Linear weights whose input needs a gradient
     lora_numel: int = 0  # LoRA parameters of both adapters
+    trace: OpTrace | None = None  # the second step's ops (planner.trace), what the time model prices
 
     def breakdown_gib(self) -> dict[str, float]:
         return {"base_weights": self.base / GIB, "lora_and_optimizer": (self.lora + self.optimizer + self.gradients)
@@ -224,18 +229,22 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
         grad_inputs = _linears_with_grad_inputs(transformer)
         tracker = PlannerMemTracker()
         tracker.track_external(transformer, latents, *cond.values())
-        estimator = RooflineEstimator(plan.gpu, plan.other_gpus) if plan.gpu is not None else None
+        recorder = TraceRecorder()
+        kept = ElementwiseSaved(_not_recomputed(module)) if plan.compiled else nullcontext()
         with tracker:
             for step, batch in enumerate(draws):
-                timing = estimator if (estimator is not None and step == steps - 1) else nullcontext()
-                with timing:
+                with recorder if step == steps - 1 else nullcontext():
                     module._trainer.global_step = step
-                    with _autocast(plan.precision):
+                    recorder.phase = "forward"
+                    with _autocast(plan.precision), kept if step == steps - 1 else nullcontext():
                         loss = module.training_step(batch, step)
                     optimizer.zero_grad(set_to_none=True)
+                    recorder.phase = "backward"
                     loss.backward()
+                    recorder.phase = "clip"
                     if plan.gradient_clip:
                         torch.nn.utils.clip_grad_norm_(params, plan.gradient_clip)
+                    recorder.phase = "optimizer"
                     optimizer.step()
                 del loss
         peak = tracker.peak_breakdown()
@@ -251,18 +260,31 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
         notes.append(f"{plan.quantization} base emulated on fake tensors (library storage layout and what its "
                      "backward keeps)")
     base = peak.get("Parameter", 0) + peak.get("Buffer", 0) - lora_bytes
+    recomputed_by_compile = kept.saved if plan.compiled else 0
+    if recomputed_by_compile:
+        total -= recomputed_by_compile
+        notes.append(f"regional compile: {recomputed_by_compile / GIB:.2f} GiB of elementwise outputs that eager "
+                     "autograd keeps for backward are recomputed in the compiled backward instead "
+                     "(planner/compiled.py)")
+    timed = step_time(recorder.trace, plan.gpu, plan.compiled) if plan.gpu is not None else None
     return StepMemory(
         peak=total, base=base, lora=lora_bytes, optimizer=opt, gradients=peak.get("Gradient", 0),
-        activations=peak.get("Activation", 0) + peak.get("Temp", 0) + peak.get("Other", 0),
-        step_s=estimator.seconds if estimator is not None else None,
-        flops=estimator.flops if estimator is not None else 0,
+        activations=peak.get("Activation", 0) + peak.get("Temp", 0) + peak.get("Other", 0) - recomputed_by_compile,
+        step_s=timed.seconds if timed is not None else None, flops=recorder.trace.flops,
         wall_s=time.perf_counter() - started, notes=notes,
-        time_by_kind=dict(estimator.by_kind) if estimator is not None else {},
+        time=timed,
         recomputed_block_bytes=recomputed,
-        step_s_on=dict(estimator.seconds_on) if estimator is not None else {},
+        step_s_on={g.name: step_time(recorder.trace, g, plan.compiled).seconds for g in plan.other_gpus},
         optimizer_adamw=simulated_opt, optimizer_8bit=eight_bit,
         grad_input_linear_bytes=sum(grad_inputs.values()), lora_numel=sum(p.numel() for p in params),
+        trace=recorder.trace,
     )
+
+
+def _not_recomputed(module: Any) -> list[torch.nn.Module]:
+    """The repeated blocks the checkpointing share leaves out (they keep their activations for backward)."""
+    chosen = {id(b) for b in _checkpointed(module)}
+    return [b for b in perf_ops.repeated_blocks(module.transformer, module.repeated_blocks) if id(b) not in chosen]
 
 
 def _checkpointed(module: Any) -> list[torch.nn.Module]:

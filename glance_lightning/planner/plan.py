@@ -1,5 +1,5 @@
 """A fit config -> a plan: predicted peak GPU memory (with its breakdown), encode-stage peak, host RAM per stage,
-roofline s/step on a named GPU, and whether it fits.
+s/step on a named GPU (the step's op trace priced by ``timing``), and whether it fits.
 
 The config is parsed by fit's own LightningCLI parser (``PlanRequest.from_cli``); the module is instantiated
 from it (no model is loaded) with the options that need a GPU or a library at construction (a quantised base,
@@ -89,6 +89,10 @@ class Plan:
             "gpu": gpu.name if gpu else None,
             "gpu_memory_gib": self.card_gib,
             "step_s": None if self.memory.step_s is None else float(f"{self.memory.step_s:.4g}"),
+            "step_time": None if self.memory.time is None else
+            {"parts_s": {k: round(v, 6) for k, v in self.memory.time.parts.items()},
+             "kernels": self.memory.time.kernels, "compiled": self.memory.time.compiled,
+             "derivation": self.memory.time.derivation()},
             "step_tflop": round(self.memory.flops / 1e12, 1),
             "fits": self.fits,
             "encode_fits": self.encode_fits,
@@ -124,7 +128,8 @@ def make_plan(request: PlanRequest) -> Plan:
     if tiny:  # the published encoders' sizes say nothing about a tiny model's
         encode, encoders = 0.0, 0.0
     notes = [
-        "predicted on fake tensors (no weights, no GPU); time is a roofline estimate, +-40%",
+        "predicted on fake tensors (no weights, no GPU); time: each kernel of the simulated step priced on the card "
+        "(planner/timing.py), within 10% of the steps measured on an H200 (GLANCE.md section 8)",
         "encode stage and host RAM are analytic (parameter counts of the published encoders)",
     ]
     if encode == 0.0:
@@ -167,6 +172,8 @@ def apply_offload(memory: StepMemory, request: PlanRequest) -> list[str]:
         transfer = 2 * sum(memory.recomputed_block_bytes) / (request.gpu.host_link_gbs * 1e9)
         overlapped = bool(settings.get("offload_stream", True))
         memory.step_s = max(memory.step_s, transfer) if overlapped else memory.step_s + transfer
+        if memory.time is not None:
+            memory.time.offload_s = transfer if not overlapped else max(0.0, transfer - memory.time.seconds)
         notes.append(f"offload transfers {transfer:.2f} s/step at {request.gpu.host_link_gbs:.0f} GB/s host link"
                      f"{', overlapped with compute' if overlapped else ''}")
     return notes

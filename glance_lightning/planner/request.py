@@ -1,10 +1,11 @@
-"""What to plan, read from a fit config through fit's own LightningCLI parser (nothing is instantiated but the
-module, and no model is loaded).
+"""What to plan, read from a fit config through fit's own LightningCLI parser (nothing is instantiated but the module,
+and no model is loaded).
 
-Options that need a GPU or a package at construction are planned rather than built: the module is instantiated
-with a bf16 base (``base_quantization`` is then emulated), torch AdamW (8-bit states by formula), SDPA attention
-(dispatcher kernels such as flash-attn allocate as SDPA's flash kernel does), no compile (regional compile does
-not change what is allocated between blocks) and no offload (accounted for by formula in ``plan``).
+Options that need a GPU or a package at construction are planned rather than built: the module is instantiated with a
+bf16 base (``base_quantization`` is then emulated), torch AdamW (8-bit states by formula), SDPA attention (dispatcher
+kernels such as flash-attn allocate as SDPA's flash kernel does), no compile (regional compile does not change what is
+allocated between blocks; its fused kernels are timed from the same trace) and no offload (accounted for by formula in
+``plan``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer
         "offload": perf.get("offload", "none"),
         "offload_blocks_per_group": perf.get("offload_blocks_per_group", 1),
         "offload_stream": perf.get("offload_stream", True),
+        "compile_blocks": bool(perf.get("compile_blocks", False)),
         "precision": str(trainer.get("precision") or "32-true"),
         "torch_dtype": init.get("torch_dtype", "float32"),
     }
@@ -112,7 +114,7 @@ def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer
         architecture=arch, height=resolution, width=resolution, batch=settings["batch"], text_tokens=tokens,
         precision=settings["precision"], gradient_clip=trainer.get("gradient_clip_val"),
         quantization=settings["base_quantization"], optimizer=settings["optimizer"], gpu=card,
-        latent_channels=vae_latent_channels(source, LATENT_CHANNELS),
+        latent_channels=vae_latent_channels(source, LATENT_CHANNELS), compiled=settings["compile_blocks"],
     )
     raw["architecture"] = arch
     return PlanRequest(module, step, settings, card, gpu_memory, source, raw)
