@@ -18,7 +18,6 @@ from glance_lightning import console, dashboard
 from glance_lightning.model_card import published_files
 from glance_lightning.run_folder import shown
 
-
 ORDER = ("start", "fetch", "load", "encode", "to device", "first step")
 
 

@@ -43,17 +43,18 @@ _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.a
 
 def check_performance_settings(settings: PerformanceSettings, optimizer: OptimizerSettings) -> None:
     """Refuse an unusable combination with the setting's name, before anything is loaded."""
-    _check_attention(settings.attention_backend)
-    if not 0.0 <= float(settings.gradient_checkpointing) <= 1.0:
+    _check_attention(settings.attention_backend)  # unset (None) switches are checked once performance.auto chose
+    if settings.gradient_checkpointing is not None and not 0.0 <= float(settings.gradient_checkpointing) <= 1.0:
         raise ConfigError(
             f"model.performance.gradient_checkpointing={settings.gradient_checkpointing}: give the share of "
             "transformer blocks to recompute, from 0 (none) to 1 (all), or true/false"
         )
-    _check_quantization(settings.base_quantization)
+    if settings.base_quantization is not None:
+        _check_quantization(settings.base_quantization)
     if settings.compile_blocks and settings.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError(f"model.performance.compile_backend={settings.compile_backend!r} is not a torch.compile "
                          f"backend; use one of {torch._dynamo.list_backends()}")
-    if settings.compile_blocks and settings.base_quantization not in ("none", "nf4"):
+    if settings.compile_blocks and settings.base_quantization not in (None, "none", "nf4"):
         raise ConfigError(
             f"model.performance.compile_blocks=true with base_quantization={settings.base_quantization}: "
             "torch.compile cannot yet differentiate through torchao's quantised weights (AOTAutograd refuses "
@@ -65,20 +66,20 @@ def check_performance_settings(settings: PerformanceSettings, optimizer: Optimiz
 
 
 def _check_offload(settings: PerformanceSettings) -> None:
-    if settings.offload not in OFFLOADS:
+    if settings.offload is not None and settings.offload not in OFFLOADS:
         raise ConfigError(f"model.performance.offload={settings.offload!r}: use one of {', '.join(OFFLOADS)}")
     if isinstance(settings.offload_blocks_per_group, bool) or int(settings.offload_blocks_per_group) < 1:
         raise ConfigError(f"model.performance.offload_blocks_per_group={settings.offload_blocks_per_group!r}: give "
                           "a whole number of blocks, 1 or more")
-    if settings.offload == "none":
+    if settings.offload in (None, "none"):
         return
-    if not float(settings.gradient_checkpointing):
+    if settings.gradient_checkpointing is not None and not float(settings.gradient_checkpointing):
         raise ConfigError("model.performance.offload=block needs gradient_checkpointing > 0: only recomputed blocks "
                           "can leave the device (autograd keeps a block's weights for its backward pass otherwise)")
     if settings.compile_blocks:
         raise ConfigError("model.performance.offload=block with compile_blocks=true: the compiled blocks would "
                           "guard on weights that move every step; turn one of the two off")
-    if settings.base_quantization != "none":
+    if settings.base_quantization not in (None, "none"):
         raise ConfigError(f"model.performance.offload=block with base_quantization={settings.base_quantization}: "
                           "moving quantised weights (torchao subclasses, bitsandbytes 4-bit states) in training is "
                           "not supported yet; turn one of the two off")

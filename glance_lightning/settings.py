@@ -90,7 +90,7 @@ class OptimizerSettings:
     ``get_scheduler("constant", num_warmup_steps=10)`` ignores the warm-up.
     """
 
-    name: Literal["adamw", "adamw8bit"] = "adamw"
+    name: Literal["adamw", "adamw8bit"] | None = None  # None: AdamW, or chosen by performance.auto
     lr: PositiveFloat = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: NonNegativeFloat = 0.01
@@ -111,15 +111,20 @@ Offload = Literal["none", "block"]
 
 @dataclass
 class PerformanceSettings:
-    """Speed/memory switches of the training step (see ``glance_lightning.performance``)."""
+    """Speed/memory switches of the training step (see ``glance_lightning.performance``). The five that ``auto``
+    chooses (with ``model.optimizer.name``) default to None: unset, then their plain value (``AUTO_DEFAULTS``)."""
 
+    auto: bool = False
+    """Choose, on the card the fit runs on, the fastest combination of the unset switches (compile_blocks,
+    gradient_checkpointing and checkpoint_policy, base_quantization, offload, model.optimizer.name) that the planner
+    predicts to fit, and say what was picked; a switch given explicitly always wins (``glance_lightning.auto``)."""
     attention_backend: str = "sdpa"  # sdpa[-flash|-efficient|-math] or a diffusers dispatcher backend
-    compile_blocks: bool = False  # regional torch.compile of the repeated transformer blocks
+    compile_blocks: bool | None = None  # regional torch.compile of the repeated transformer blocks
     compile_backend: str = "inductor"
-    gradient_checkpointing: bool | float = False  # share of repeated blocks recomputed in backward; true = 1, false = 0
-    checkpoint_policy: Literal["full", "save-matmuls"] = "full"
-    base_quantization: BaseQuantization = "none"
-    offload: Offload = "none"
+    gradient_checkpointing: bool | float | None = None  # share of blocks recomputed in backward; true = 1, false = 0
+    checkpoint_policy: Literal["full", "save-matmuls"] | None = None
+    base_quantization: BaseQuantization | None = None
+    offload: Offload | None = None
     """``block``: the frozen base weights of the recomputed blocks (``gradient_checkpointing`` > 0, which it needs)
     live in host memory (pinned) and visit the device one group at a time, in the forward pass and in the backward
     pass's recomputation (``glance_lightning.offload``). On the device stay: every module outside the repeated
@@ -133,6 +138,26 @@ class PerformanceSettings:
     offload_stream: bool = True
     """Copy the next group on a side CUDA stream while the current one computes (prefetch); false: each group is
     copied when first needed and copied back to the host after use (diffusers' synchronous path)."""
+
+
+AUTO_DEFAULTS = {"compile_blocks": False, "gradient_checkpointing": False, "checkpoint_policy": "full",
+                 "base_quantization": "none", "offload": "none"}
+OPTIMIZER_DEFAULT = "adamw"
+
+
+def unset_switches(perf: PerformanceSettings, optimizer: OptimizerSettings) -> list[str]:
+    """The switches left unset (None): what ``performance.auto`` may choose."""
+    unset = [k for k in AUTO_DEFAULTS if getattr(perf, k) is None]
+    return unset + (["optimizer"] if optimizer.name is None else [])
+
+
+def with_defaults(perf: PerformanceSettings, optimizer: OptimizerSettings,
+                  chosen: dict[str, Any] | None = None) -> tuple[PerformanceSettings, OptimizerSettings]:
+    """Unset switches filled from ``chosen`` (``performance.auto``'s pick), else their plain defaults."""
+    chosen = chosen or {}
+    filled = {k: chosen.get(k, v) for k, v in AUTO_DEFAULTS.items() if getattr(perf, k) is None}
+    name = optimizer.name if optimizer.name is not None else chosen.get("optimizer", OPTIMIZER_DEFAULT)
+    return dataclasses.replace(perf, **filled), dataclasses.replace(optimizer, name=name)
 
 
 def plain_data(value: Any) -> Any:

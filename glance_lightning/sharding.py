@@ -125,8 +125,8 @@ def check_sharding(strategy: Any, module: Any = None) -> None:
         return
     perf, optimizer = module.perf, module.optim_settings
     conflicts = {
-        "model.performance.base_quantization": perf.base_quantization != "none",
-        "model.performance.offload": perf.offload != "none",
+        "model.performance.base_quantization": perf.base_quantization not in (None, "none"),
+        "model.performance.offload": perf.offload not in (None, "none"),
         "model.performance.compile_blocks": bool(perf.compile_blocks),
         "model.optimizer.name=adamw8bit": optimizer.name == "adamw8bit",
     }

@@ -63,10 +63,35 @@ def run_plan_command(argv: list[str]) -> int:
             result = search(request)
         print(json.dumps(result.as_dict(), indent=2) if args.format == "json" else result.format())
         return 0 if result.best is not None else 1
+    init = request.raw["init"]
+    if (init.get("performance") or {}).get("auto"):
+        request = _auto_pick(request, init, args.format == "json")
+        if request is None:
+            return 1
     with _quiet():
         plan = make_plan(request)
     print(json.dumps(plan.as_dict(), indent=2) if args.format == "json" else format_plan(plan.as_dict()))
     return 0
+
+
+def _auto_pick(request: Any, init: dict[str, Any], quiet: bool) -> Any:
+    """``performance.auto``: the request with what a fit on the planned card would pick (every library assumed
+    present), said in one line before the plan; None when nothing fits."""
+    from glance_lightning.auto import fixed_switches
+    from glance_lightning.planner.search import Constraints, pick, simulate_anchors, with_candidate
+
+    constraints = Constraints(fixed_switches(init.get("performance") or {}, init.get("optimizer") or {}))
+    with _quiet():
+        best = pick(request, simulate_anchors(request), constraints)
+    card = request.gpu.name if request.gpu else f"{request.gpu_memory_gib:g} GiB card"
+    if best is None:
+        print(f"performance auto: nothing predicted to fit the {card}; python -m glance_lightning plan --search ... "
+              "lists what comes closest")
+        return None
+    if not quiet:
+        print(f"performance auto on the {card} picks: {best.label()} (a fit picks on its own card, among what its "
+              "machine can run)")
+    return with_candidate(request, best)
 
 
 @contextlib.contextmanager

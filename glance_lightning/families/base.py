@@ -29,7 +29,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from glance_lightning import dashboard, flow, sharding, startup
+from glance_lightning import auto, dashboard, flow, sharding, startup
 from glance_lightning import performance as perf_ops
 from glance_lightning.atomic import install_checkpoint_io
 from glance_lightning.draws import Draws, DrawSpec, GlanceData
@@ -52,6 +52,7 @@ from glance_lightning.settings import (
     checked,
     coerce_settings,
     plain_data,
+    with_defaults,
 )
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
         self.lora_settings = coerce_settings(LoraSettings, lora)
         self.optim_settings = coerce_settings(OptimizerSettings, optimizer)
         self.perf = coerce_settings(PerformanceSettings, performance)
+        if not self.perf.auto:  # else unset switches stay None until setup chooses them on the card (auto.py)
+            self.perf, self.optim_settings = with_defaults(self.perf, self.optim_settings)
         perf_ops.check_performance_settings(self.perf, self.optim_settings)
         self.glance_timesteps = coerce_settings(TimestepSettings, timesteps).resolve(self.family, resolution)
         log.info("%s: %s", type(self).__name__, self.glance_timesteps.describe())
@@ -247,6 +250,9 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
         self.check_samples(samples)
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % (2**31)
         self.resolve_model()
+        if self.perf.auto:  # the switches left unset, chosen for this device before anything large is loaded
+            rank_zero_info(auto.choose(self, trainer))
+            perf_ops.check_performance_settings(self.perf, self.optim_settings)
         self.check_model_settings()
         # Staged, so host memory holds one large component at a time: encoders, encode, free, transformer.
         self.encode_for_fit(samples, trainer)

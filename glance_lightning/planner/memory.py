@@ -79,6 +79,7 @@ class StepMemory:
     grad_input_linear_bytes: int = 0  # bf16 bytes of the nn.Linear weights whose input needs a gradient
     lora_numel: int = 0  # LoRA parameters of both adapters
     trace: OpTrace | None = None  # the second step's ops (planner.trace), what the time model prices
+    compile_saving: int = 0  # bytes regional compile does not keep for backward (taken off ``peak`` when compiled)
 
     def breakdown_gib(self) -> dict[str, float]:
         return {"base_weights": self.base / GIB, "lora_and_optimizer": (self.lora + self.optimizer + self.gradients)
@@ -277,7 +278,7 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
         step_s_on={g.name: step_time(recorder.trace, g, plan.compiled).seconds for g in plan.other_gpus},
         optimizer_adamw=simulated_opt, optimizer_8bit=eight_bit,
         grad_input_linear_bytes=sum(grad_inputs.values()), lora_numel=sum(p.numel() for p in params),
-        trace=recorder.trace,
+        trace=recorder.trace, compile_saving=recomputed_by_compile,
     )
 
 

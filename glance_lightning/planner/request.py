@@ -15,8 +15,9 @@ from typing import Any
 
 from glance_lightning.planner.memory import LATENT_CHANNELS, StepPlan
 from glance_lightning.planner.plan import PlanError, PlanRequest, find_architecture, vae_latent_channels
-from glance_lightning.planner.runtime import get_gpu
+from glance_lightning.planner.runtime import GpuSpec, get_gpu
 from glance_lightning.registry import family_of_module, load_ref
+from glance_lightning.settings import AUTO_DEFAULTS, OPTIMIZER_DEFAULT
 
 PLANNED_PERFORMANCE = ("base_quantization", "offload", "offload_blocks_per_group", "offload_stream",
                        "attention_backend", "compile_blocks")
@@ -70,7 +71,7 @@ def request_from_cli(argv: list[str], gpu: str | None, gpu_memory: float | None,
 
 
 def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer: dict[str, Any],
-                  gpu: str | None = "h100", gpu_memory: float | None = None, text_tokens: int | None = None,
+                  gpu: str | GpuSpec | None = "h100", gpu_memory: float | None = None, text_tokens: int | None = None,
                   architecture: str | dict[str, Any] | None = None) -> PlanRequest:
     """A plan request from the model's init args, the data's and the trainer's options (plain dicts)."""
     raw = {"cls": cls, "init": copy.deepcopy(init), "data": data, "trainer": trainer, "gpu": gpu,
@@ -78,22 +79,26 @@ def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer
     init = copy.deepcopy(init)
     perf = dict(init.get("performance") or {})
     optimizer = dict(init.get("optimizer") or {})
+    for key, default in AUTO_DEFAULTS.items():  # unset switches (performance.auto's to choose) as plain defaults
+        if perf.get(key) is None:
+            perf[key] = default
     settings = {
         "rank": (init.get("lora") or {}).get("rank", 16),
-        "gradient_checkpointing": perf.get("gradient_checkpointing", False),
-        "checkpoint_policy": perf.get("checkpoint_policy", "full"),
-        "base_quantization": perf.get("base_quantization", "none"),
-        "optimizer": optimizer.get("name", "adamw"),
-        "offload": perf.get("offload", "none"),
+        "gradient_checkpointing": perf["gradient_checkpointing"],
+        "checkpoint_policy": perf["checkpoint_policy"],
+        "base_quantization": perf["base_quantization"],
+        "optimizer": optimizer.get("name") or OPTIMIZER_DEFAULT,
+        "offload": perf["offload"],
         "offload_blocks_per_group": perf.get("offload_blocks_per_group", 1),
         "offload_stream": perf.get("offload_stream", True),
-        "compile_blocks": bool(perf.get("compile_blocks", False)),
+        "compile_blocks": bool(perf["compile_blocks"]),
         "precision": str(trainer.get("precision") or "32-true"),
         "torch_dtype": init.get("torch_dtype", "float32"),
     }
     _check_combination(perf)
     for key in PLANNED_PERFORMANCE:
         perf.pop(key, None)
+    perf["auto"] = False
     init["performance"] = perf
     init["optimizer"] = {**optimizer, "name": "adamw", "fused": None}
     resolution = int(data.get("resolution") or 1024)
@@ -107,7 +112,7 @@ def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer
                                          architecture)
     tokens = text_tokens or int(getattr(module, "max_sequence_length", 512))
     settings.update(resolution=resolution, batch=int(data.get("batch_size") or 1), text_tokens=tokens)
-    card = get_gpu(gpu) if gpu else None
+    card = gpu if isinstance(gpu, GpuSpec) else get_gpu(gpu) if gpu else None
     if card is None and gpu_memory is None:
         raise PlanError("give --gpu NAME or --gpu-memory GiB")
     step = StepPlan(

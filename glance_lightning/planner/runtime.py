@@ -5,7 +5,7 @@ What a step costs on one of them is ``planner.timing``'s (from the op trace of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -46,3 +46,29 @@ def get_gpu(name: str) -> GpuSpec:
 
         raise ConfigError(f"--gpu {name}: unknown GPU; known: {', '.join(GPUS)} (or give --gpu-memory GiB)")
     return GPUS[key]
+
+
+_NAMES = (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100"), ("a100", "a100"), ("l40s", "l40s"),
+          ("a6000", "a6000"), ("5090", "5090"), ("4090", "4090"), ("3090", "3090"), ("4080", "4080"),
+          ("4060 ti", "4060ti-16"), ("3060", "3060"))
+_BY_GENERATION = {"hopper": "h100", "ampere": "a100-80", "ada": "4090", "blackwell": "5090"}
+
+
+def detect_gpu(index: int = 0) -> GpuSpec:
+    """The CUDA device ``index`` as a card of the table (its own memory and SM count), or, for a card the table
+    lacks, its generation's reference scaled by the SM count."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    name, memory = props.name.lower(), props.total_memory / 2**30
+    for pattern, key in _NAMES:
+        if pattern in name:
+            key = ("a100-80" if memory > 50 else "a100-40") if key == "a100" else key
+            return replace(GPUS[key], memory_gib=memory, sms=props.multi_processor_count, description=props.name)
+    major = props.major
+    generation = {9: "hopper", 8: "ada" if props.minor == 9 else "ampere"}.get(major, "blackwell" if major >= 10
+                                                                                 else "ampere")
+    like = GPUS[_BY_GENERATION[generation]]
+    scale = props.multi_processor_count / like.sms
+    return replace(like, name=props.name, memory_gib=memory, sms=props.multi_processor_count,
+                   bf16_tflops=like.bf16_tflops * scale, description=f"{props.name} (rated like the {like.name})")

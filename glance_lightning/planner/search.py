@@ -1,13 +1,15 @@
-"""``plan --search``: the fastest combination of the performance options predicted to fit the card.
+"""``plan --search`` and ``performance.auto``: the fastest combination of the performance switches predicted to fit.
 
-Options searched: gradient checkpointing share (0, 1/4, 1/2, 3/4, 1) and policy (full, save-matmuls), the
-quantised base (none, int8-weight-only, nf4; float8 weight-only plans like int8), AdamW or 8-bit AdamW, and block
-offload (with a bf16 base and checkpointing, as ``performance.offload`` allows), for the config's family,
-resolution and rank. It is cheap because peak memory is close to additive: base weights + LoRA/grads/optimizer
-state + activations, with activations close to linear in the checkpointed share. So only three steps are
-simulated (share 0; share 1 with each policy, all with a bf16 base and AdamW); every other candidate is
-interpolated from them, with the base's bytes per layout, the 8-bit states, torchao's kept bf16 weights (in
-blocks that are not recomputed) and the offloaded blocks by formula; the time adds dequantisation traffic and
+Switches searched: gradient checkpointing share (0, 1/4, 1/2, 3/4, 1) and policy (full, save-matmuls), regional
+compile, the quantised base (none, int8-weight-only, nf4; float8 weight-only plans like int8), AdamW or 8-bit AdamW,
+and block offload (with a bf16 base and checkpointing, without compile, as ``performance`` allows), for the config's
+family, resolution and rank; ``Constraints`` fix the switches a user gave and leave out what the machine lacks. It
+is cheap because peak memory is close to additive: base weights + LoRA/grads/optimizer state + activations, with
+activations close to linear in the checkpointed share. So only three steps are simulated (share 0, compiled; share
+1 with each policy; all with a bf16 base and AdamW); every other candidate is interpolated from them, with the
+base's bytes per layout, the 8-bit states, torchao's kept bf16 weights (in blocks that are not recomputed),
+compile's smaller saved activations (in blocks not recomputed) and the offloaded blocks by formula. Times come
+from the anchors' op traces priced on the card (``timing``), eager or fused, plus dequantisation traffic and
 offload transfers. The chosen candidate is then simulated for real and both figures are reported.
 """
 
@@ -25,6 +27,8 @@ from glance_lightning.planner.memory import GIB, StepMemory, build_transformer
 from glance_lightning.planner.plan import CUDA_CONTEXT_GIB, PlanRequest, encode_stage_gib, make_plan, offloaded_bytes
 from glance_lightning.planner.quant import linear_weight_bytes
 from glance_lightning.planner.request import build_request
+from glance_lightning.planner.runtime import get_gpu
+from glance_lightning.planner.timing import step_time
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 POLICIES = ("full", "save-matmuls")
@@ -41,19 +45,45 @@ class Candidate:
     offload: str
     peak_gib: float
     step_s: float
+    compile: bool = False
 
     def overlay(self) -> dict[str, Any]:
         """The config overlay (model.init_args) of this candidate."""
         perf: dict[str, Any] = {"gradient_checkpointing": self.share, "base_quantization": self.quantization,
-                                "offload": self.offload}
+                                "offload": self.offload, "compile_blocks": self.compile}
         if self.share:
             perf["checkpoint_policy"] = self.policy
         return {"performance": perf, "optimizer": {"name": self.optimizer}}
 
+    def switches(self) -> dict[str, Any]:
+        """As ``settings.with_defaults``' ``chosen``."""
+        return {"gradient_checkpointing": self.share, "checkpoint_policy": self.policy, "compile_blocks": self.compile,
+                "base_quantization": self.quantization, "offload": self.offload, "optimizer": self.optimizer}
+
     def label(self) -> str:
         policy = f" {self.policy}" if self.share else ""
         offload = " +offload" if self.offload != "none" else ""
-        return f"ckpt {self.share:g}{policy}, {self.quantization}, {self.optimizer}{offload}"
+        compiled = " +compile" if self.compile else ""
+        return f"ckpt {self.share:g}{policy}, {self.quantization}, {self.optimizer}{offload}{compiled}"
+
+
+@dataclass
+class Constraints:
+    """What the search may choose: ``fixed`` switches (given by the user: ``Candidate.switches`` keys) and, for the
+    others, the values this machine can run (``allowed``; all when absent)."""
+
+    fixed: dict[str, Any] = field(default_factory=dict)
+    allowed: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def admits(self, candidate: Candidate) -> bool:
+        values = candidate.switches()
+        for key, value in self.fixed.items():
+            if key == "checkpoint_policy" and not candidate.share:
+                continue
+            want = float(value) if key == "gradient_checkpointing" else value
+            if values[key] != want:
+                return False
+        return all(values[k] in allowed for k, allowed in self.allowed.items() if k not in self.fixed)
 
 
 @dataclass
@@ -96,14 +126,20 @@ class SearchResult:
 
 
 def _variant(request: PlanRequest, share: float, policy: str, quant: str = "none", optimizer: str = "adamw",
-             offload: str = "none") -> PlanRequest:
+             offload: str = "none", compile_blocks: bool = False) -> PlanRequest:
     raw = request.raw
     init = {**raw["init"]}
     init["performance"] = {**(init.get("performance") or {}), "gradient_checkpointing": share,
-                           "checkpoint_policy": policy, "base_quantization": quant, "offload": offload}
+                           "checkpoint_policy": policy, "base_quantization": quant, "offload": offload,
+                           "compile_blocks": compile_blocks, "auto": False}
     init["optimizer"] = {**(init.get("optimizer") or {}), "name": optimizer}
     return build_request(raw["cls"], init, raw["data"], raw["trainer"], raw["gpu"], raw["gpu_memory"],
                          raw["text_tokens"], raw["architecture"])
+
+
+def with_candidate(request: PlanRequest, c: Candidate) -> PlanRequest:
+    """``request`` with the candidate's switches."""
+    return _variant(request, c.share, c.policy, c.quantization, c.optimizer, c.offload, c.compile)
 
 
 def _simulate(request: PlanRequest) -> StepMemory:
@@ -128,7 +164,7 @@ def simulate_anchors(request: PlanRequest) -> Anchors:
     import time
 
     started = time.perf_counter()
-    steps = {(0.0, "full"): _simulate(_variant(request, 0.0, "full")),
+    steps = {(0.0, "full"): _simulate(_variant(request, 0.0, "full", compile_blocks=True)),
              (1.0, "full"): _simulate(_variant(request, 1.0, "full")),
              (1.0, "save-matmuls"): _simulate(_variant(request, 1.0, "save-matmuls"))}
     with torch.device("meta"):
@@ -140,9 +176,11 @@ def simulate_anchors(request: PlanRequest) -> Anchors:
     return Anchors(steps, layouts, blocks, encode, time.perf_counter() - started)
 
 
-def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors | None = None) -> SearchResult:
-    """The fastest candidate predicted to fit ``card_gib`` (default: the request's card), checked by one more
-    simulation; ``anchors`` from an earlier search of the same config are reused."""
+def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors | None = None,
+           constraints: Constraints | None = None, check: bool = True) -> SearchResult:
+    """The fastest candidate ``constraints`` admit that is predicted to fit ``card_gib`` (default: the request's
+    card), checked by one more simulation unless ``check`` is False; ``anchors`` from an earlier search of the same
+    config are reused."""
     import time
 
     started = time.perf_counter()
@@ -150,35 +188,53 @@ def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors
     simulated_anchors = anchors is None
     anchors = anchors or simulate_anchors(request)
     encode = anchors.encode_gib
-    candidates = _candidates(request, anchors.steps, anchors.layouts, anchors.blocks)
+    candidates = [c for c in _candidates(request, anchors.steps, anchors.layouts, anchors.blocks)
+                  if constraints is None or constraints.admits(c)]
     candidates.sort(key=lambda c: (c.step_s, c.peak_gib))
     fitting = [c for c in candidates if c.peak_gib + CUDA_CONTEXT_GIB <= card]
     best = fitting[0] if fitting else None
     simulated = None
-    if best is not None:
+    if best is not None and check:
         from glance_lightning import console
 
         with console.quiet_info(True), contextlib.redirect_stdout(io.StringIO()):
-            check = make_plan(_variant(request, best.share, best.policy, best.quantization, best.optimizer,
-                                       best.offload))
-        simulated = {"peak_gib": round(check.peak_gib, 3), "step_s": check.memory.step_s,
-                     "fits": check.peak_gib + CUDA_CONTEXT_GIB <= card}
-    notes = ["3 anchor steps simulated (share 0, share 1 x 2 policies; bf16 base, AdamW); others interpolated: "
-             "activations linear in the checkpointed share, quantised layouts / 8-bit states / offload by formula"]
+            check_plan = make_plan(with_candidate(request, best))
+        simulated = {"peak_gib": round(check_plan.peak_gib, 3), "step_s": check_plan.memory.step_s,
+                     "fits": check_plan.peak_gib + CUDA_CONTEXT_GIB <= card}
+    notes = ["3 anchor steps simulated (share 0 compiled, share 1 x 2 policies; bf16 base, AdamW); others "
+             "interpolated: activations linear in the checkpointed share, quantised layouts / 8-bit states / offload "
+             "by formula; times from the anchors' op traces priced on the card"]
     if encode + CUDA_CONTEXT_GIB > card:
         notes.append(f"the encode stage needs {encode:.1f} GiB on the device: fill the encode cache first on the "
                      "CPU (python -m glance_lightning cache --config ... --trainer.accelerator cpu); fit then "
                      "loads no text encoder")
     seconds = time.perf_counter() - started  # the anchors' simulation included when done here
-    return SearchResult(card, candidates, best, simulated, 3 * simulated_anchors + (best is not None), seconds,
-                        notes)
+    return SearchResult(card, candidates, best, simulated, 3 * simulated_anchors + (simulated is not None),
+                        seconds, notes)
+
+
+def pick(request: PlanRequest, anchors: Anchors, constraints: Constraints | None = None,
+         card_gib: float | None = None, tries: int = 3) -> Candidate | None:
+    """The fastest admitted candidate whose own simulation fits the card (interpolation is within a few percent,
+    so near the card's limit the first few are simulated in turn); its peak and time are the simulated ones."""
+    result = search(request, card_gib, anchors, constraints, check=False)
+    fitting = [c for c in result.candidates if c.peak_gib + CUDA_CONTEXT_GIB <= result.card_gib]
+    from glance_lightning import console
+
+    for candidate in fitting[:tries]:
+        with console.quiet_info(True), contextlib.redirect_stdout(io.StringIO()):
+            plan = make_plan(with_candidate(request, candidate))
+        if plan.peak_gib + CUDA_CONTEXT_GIB <= result.card_gib:
+            candidate.peak_gib, candidate.step_s = plan.peak_gib, plan.memory.step_s
+            return candidate
+    return None
 
 
 def _candidates(request: PlanRequest, anchors: dict[tuple[float, str], StepMemory],
                 layouts: dict[str, tuple[int, int]], blocks: int) -> list[Candidate]:
-    gpu = request.gpu
-    bandwidth = (gpu.bandwidth_gbs if gpu else 1000.0) * 0.8e9
-    host_link = (gpu.host_link_gbs if gpu else 25.0) * 1e9
+    gpu = request.gpu or get_gpu("h100")  # a card given by its memory alone is timed as an H100
+    bandwidth = gpu.bandwidth_gbs * 0.8e9
+    host_link = gpu.host_link_gbs * 1e9
     zero, per_group = anchors[(0.0, "full")], int(request.settings.get("offload_blocks_per_group", 1))
     out = []
     for policy in POLICIES:
@@ -188,8 +244,10 @@ def _candidates(request: PlanRequest, anchors: dict[tuple[float, str], StepMemor
             if share == 0 and policy != "full":
                 continue
             lora_part = [m.lora + m.gradients + m.optimizer for m in (zero, one)]
-            rest = _lerp(zero.peak - zero.base - lora_part[0], one.peak - one.base - lora_part[1], share)
-            step = _lerp(zero.step_s or 0.0, one.step_s or 0.0, share)
+            zero_peak = zero.peak + zero.compile_saving  # the share-0 anchor is simulated compiled
+            rest = _lerp(zero_peak - zero.base - lora_part[0], one.peak - one.base - lora_part[1], share)
+            times = {c: _lerp(step_time(zero.trace, gpu, c).seconds, step_time(one.trace, gpu, c).seconds, share)
+                     for c in (False, True)}
             chosen = len(perf_ops.chosen_for_checkpointing(blocks, share))
             for quant in QUANTS:
                 bf16, packed = layouts[quant]
@@ -203,13 +261,18 @@ def _candidates(request: PlanRequest, anchors: dict[tuple[float, str], StepMemor
                 for optimizer in OPTIMIZERS:
                     states = one.optimizer_8bit if optimizer == "adamw8bit" else one.optimizer * widen
                     peak = base + rest + extra + (one.lora + one.gradients) * widen + states
-                    out.append(Candidate(share, policy, quant, optimizer, "none", peak / GIB, step + quant_time))
+                    out.append(Candidate(share, policy, quant, optimizer, "none", peak / GIB,
+                                         times[False] + quant_time))
+                    if quant in ("none", "nf4"):  # compile cannot yet differentiate through torchao's weights
+                        saved = (1 - share) * zero.compile_saving
+                        out.append(Candidate(share, policy, quant, optimizer, "none", (peak - saved) / GIB,
+                                             times[True] + quant_time, compile=True))
                     if quant == "none" and chosen:
                         mean = sum(block_bytes) / max(1, len(block_bytes))
                         moved = offloaded_bytes([int(mean)] * chosen, per_group)
                         transfer = 2 * chosen * mean / host_link
                         out.append(Candidate(share, policy, quant, optimizer, "block", (peak - moved) / GIB,
-                                             max(step, transfer)))
+                                             max(times[False], transfer)))
     return out
 
 
