@@ -186,6 +186,21 @@ def compile_blocks(transformer: torch.nn.Module, names: tuple[str, ...], backend
     return len(blocks)
 
 
+def uncompile_blocks(transformer: torch.nn.Module, names: tuple[str, ...]) -> None:
+    """Undo ``compile_blocks``: the repeated blocks run eagerly again."""
+    for block in repeated_blocks(transformer, names):
+        block._compiled_call_impl = None
+
+
+def is_compile_failure(err: BaseException) -> bool:
+    """An error of torch.compile itself (tracing, the backend, the generated code's compiler), not of the model."""
+    from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
+    from torch._inductor.exc import CppCompileError, CUDACompileError, InductorError
+
+    return isinstance(err, (BackendCompilerFailed, InternalTorchDynamoError, InductorError, CppCompileError,
+                            CUDACompileError))
+
+
 def _save_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
 

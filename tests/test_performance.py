@@ -322,3 +322,26 @@ def test_data_is_encoded_before_the_transformer_moves_to_the_device(repo: Path, 
     run.strategy.model_to_device = recording_move
     run.fit(module, datamodule=data(repo))
     assert seen == [(1, 1, 0)]
+
+
+def test_a_compile_failure_falls_back_to_eager_blocks_with_one_line(repo: Path, tmp_path: Path, caplog):
+    """A backend that cannot compile the blocks (as inductor failed for FLUX on some machines) costs the fit
+    nothing: the blocks run eagerly from the first step and the run says so once."""
+    import logging
+
+    from test_faults import data, loras, make, trainer
+
+    def failing(graph_module, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(failing, name="glance_test_failing")
+    module = make(tmp_path / "out", performance={"compile_blocks": True, "compile_backend": "glance_test_failing"})
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path).fit(module, datamodule=data(repo))
+    said = [r.getMessage() for r in caplog.records if "regional compile failed" in r.getMessage()]
+    assert len(said) == 1 and "BackendCompilerFailed" in said[0] and "run eagerly" in said[0]
+    assert module.perf.compile_blocks is False
+    assert all(b._compiled_call_impl is None for b in performance.repeated_blocks(module.transformer, ()))
+    assert all(torch.isfinite(v).all() for v in loras(tmp_path / "out").values())
+    torch._dynamo.reset()
