@@ -83,6 +83,7 @@ def test_auto_picks_the_fastest_fitting_switches_on_an_80gb_and_a_24gb_card(full
     # 80 GB: the whole bf16 step fits without recomputing anything; compile is the fastest way to run it
     assert module.perf.gradient_checkpointing == 0.0 and module.perf.base_quantization == "none"
     assert module.perf.compile_blocks is True and module.perf.offload == "none"
+    assert module.optim_settings.name == "adamw"  # 8-bit states only where they are needed to fit
     assert "performance auto on the NVIDIA H100 80GB HBM3" in line and "s/step" in line
     peak = float(line.split("predicted peak ")[1].split(" GiB")[0])  # the pick's own simulation
     assert peak + CUDA_CONTEXT_GIB <= GPUS["h100"].memory_gib and peak > 30  # no checkpointing: most of 46 GiB

@@ -190,7 +190,8 @@ def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors
     encode = anchors.encode_gib
     candidates = [c for c in _candidates(request, anchors.steps, anchors.layouts, anchors.blocks)
                   if constraints is None or constraints.admits(c)]
-    candidates.sort(key=lambda c: (c.step_s, c.peak_gib))
+    # equal times: the fewest approximations first (8-bit states cost no time but change the update), then memory
+    candidates.sort(key=lambda c: (c.step_s, (c.quantization != "none") + (c.optimizer == "adamw8bit"), c.peak_gib))
     fitting = [c for c in candidates if c.peak_gib + CUDA_CONTEXT_GIB <= card]
     best = fitting[0] if fitting else None
     simulated = None
