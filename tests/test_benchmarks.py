@@ -58,3 +58,25 @@ def test_full_size_path_writes_and_loads_a_wider_transformer(monkeypatch, capsys
     assert built and "flux full-size random" in out
     rows = [line for line in out.split("| variant")[1].splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)
+
+
+def test_our_step_launches_the_plain_loops_matmuls_and_attention_and_barely_more(capsys):
+    """benchmarks/bench_step_ops.py on a reduced FLUX: the same matmul and attention kernels as the plain
+    diffusers + peft step in every phase (no work for the inactive adapter), and at most a handful more small
+    kernels in all (the loss's reduction and the finiteness check)."""
+    bench = load("bench_step_ops")
+    arch = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 1,
+            "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+            "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]}
+    plain, ours = bench.plain_trace("flux", arch), bench.our_trace("flux", arch)
+
+    def heavy(trace):
+        counts = {}
+        for op, n in trace.ops.items():
+            if op.kind != "elementwise":
+                counts[(op.phase, op.kind, op.dims)] = counts.get((op.phase, op.kind, op.dims), 0) + n
+        return counts
+
+    assert heavy(plain) == heavy(ours)
+    forward_backward = [t.launches("forward") + t.launches("backward") for t in (plain, ours)]
+    assert forward_backward[0] <= forward_backward[1] <= forward_backward[0] + 20

@@ -129,7 +129,7 @@ def make_plan(request: PlanRequest) -> Plan:
         encode, encoders = 0.0, 0.0
     notes = [
         "predicted on fake tensors (no weights, no GPU); time: each kernel of the simulated step priced on the card "
-        "(planner/timing.py), within 10% of the steps measured on an H200 (GLANCE.md section 8)",
+        "(planner/timing.py); the steps measured on an H200 (GLANCE.md section 8) are within 15% (+-11% so far)",
         "encode stage and host RAM are analytic (parameter counts of the published encoders)",
     ]
     if encode == 0.0:
