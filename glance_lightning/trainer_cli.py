@@ -64,6 +64,7 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
             module.allow_other_data = bool(kwargs.get("allow_other_data"))
             if ckpt_path is not None:  # readable, trained with these settings and data; LoRAs stay with its run
                 checkpoint = resume.read_checkpoint(ckpt_path)
+                resume.adopt_unset_switches(module, checkpoint)
                 resume.check_resume(checkpoint, resume.training_identity(module), ckpt_path)
                 resume.check_dataset_before_loading(module, self.datamodule, checkpoint, ckpt_path)
                 lora_dir = lora_dir or resume.resumed_lora_dir(checkpoint, self.run_dir)

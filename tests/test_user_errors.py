@@ -328,3 +328,16 @@ def test_python_callers_get_the_command_lines_checks(kind, values, named):
     with pytest.raises(errors.ConfigError) as info:
         getattr(settings, kind)(**values)
     assert named in str(info.value)
+
+
+def test_a_run_resumed_with_performance_auto_keeps_the_checkpoints_optimizer(finished_run, capsys):
+    """auto leaves the optimizer unset until setup; a resume takes it (and the quantised base) from the
+    checkpoint, so the resume is not refused as "other settings" and continues."""
+    path, run = finished_run
+    middle = run / "checkpoints" / "epoch=0-step=2.ckpt"
+    code, out = run_cli(capsys, "fit", "--config", str(path), "--ckpt_path", str(middle),
+                        "--model.init_args.performance.auto", "true")
+    assert code == 0, out
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4
+    assert last["glance_identity"]["model.optimizer.name"] == "adamw"

@@ -115,6 +115,19 @@ def resumed_lora_dir(checkpoint: dict[str, Any], run_dir: Path | None = None) ->
     return Path(saved) if saved else None
 
 
+def adopt_unset_switches(module: Any, checkpoint: dict[str, Any]) -> None:
+    """``performance.auto`` resuming: the switches a checkpoint's training depends on (the optimizer, whose state it
+    holds, and the quantised base) are taken from it when left unset, so auto chooses only the others."""
+    import dataclasses
+
+    saved = checkpoint.get(IDENTITY_KEY) or {}
+    if module.optim_settings.name is None and saved.get("model.optimizer.name"):
+        module.optim_settings = dataclasses.replace(module.optim_settings, name=saved["model.optimizer.name"])
+    if module.perf.base_quantization is None and saved.get("model.performance.base_quantization"):
+        module.perf = dataclasses.replace(module.perf,
+                                          base_quantization=saved["model.performance.base_quantization"])
+
+
 def record(module: Any, checkpoint: dict[str, Any]) -> None:
     """Write into ``checkpoint`` what a resume checks and continues with (``on_save_checkpoint``)."""
     checkpoint["glance_seed"] = module.seed
