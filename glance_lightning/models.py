@@ -232,19 +232,21 @@ def transformer_class(model: ResolvedModel) -> type:
 
 
 def load_transformer(model: ResolvedModel, dtype: torch.dtype, quantization: Any = None,
-                     override: str | None = None) -> torch.nn.Module:
+                     override: str | None = None, device: str | None = None) -> torch.nn.Module:
     """The pipeline's transformer: from ``model``, or ``override`` (a diffusers transformer folder or a single-file
-    checkpoint, read with the model's own transformer config)."""
+    checkpoint, read with the model's own transformer config). ``device``: a diffusers folder is read straight onto
+    it (``device_map``: no full copy in host memory, no second copy to the device)."""
     cls = transformer_class(model)
+    placed = {"device_map": device} if device else {}
     if override is None:
         return cls.from_pretrained(model.path, subfolder="transformer", torch_dtype=dtype,
-                                   quantization_config=quantization)
+                                   quantization_config=quantization, **placed)
     path = Path(override).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"model.transformer={override!r}: {path} has no config.json; give a diffusers "
                                      "transformer folder or a single .safetensors checkpoint")
-        return cls.from_pretrained(str(path), torch_dtype=dtype, quantization_config=quantization)
+        return cls.from_pretrained(str(path), torch_dtype=dtype, quantization_config=quantization, **placed)
     if not path.is_file() or path.suffix not in _WEIGHT_SUFFIXES:
         raise ModelNotFoundError(f"model.transformer={override!r}: no such folder or checkpoint file "
                                  f"({', '.join(_WEIGHT_SUFFIXES)}); give a diffusers transformer folder or one file")

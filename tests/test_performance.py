@@ -345,3 +345,38 @@ def test_a_compile_failure_falls_back_to_eager_blocks_with_one_line(repo: Path, 
     assert all(b._compiled_call_impl is None for b in performance.repeated_blocks(module.transformer, ()))
     assert all(torch.isfinite(v).all() for v in loras(tmp_path / "out").values())
     torch._dynamo.reset()
+
+
+def test_a_cuda_fit_reads_the_transformer_straight_onto_its_device(tiny_flux_path: str, monkeypatch):
+    """device_map puts the weights where Lightning would have moved them (no full host copy); the path runs here
+    on the CPU through diffusers' own device_map loading, and the choice of device is checked for each case."""
+    from types import SimpleNamespace
+
+    from glance_lightning import models
+    from glance_lightning.families.flux import FluxGlance
+    from glance_lightning.models import ResolvedModel, load_transformer
+
+    model = ResolvedModel(tiny_flux_path, tiny_flux_path)
+    placed = load_transformer(model, torch.float32, device="cpu")
+    assert all(p.device.type == "cpu" for p in placed.parameters())
+
+    def fit_on(device: str, strategy=None, **performance) -> str | None:
+        module = FluxGlance(pretrained_model="tiny:flux", performance=performance)
+        root = torch.device(device)
+        trainer = SimpleNamespace(strategy=strategy or SimpleNamespace(root_device=root))
+        monkeypatch.setattr(FluxGlance, "attached_trainer", lambda self: trainer)
+        return module.direct_load_device()
+
+    assert fit_on("cuda:1") == "cuda:1"
+    assert fit_on("cpu") is None
+    assert fit_on("cuda:0", offload="block", gradient_checkpointing=True) is None  # offload keeps them on the host
+    from glance_lightning.sharding import FSDP2Strategy
+
+    sharded = FSDP2Strategy.__new__(FSDP2Strategy)
+    monkeypatch.setattr(FSDP2Strategy, "root_device", torch.device("cuda:0"), raising=False)
+    assert fit_on("cuda:0", strategy=sharded) is None  # FSDP2 shards from the host
+    seen = {}
+    monkeypatch.setattr(models, "transformer_class", lambda m: SimpleNamespace(
+        from_pretrained=lambda *a, **kw: seen.update(kw)))
+    load_transformer(model, torch.bfloat16, device="cuda:1")
+    assert seen["device_map"] == "cuda:1"

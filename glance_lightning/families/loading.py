@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
 
 from glance_lightning import performance as perf_ops
+from glance_lightning import sharding
 from glance_lightning.errors import ConfigError
 from glance_lightning.families.encoding import encoders_of
 from glance_lightning.families.preflight import PHASES
@@ -131,10 +132,22 @@ class AdaptedBaseModel:
         with self.timed("load"):
             transformer = load_transformer(self.resolve_model(), dtype,
                                            perf_ops.quantization_config(self.perf.base_quantization, dtype),
-                                           self.transformer_override)
+                                           self.transformer_override, self.direct_load_device())
         self.pipe.register_modules(transformer=transformer)
         rank_zero_info(f"glance_lightning: loaded {type(transformer).__name__} in {time.perf_counter() - started:.1f}s")
         self.adapt_transformer(transformer, with_adapters)
+
+    def direct_load_device(self) -> str | None:
+        """The CUDA device a fit's transformer is read straight onto (so that Lightning's move to the device costs
+        nothing and host memory never holds the whole base); None where the weights must stay on the host first:
+        no fit, a CPU run, FSDP2 (which shards from the host) and block offload (which keeps them there)."""
+        trainer = self.attached_trainer()
+        if trainer is None or self.perf.offload not in (None, "none"):
+            return None
+        device = trainer.strategy.root_device
+        if device.type != "cuda" or sharding.is_sharded(trainer.strategy):
+            return None
+        return str(device)
 
     def adapt_transformer(self, transformer: torch.nn.Module, with_adapters: bool = True) -> None:
         """Freeze a loaded transformer, set its attention backend and (``with_adapters``) add the two adapters with
