@@ -33,7 +33,8 @@ def test_wheel_contains_only_the_glance_lightning_package(repo: Path, tmp_path: 
     assert code and all(n.startswith("glance_lightning/") for n in code)
     for expected in ("glance_lightning/datamodules/glance.py", "glance_lightning/callbacks/samples.py",
                      "glance_lightning/assets/samples/t2i/red_ball.png", "glance_lightning/families/flux.py",
-                     "glance_lightning/commands/sample.py", "glance_lightning/tiny/builders.py"):
+                     "glance_lightning/commands/sample.py", "glance_lightning/tiny/builders.py",
+                     "glance_lightning/planner/measured_steps.json"):
         assert expected in names
 
 

@@ -1,5 +1,5 @@
-"""The training steps measured on real GPUs, as data: what the planner is checked against (tests/test_planner_time.py,
-benchmarks/bench_plan.py).
+"""The training steps measured on real GPUs (the data: ``measured_steps.json`` beside this file): what the planner is
+checked against (tests/test_planner_time.py, benchmarks/bench_plan.py).
 
 ``OURS``: this project's module (one H200, 2026-12-04, project head 53ce302; GLANCE.md section 8): full-size
 transformers with random weights, 1024x1024, LoRA rank 32 on to_q/k/v/out.0, bf16 base, bf16-mixed, gradient
@@ -11,7 +11,9 @@ figure is kept back for independent checking.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -33,24 +35,13 @@ class MeasuredStep:
         return f"{self.family} on {self.gpu}, checkpointing {self.checkpointing:g}{compiled}"
 
 
-OURS = (
-    MeasuredStep("flux", "h200", 1.0, 512, 0.854, 24.77),
-    MeasuredStep("flux", "h200", 0.0, 512, 0.566, 46.55),
-    MeasuredStep("flux", "h200", 0.5, 512, 0.519, 33.12, compile_blocks=True),
-    MeasuredStep("sd3", "h200", 1.0, 256, 0.537, 17.14),
-    MeasuredStep("sd3", "h200", 0.0, 256, 0.378, 32.72),
-    MeasuredStep("qwen-image", "h200", 1.0, 45, None, 40.75),
-    MeasuredStep("qwen-image", "h200", 0.0, 45, None, 68.86),
-)
-PLAIN = (
-    MeasuredStep("flux", "h200", 1.0, 512, 0.789, 25.0),
-    MeasuredStep("flux", "h200", 0.0, 512, 0.550, 47.1),
-    MeasuredStep("sd3", "h200", 1.0, 256, 0.629, 17.5),
-    MeasuredStep("flux", "h100", 0.0, 512, 0.587, 47.1),
-    MeasuredStep("flux", "h100", 1.0, 512, 0.823, 25.0),
-    MeasuredStep("qwen-image", "h100", 1.0, 512, 1.17, 41.2),
-    MeasuredStep("sd3", "h100", 1.0, 435, 0.74, 17.5),
-)
+def _load(kind: str) -> tuple[MeasuredStep, ...]:
+    rows = json.loads((Path(__file__).with_name("measured_steps.json")).read_text())[kind]
+    return tuple(MeasuredStep(**row) for row in rows)
+
+
+OURS = _load("ours")
+PLAIN = _load("plain")
 
 
 def planned_like(row: MeasuredStep) -> tuple[dict, dict, dict]:
