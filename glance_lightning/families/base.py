@@ -14,7 +14,6 @@ group gets no gradient (peft freezes inactive adapters), so AdamW skips it entir
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -318,7 +317,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
             [self.dropout_cache[i] if d else self.cond_cache[i] for i, d in zip(indices, drop)]
         )
         with self.attention():
-            pred = self._velocity_or_eager(flow.noisy_latents(x0, noise, sigma), sigma, cond)
+            pred = self.velocity_or_eager(flow.noisy_latents(x0, noise, sigma), sigma, cond)
         per_sample = flow.per_sample_loss(pred, x0, noise)
         loss = per_sample.mean()
         # Checked once per optimizer step in on_before_optimizer_step, so the host waits for the device there
@@ -329,23 +328,6 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
         self._last_draw = (phase, [sigmas[c] for c in choice])  # formatted only if the loss fails
         self._log_losses(phase, loss, per_sample, choice)
         return loss
-
-    def _velocity_or_eager(self, *args: Any) -> torch.Tensor:
-        """``predict_velocity``; where regional compile fails (a backend or compiler error, at the first step or
-        a recompilation), the blocks run eagerly from then on, said in one line."""
-        if not self.perf.compile_blocks:
-            return self.predict_velocity(*args)
-        try:
-            return self.predict_velocity(*args)
-        except Exception as err:  # noqa: BLE001 (only torch.compile's own failures are handled)
-            if not perf_ops.is_compile_failure(err):
-                raise
-            perf_ops.uncompile_blocks(self.transformer, self.repeated_blocks)
-            self.perf = dataclasses.replace(self.perf, compile_blocks=False)
-            first = (str(err).strip().splitlines() or [""])[0][:160]
-            rank_zero_info(f"glance_lightning: regional compile failed ({type(err).__name__}: {first}); the "
-                           "transformer blocks run eagerly (set model.performance.compile_blocks: false to skip)")
-            return self.predict_velocity(*args)
 
     def diagnostics_due(self) -> bool:
         """Whether this step's extra metrics reach the loggers (every ``trainer.log_every_n_steps``); they are

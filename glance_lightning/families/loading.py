@@ -10,6 +10,7 @@ Mixed into ``GlanceModule``.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 import warnings
@@ -200,6 +201,23 @@ class AdaptedBaseModel:
         self._ddp_params_and_buffers_to_ignore = offloaded_names(self)
         rank_zero_info(f"glance_lightning: {len(recomputed)} transformer blocks offloaded to host memory in "
                        f"{len(offloader.groups)} groups{' with prefetch' if self.perf.offload_stream else ''}")
+
+    def velocity_or_eager(self, *args: Any) -> torch.Tensor:
+        """``predict_velocity``; where regional compile fails (a backend or compiler error, at the first step or
+        a recompilation), the blocks run eagerly from then on, said in one line."""
+        if not self.perf.compile_blocks:
+            return self.predict_velocity(*args)
+        try:
+            return self.predict_velocity(*args)
+        except Exception as err:  # noqa: BLE001 (only torch.compile's own failures are handled)
+            if not perf_ops.is_compile_failure(err):
+                raise
+            perf_ops.uncompile_blocks(self.transformer, self.repeated_blocks)
+            self.perf = dataclasses.replace(self.perf, compile_blocks=False)
+            first = (str(err).strip().splitlines() or [""])[0][:160]
+            rank_zero_info(f"glance_lightning: regional compile failed ({type(err).__name__}: {first}); the "
+                           "transformer blocks run eagerly (set model.performance.compile_blocks: false to skip)")
+            return self.predict_velocity(*args)
 
     def attention(self) -> Any:
         """Context every transformer forward runs in (the configured SDPA kernels)."""
