@@ -171,9 +171,10 @@ def apply_offload(memory: StepMemory, request: PlanRequest) -> list[str]:
     if memory.step_s is not None and request.gpu is not None:
         transfer = 2 * sum(memory.recomputed_block_bytes) / (request.gpu.host_link_gbs * 1e9)
         overlapped = bool(settings.get("offload_stream", True))
-        memory.step_s = max(memory.step_s, transfer) if overlapped else memory.step_s + transfer
+        hidden = memory.step_s if overlapped else 0.0  # copies on the side stream overlap the compute
         if memory.time is not None:
-            memory.time.offload_s = transfer if not overlapped else max(0.0, transfer - memory.time.seconds)
+            memory.time.offload_s = max(0.0, transfer - hidden)
+        memory.step_s += max(0.0, transfer - hidden)
         notes.append(f"offload transfers {transfer:.2f} s/step at {request.gpu.host_link_gbs:.0f} GB/s host link"
                      f"{', overlapped with compute' if overlapped else ''}")
     return notes
