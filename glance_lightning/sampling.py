@@ -117,26 +117,42 @@ def official_qwen_plan(
             *_walk(fast_table, "fast", bf16_conditions(fast), as_scheduler=True))
 
 
-def _exact(timesteps: GlanceTimesteps, family: str, resolution: tuple[int, int]) -> Plan:
+def _exact(timesteps: GlanceTimesteps, family: str, resolution: tuple[int, int], config: dict | None) -> Plan:
     return exact_plan(timesteps.slow, timesteps.fast)
 
 
-def _official_qwen(timesteps: GlanceTimesteps, family: str, resolution: tuple[int, int]) -> Plan:
+def _official_qwen(timesteps: GlanceTimesteps, family: str, resolution: tuple[int, int],
+                   config: dict | None) -> Plan:
     from glance_lightning.registry import get_family
 
     if not get_family(family).official_qwen:
         raise ConfigError(f"mode 'official-qwen' reproduces the official Qwen pipelines; not for {family}")
-    return official_qwen_plan(timesteps.slow, timesteps.fast, family, resolution)
+    return official_qwen_plan(timesteps.slow, timesteps.fast, family, resolution, config)
 
 
-PLANS: dict[str, Callable[[GlanceTimesteps, str, tuple[int, int]], Plan]] = {
+PLANS: dict[str, Callable[[GlanceTimesteps, str, tuple[int, int], dict | None], Plan]] = {
     "exact": _exact,
     "official-qwen": _official_qwen,
 }
+# Where each mode draws its seeded initial noise (``GenerationMixin.initial_noise``): "cpu" draws float32 noise with
+# a CPU generator and moves it, so a seed gives the same image on every device; "pipeline" draws it as the official
+# pipelines' prepare_latents does with the official scripts' generator (torch.Generator(device=<pipeline device>)):
+# diffusers' randn_tensor on the pipeline's device, in the model's dtype, so a seed gives the official images there.
+NOISE = {"exact": "cpu", "official-qwen": "pipeline"}
 
 
-def build_plan(mode: str, timesteps: GlanceTimesteps, family: str, resolution: tuple[int, int]) -> Plan:
-    """The plan of a sampling ``mode`` for trained ``timesteps`` at ``resolution`` (width, height)."""
+def build_plan(mode: str, timesteps: GlanceTimesteps, family: str, resolution: tuple[int, int],
+               scheduler_config: dict | None = None) -> Plan:
+    """The plan of a sampling ``mode`` for trained ``timesteps`` at ``resolution`` (width, height);
+    ``scheduler_config``: the loaded model's (None: the family's built-in one), for modes that step a scheduler."""
     if mode not in PLANS:
         raise ConfigError(f"mode={mode!r}; expected one of {', '.join(PLANS)}")
-    return PLANS[mode](timesteps, family, resolution)
+    return PLANS[mode](timesteps, family, resolution, scheduler_config)
+
+
+def noise_draw(mode: str, device: torch.device | str, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+    """(the generator's and the draw's device, the draw's dtype) of ``mode``'s seeded noise on a model on
+    ``device`` in ``dtype`` (see ``NOISE``)."""
+    if NOISE.get(mode, "cpu") == "pipeline":
+        return torch.device(device), dtype
+    return torch.device("cpu"), torch.float32

@@ -10,6 +10,10 @@ This module owns the schedule arithmetic of the project (GLANCE.md sections 2 an
   (the official lists are indices 0,2,4,6,8 and 10,20,30,40,49 of the 50-step table at 1024x1024).
 - ``load_scheduler_config``: read a model's ``scheduler/scheduler_config.json``.
 
+A pipeline may also declare ``sample_sigmas`` in its ``model_index.json`` (Qwen-Image 2.1 Turbo): a fixed grid it
+samples instead of ``linspace(1, 1/N, N)``, whatever ``num_inference_steps`` says. Given, the table is that grid
+(shifted by the scheduler as the pipeline does) and its length is the number of steps.
+
 Who decides what: the *scheduler config* decides the shift (static ``shift``, or dynamic shifting with
 ``base_shift``/``max_shift``/``base_image_seq_len``/``max_image_seq_len``, ``shift_terminal``...); the
 *family* (its registry entry) decides how the pipeline computes ``mu`` and which initial sigmas it hands the
@@ -109,6 +113,31 @@ def _check_num_steps(num_steps: int) -> None:
         raise ScheduleError("num_steps", f"must be a positive int, got {num_steps!r}")
 
 
+def check_sample_sigmas(sample_sigmas: Sequence[float]) -> list[float]:
+    """A pipeline's declared ``sample_sigmas``: a non-empty, strictly descending list in (0, 1]."""
+    values = list(sample_sigmas) if isinstance(sample_sigmas, Sequence) and not isinstance(sample_sigmas, str) else []
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ScheduleError("sample_sigmas", f"expected a non-empty list of numbers, got {sample_sigmas!r}")
+    values = [float(v) for v in values]
+    if not all(0.0 < v <= 1.0 for v in values) or any(b >= a for a, b in zip(values, values[1:])):
+        raise ScheduleError("sample_sigmas", f"{values} must be strictly descending sigmas in (0, 1]")
+    return values
+
+
+def _steps_of(num_steps: int | None, sample_sigmas: Sequence[float] | None) -> int:
+    """The table's length: ``num_steps`` (default 50), or the declared grid's, which a pipeline samples whatever
+    ``num_inference_steps`` says (so another explicit ``num_steps`` is refused)."""
+    if sample_sigmas is None:
+        steps = DEFAULT_NUM_STEPS if num_steps is None else num_steps
+        _check_num_steps(steps)
+        return steps
+    grid = len(check_sample_sigmas(sample_sigmas))
+    if num_steps is not None and num_steps != grid:
+        raise ScheduleError("num_steps", f"{num_steps} steps, but the model's pipeline samples its fixed "
+                            f"{grid}-step sample_sigmas grid (model_index.json); leave the number of steps unset")
+    return grid
+
+
 def _check_indices(name: str, indices: Sequence[int], num_steps: int) -> list[int]:
     values = list(indices)
     if not values:
@@ -192,13 +221,15 @@ def _mu(spec: FamilySpec, scheduler: FlowMatchEulerDiscreteScheduler, seq_len: i
 
 
 def _stepped_scheduler(
-    spec: FamilySpec, config: dict, seq_len: int, num_steps: int
+    spec: FamilySpec, config: dict, seq_len: int, num_steps: int, sample_sigmas: Sequence[float] | None = None
 ) -> FlowMatchEulerDiscreteScheduler:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
     sigmas = None
-    if spec.linspace_sigmas:
+    if sample_sigmas is not None:
+        sigmas = np.array(sample_sigmas, dtype=np.float64)
+    elif spec.linspace_sigmas:
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
     scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=_mu(spec, scheduler, seq_len))
     return scheduler
@@ -209,14 +240,16 @@ def full_schedule_sigmas(
     *,
     scheduler_config: dict | None = None,
     resolution: int | tuple[int, int] = 1024,
-    num_steps: int = DEFAULT_NUM_STEPS,
+    num_steps: int | None = None,
+    sample_sigmas: Sequence[float] | None = None,
 ) -> list[float]:
-    """The shifted sigma table (``num_steps`` values, then the terminal 0) the family's pipeline steps
-    through at ``resolution`` with ``scheduler_config`` (default: the family's published config)."""
+    """The shifted sigma table (``num_steps`` values, default 50, then the terminal 0) the family's pipeline steps
+    through at ``resolution`` with ``scheduler_config`` (default: the family's published config), starting from the
+    pipeline's declared ``sample_sigmas`` where given."""
     spec = _check_family(family)
-    _check_num_steps(num_steps)
+    num_steps = _steps_of(num_steps, sample_sigmas)
     config = _resolve_config(spec, scheduler_config)
-    scheduler = _stepped_scheduler(spec, config, image_seq_len(resolution), num_steps)
+    scheduler = _stepped_scheduler(spec, config, image_seq_len(resolution), num_steps, sample_sigmas)
     return [float(s) for s in scheduler.sigmas.tolist()]
 
 
@@ -225,17 +258,19 @@ def derive_sigmas(
     *,
     scheduler_config: dict | None = None,
     resolution: int | tuple[int, int] = 1024,
-    num_steps: int = DEFAULT_NUM_STEPS,
+    num_steps: int | None = None,
     slow_indices: Sequence[int] = DEFAULT_SLOW_INDICES,
     fast_indices: Sequence[int] = DEFAULT_FAST_INDICES,
+    sample_sigmas: Sequence[float] | None = None,
 ) -> dict[str, list[float]]:
     """Like :func:`derive_timesteps` but in [0, 1] sigmas."""
-    _check_num_steps(num_steps)
+    num_steps = _steps_of(num_steps, sample_sigmas)
     slow = _check_indices("slow_indices", slow_indices, num_steps)
     fast = _check_indices("fast_indices", fast_indices, num_steps)
     _check_phase_order(slow, fast)
     table = full_schedule_sigmas(
-        family, scheduler_config=scheduler_config, resolution=resolution, num_steps=num_steps
+        family, scheduler_config=scheduler_config, resolution=resolution, num_steps=num_steps,
+        sample_sigmas=sample_sigmas,
     )
     return {"slow": [table[i] for i in slow], "fast": [table[i] for i in fast]}
 
@@ -245,14 +280,16 @@ def derive_timesteps(
     *,
     scheduler_config: dict | None = None,
     resolution: int | tuple[int, int] = 1024,
-    num_steps: int = DEFAULT_NUM_STEPS,
+    num_steps: int | None = None,
     slow_indices: Sequence[int] = DEFAULT_SLOW_INDICES,
     fast_indices: Sequence[int] = DEFAULT_FAST_INDICES,
+    sample_sigmas: Sequence[float] | None = None,
 ) -> dict[str, list[float]]:
     """Slow and Fast timestep lists (0-1000) read off the base model's ``num_steps`` inference schedule.
 
     ``family`` is always required (token counting, initial sigmas); ``scheduler_config`` overrides the
-    family's published config (the shift). ``resolution`` is an int or ``(width, height)``.
+    family's published config (the shift); ``sample_sigmas`` is the pipeline's declared fixed grid, if any.
+    ``resolution`` is an int or ``(width, height)``.
     """
     sigmas = derive_sigmas(
         family,
@@ -261,6 +298,7 @@ def derive_timesteps(
         num_steps=num_steps,
         slow_indices=slow_indices,
         fast_indices=fast_indices,
+        sample_sigmas=sample_sigmas,
     )
     return {phase: [sigma_to_timestep(s) for s in values] for phase, values in sigmas.items()}
 

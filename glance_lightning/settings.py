@@ -18,6 +18,9 @@ from jsonargparse.typing import (
 from glance_lightning.errors import ConfigError, explain_restriction
 from glance_lightning.timesteps import GlanceTimesteps, Unit
 
+if typing.TYPE_CHECKING:
+    from glance_lightning.model_schedule import ModelSchedule
+
 # [0, 1): a probability that must leave some steps to the real value (caption and LoRA dropout).
 Probability = restricted_number_type("Probability", float, [(">=", 0), ("<", 1)])
 
@@ -26,10 +29,10 @@ DEFAULT_RESOLUTION = 1024  # what the official lists were derived at (4096 image
 
 @dataclass
 class ScheduleDerivation:
-    """Read the Slow/Fast lists off the family's own inference schedule (see ``schedule`` command)."""
+    """Read the Slow/Fast lists off the loaded model's own inference schedule (see ``schedule`` command)."""
 
     resolution: PositiveInt | None = None  # None: the training resolution (model.resolution), else 1024
-    num_steps: PositiveInt = 50
+    num_steps: PositiveInt | None = None  # None: 50, or the length of the grid the model's pipeline declares
     slow_indices: list[int] = field(default_factory=lambda: [0, 2, 4, 6, 8])
     fast_indices: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 49])
 
@@ -46,20 +49,42 @@ class TimestepSettings:
     unit: Unit = "auto"
     derive: ScheduleDerivation | None = None
 
-    def resolve(self, family: str, resolution: int | None = None) -> GlanceTimesteps:
-        """The validated lists: as given, or read off ``family``'s schedule (at ``derive.resolution``, else the
-        training ``resolution``, else 1024)."""
+    @property
+    def derived(self) -> bool:
+        """Whether the lists are read off a schedule (not given)."""
+        return self.slow is None and self.fast is None
+
+    def derivation(self, resolution: int | None = None) -> dict[str, Any]:
+        """The derivation's arguments (``schedules.derive_timesteps``): resolution, num_steps, indices."""
+        derivation = dataclasses.asdict(self.derive or ScheduleDerivation())
+        derivation["resolution"] = derivation["resolution"] or resolution or DEFAULT_RESOLUTION
+        return derivation
+
+    def resolve(self, family: str, resolution: int | None = None, schedule: ModelSchedule | None = None
+                ) -> GlanceTimesteps:
+        """The validated lists: as given, or read off ``schedule`` (default: ``family``'s built-in one) at
+        ``derive.resolution``, else the training ``resolution``, else 1024."""
         if (self.slow is None) != (self.fast is None):
             raise ConfigError("model.timesteps: give both `slow` and `fast` lists, or neither to derive them")
         if self.slow is not None and self.derive is not None:
             raise ConfigError("model.timesteps: give lists or `derive`, not both")
         if self.slow is not None:
             return GlanceTimesteps.from_lists(self.slow, self.fast, self.unit)
-        from glance_lightning.schedules import derive_timesteps
+        from glance_lightning.model_schedule import builtin_schedule
+        from glance_lightning.schedules import ScheduleError
 
-        derivation = dataclasses.asdict(self.derive or ScheduleDerivation())
-        derivation["resolution"] = derivation["resolution"] or resolution or DEFAULT_RESOLUTION
-        lists = derive_timesteps(family, **derivation)
+        schedule = schedule or builtin_schedule(family)
+        try:
+            lists = schedule.derive(family, **self.derivation(resolution))
+        except ScheduleError as err:
+            grid = schedule.sample_sigmas
+            if grid is None or not {"slow_indices", "fast_indices", "num_steps"} & set(err.settings):
+                raise
+            raise ConfigError(
+                f"model.timesteps.derive: {err.detail}. The model's pipeline declares a fixed {len(grid)}-step "
+                f"sample_sigmas grid (model_index.json): set model.timesteps.derive.slow_indices and fast_indices "
+                f"within 0..{len(grid) - 1} (e.g. slow [0, 1], fast [{len(grid) // 2}, {len(grid) - 1}]), or give "
+                "the lists (model.timesteps.slow/fast)") from None
         return GlanceTimesteps.from_lists(lists["slow"], lists["fast"], "timesteps")
 
 

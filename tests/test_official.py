@@ -102,30 +102,45 @@ def qwen_loras(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _sampler(loras: Path, dtype: str):
+def _sampler(loras: Path, dtype: str, device: str = "cpu"):
     import argparse
 
     args = argparse.Namespace(model="tiny:qwen-image", slow=str(loras / "slow"), fast=str(loras / "fast"),
-                              family=None, guidance=None, dtype=dtype, device="cpu", control=[])
+                              family=None, guidance=None, dtype=dtype, device=device, control=[])
     module, _ = load_sampler(args)
     return module
+
+
+def official_noise(pipe: QwenImagePipeline, seed: int, size: int) -> torch.Tensor:
+    """The official scripts' starting latents: their README passes ``torch.Generator(device=<the pipeline's
+    device>).manual_seed(seed)`` and the pipeline's own ``prepare_latents`` draws (packed) in the prompt's dtype."""
+    device = pipe._execution_device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    channels = pipe.transformer.config.in_channels // 4
+    return pipe.prepare_latents(1, channels, size, size, pipe.transformer.dtype, device, generator)
+
+
+def _compare_with_official(module, dtype: str, size: int = 64, seed: int = 3) -> tuple[dict, torch.Tensor]:
+    ours = module.generate_latents(PROMPT, seed, size, size, 4.0, " ", mode="official-qwen")
+    packed = official_noise(module.pipe, seed, size)
+    factor = module.pipe.vae_scale_factor
+    unpacked = module.pipe._unpack_latents(packed, size, size, factor).squeeze(2)
+    assert torch.equal(module.initial_noise(size, size, seed, mode="official-qwen"), unpacked.float())
+    config = json.loads((Path(tiny_model_path("tiny:qwen-image")) / "scheduler" / "scheduler_config.json").read_text())
+    common = dict(pipe=module.pipe, scheduler_config=config, prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0,
+                  latents=packed, height=size, width=size, max_sequence_length=32)
+    official = module.pipe._unpack_latents(official_glance_qwen(**common), size, size, factor).squeeze(2)
+    assert official.dtype == getattr(torch, dtype)
+    assert torch.equal(ours, official.float().to(ours.device)), (ours - official.float().to(ours.device)).abs().max()
+    return common, official
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_official_qwen_mode_reproduces_the_official_pipelines_bit_for_bit(qwen_loras: Path, dtype: str):
     module = _sampler(qwen_loras, dtype)
-    size, seed = 64, 3
-    ours = module.generate_latents(PROMPT, seed, size, size, 4.0, " ", mode="official-qwen")
-    noise = module.initial_noise(size, size, seed)
-    b, c, h, w = noise.shape
-    config = json.loads((Path(tiny_model_path("tiny:qwen-image")) / "scheduler" / "scheduler_config.json").read_text())
-    common = dict(pipe=module.pipe, scheduler_config=config, prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0,
-                  latents=module.pipe._pack_latents(noise, b, c, h, w), height=size, width=size,
-                  max_sequence_length=32)
+    size = 64
     factor = module.pipe.vae_scale_factor
-    official = module.pipe._unpack_latents(official_glance_qwen(**common), size, size, factor).squeeze(2)
-    assert official.dtype == getattr(torch, dtype)
-    assert torch.equal(ours, official.float()), (ours - official.float()).abs().max()
+    common, official = _compare_with_official(module, dtype, size)
     # In float32 the exact (unrounded) lists give other latents: the bf16 rounding is what makes the match. (A
     # bfloat16 model rounds t / 1000 to bfloat16 anyway, which for these lists gives the same values.)
     unrounded = module.pipe._unpack_latents(official_glance_qwen(**common, round_to_bf16=False), size, size,
@@ -133,6 +148,16 @@ def test_official_qwen_mode_reproduces_the_official_pipelines_bit_for_bit(qwen_l
     relative = ((unrounded - official.float()).norm() / official.float().norm()).item()
     print(f"official-qwen {dtype}: unrounded lists differ by {relative:.2e} relative L2")
     assert relative > 1e-4 if dtype == "float32" else relative >= 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU tests cover the noise rule)")
+def test_official_qwen_mode_matches_the_official_pipelines_on_a_gpu_seed_for_seed(qwen_loras: Path):
+    """On a GPU the official scripts draw their noise with a CUDA generator: the same seed gives the same latents."""
+    module = _sampler(qwen_loras, "bfloat16", device="cuda")
+    noise = module.initial_noise(64, 64, 3, mode="official-qwen")
+    assert noise.is_cuda and not torch.equal(noise.cpu(), module.initial_noise(64, 64, 3).cpu())
+    _compare_with_official(module, "bfloat16")
 
 
 def test_the_exact_chain_is_still_the_default_and_differs_from_the_official_arithmetic(qwen_loras: Path):

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from glance_lightning.registry import FamilySpec, family_names, get_family
 from glance_lightning.sampling import PLANS, Step
 from glance_lightning.settings import OptimizerSettings, PerformanceSettings, TimestepSettings
 from glance_lightning.timesteps import GlanceTimesteps
+
+if TYPE_CHECKING:
+    from glance_lightning.model_schedule import ModelSchedule
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +164,7 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
     """Build the family module, load its base model (in stages when ``args.prompt`` lists the prompts: encoded
     first, text encoders freed, then the transformer) and both LoRAs into it."""
     from glance_lightning.inference import load_glance_loras, pair_differences, pair_timesteps, read_pair_metadata
-    from glance_lightning.schedules import derive_timesteps
+    from glance_lightning.model_schedule import schedule_notice
 
     allow_mixed = getattr(args, "allow_mixed_pair", False)
     slow_meta, fast_meta = read_pair_metadata(args.slow, args.fast, allow_mixed)
@@ -177,8 +180,8 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
         wanted = "no --control images" if high == 0 else f"{low} to {high} --control image(s)"
         raise ConfigError(f"{family} takes {wanted}, got {len(args.control)}")
     fallback = None
-    if not (slow_meta and fast_meta):
-        lists = derive_timesteps(family)
+    if not (slow_meta and fast_meta):  # the default derivation, off the loaded model's own schedule
+        lists = model_schedule_of(args.model, family).derive(family)
         fallback = GlanceTimesteps.from_lists(lists["slow"], lists["fast"], "timesteps")
     chain = pair_timesteps(slow_meta, fast_meta, fallback)
     lists = chain.as_timesteps()
@@ -206,7 +209,17 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
             "mixed": bool(slow_meta and fast_meta and pair_differences(slow_meta, fast_meta)),
             "lora_scale": loras.lora_scale, "size": [height, width],
             "lora_files": {phase: {"layout": r.layout, "alpha": r.alpha} for phase, r in loras.read.items()}}
+    if slow_meta and fast_meta and not info["mixed"]:
+        info["schedule_notice"] = schedule_notice(family, module.model_schedule, lists, slow_meta.get("scheduler"))
     return module, info
+
+
+def model_schedule_of(model: str, family: str) -> ModelSchedule:
+    """The schedule of ``--model`` (its scheduler config and declared grid), read before the model is loaded."""
+    from glance_lightning.model_schedule import read_model_schedule
+    from glance_lightning.models import resolve_pretrained
+
+    return read_model_schedule(resolve_pretrained(model, "--model").path, family)
 
 
 def lora_notice(info: dict) -> str | None:
@@ -252,9 +265,9 @@ def run_sample_command(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
     args.height, args.width = info["size"]
-    notice = lora_notice(info)
-    if notice:
-        console.info(notice)
+    for notice in (lora_notice(info), info.get("schedule_notice")):
+        if notice:
+            console.info(notice)
     console.info(chain_line(args, info))
     generate_images(module, args, info)  # prints one line per image
     return 0
@@ -266,7 +279,7 @@ def chain_line(args: argparse.Namespace, info: dict) -> str:
 
     rounded = {phase: [round(t, 4) for t in lists] for phase, lists in info["schedule"].items()}
     if not info["from_metadata"]:
-        source = f"derived from {info['family']}'s scheduler: the LoRAs carry no lists"
+        source = "derived from the model's scheduler: the LoRAs carry no lists"
     elif info.get("mixed"):
         source = f"a mixed pair ({ALLOW_MIXED}): Slow list from {args.slow}, Fast list from {args.fast}"
     else:

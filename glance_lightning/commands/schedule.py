@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from glance_lightning.model_schedule import declared_sample_sigmas
 from glance_lightning.registry import family_names
 from glance_lightning.schedules import (
     DEFAULT_FAST_INDICES,
@@ -26,6 +28,7 @@ _OPTION_NAMES = {
     "slow_indices": "--slow-indices",
     "fast_indices": "--fast-indices",
     "scheduler_config": "--scheduler-config",
+    "sample_sigmas": "--scheduler-config (model_index.json sample_sigmas)",
 }
 
 
@@ -61,8 +64,9 @@ def build_schedule_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scheduler-config",
         metavar="PATH",
-        help="a model directory (reads scheduler/scheduler_config.json) or a scheduler config json file; "
-        "overrides the family's published config (the shift settings)",
+        help="a model directory (reads scheduler/scheduler_config.json, and the sample_sigmas grid its "
+        "model_index.json may declare) or a scheduler config json file; overrides the family's published config "
+        "(the shift settings), as fit and sample read the model they load",
     )
     parser.add_argument(
         "--resolution",
@@ -71,7 +75,9 @@ def build_schedule_parser() -> argparse.ArgumentParser:
         metavar="SIZE|WIDTHxHEIGHT",
         help="image size, multiples of 16 (default 1024)",
     )
-    parser.add_argument("--steps", type=int, default=DEFAULT_NUM_STEPS, help="schedule length (default 50)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"schedule length (default {DEFAULT_NUM_STEPS}, or the length of the sample_sigmas "
+                        "grid the model directory declares)")
     parser.add_argument(
         "--slow-indices",
         type=_index_list,
@@ -108,11 +114,16 @@ def run_schedule_command(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed usage and the error (or the help)
         return int(exc.code or 0)
     try:
-        config = None if args.scheduler_config is None else load_scheduler_config(args.scheduler_config)
+        config, grid = None, None
+        if args.scheduler_config is not None:
+            config = load_scheduler_config(args.scheduler_config)
+            folder = Path(args.scheduler_config)
+            grid = declared_sample_sigmas(folder) if folder.is_dir() else None
         derive = derive_sigmas if args.sigmas else derive_timesteps
         result = derive(
             args.family,
             scheduler_config=config,
+            sample_sigmas=grid,
             resolution=args.resolution,
             num_steps=args.steps,
             slow_indices=args.slow_indices,

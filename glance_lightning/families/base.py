@@ -41,6 +41,7 @@ from glance_lightning.families.hooks import Conditioning, FamilyHooks
 from glance_lightning.families.latents import ShiftScaleLatents
 from glance_lightning.families.loading import AdaptedBaseModel
 from glance_lightning.families.saving import SavesLoras
+from glance_lightning.model_schedule import builtin_schedule
 from glance_lightning.models import ResolvedModel
 from glance_lightning.registry import FamilySpec, get_family
 from glance_lightning.settings import (
@@ -138,7 +139,9 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
         if not self.perf.auto:  # else unset switches stay None until setup chooses them on the card (auto.py)
             self.perf, self.optim_settings = with_defaults(self.perf, self.optim_settings)
         perf_ops.check_performance_settings(self.perf, self.optim_settings)
-        self.glance_timesteps = coerce_settings(TimestepSettings, timesteps).resolve(self.family, resolution)
+        self.timestep_settings = coerce_settings(TimestepSettings, timesteps)
+        self.model_schedule = builtin_schedule(self.family)  # until the model is resolved (resolve_model)
+        self.glance_timesteps = self.timestep_settings.resolve(self.family, resolution, self.model_schedule)
         log.info("%s: %s", type(self).__name__, self.glance_timesteps.describe())
         self.strict_loading = False  # checkpoints hold only the LoRA weights
         self.transformer: torch.nn.Module | None = None

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from glance_lightning.sampling import Step, StepCallback, base_plan, build_plan, sample
+from glance_lightning.sampling import Step, StepCallback, base_plan, build_plan, noise_draw, sample
 
 
 class GenerationMixin:
@@ -21,10 +21,19 @@ class GenerationMixin:
         guided = guidance_scale > 1.0 and self.default_negative_prompt is not None
         return [*prompts, *([self.default_negative_prompt] if guided else [])]
 
-    def initial_noise(self, height: int, width: int, seed: int, batch_size: int = 1) -> torch.Tensor:
-        shape = (batch_size, *self.latent_shape(height, width))
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+    def initial_noise(self, height: int, width: int, seed: int, batch_size: int = 1,
+                      mode: str = "exact") -> torch.Tensor:
+        """The seeded starting latents [B, C, h, w], float32 on the module's device, drawn as ``mode`` draws them
+        (``sampling.NOISE``): by a CPU generator in float32 (the same on every device), or, for the official mode,
+        as the official pipelines' ``prepare_latents`` with ``torch.Generator(device=<its device>)``: shape
+        [B, 1, C, h, w], on the pipeline's device, in the model's dtype."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        device, dtype = noise_draw(mode, self.device, getattr(torch, self.dtype_name))
+        generator = torch.Generator(device=device).manual_seed(seed)
+        channels, *size = self.latent_shape(height, width)
+        noise = randn_tensor((batch_size, 1, channels, *size), generator=generator, device=device, dtype=dtype)
+        return noise.squeeze(1).to(self.device, torch.float32)
 
     def _guided(self, prompt: str, negative_prompt: str | None, controls: Sequence[torch.Tensor],
                 guidance_scale: float):
@@ -48,12 +57,12 @@ class GenerationMixin:
     ) -> torch.Tensor:
         """Slow->Fast generation from seeded noise along the ``mode`` plan (``sampling.PLANS``); returns
         normalised latents [1, C, h, w]."""
-        plan = build_plan(mode, self.glance_timesteps, self.family, (width, height))
+        plan = build_plan(mode, self.glance_timesteps, self.family, (width, height), dict(self.model_schedule.config))
         velocity = self._guided(prompt, negative_prompt, controls, guidance_scale)
         previous, was_training = self._active_adapter, self.transformer.training
         self.transformer.eval()
         try:
-            return sample(velocity, self.initial_noise(height, width, seed), plan, on_step)
+            return sample(velocity, self.initial_noise(height, width, seed, mode=mode), plan, on_step)
         finally:
             self.transformer.train(was_training)
             if previous is not None:
@@ -64,10 +73,14 @@ class GenerationMixin:
         self, prompt: str, seed: int, height: int, width: int, num_steps: int, guidance_scale: float = 1.0,
         negative_prompt: str | None = None, controls: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
-        """The base model without adapters on its own shifted ``num_steps`` schedule (for comparison)."""
+        """The base model without adapters on its own shifted ``num_steps`` schedule (for comparison): the loaded
+        model's scheduler, and the grid its pipeline declares instead of ``num_steps`` if it declares one."""
         from glance_lightning.schedules import full_schedule_sigmas
 
-        plan = base_plan(full_schedule_sigmas(self.family, resolution=(width, height), num_steps=num_steps))
+        schedule = self.model_schedule
+        steps = None if schedule.sample_sigmas is not None else num_steps
+        plan = base_plan(full_schedule_sigmas(self.family, scheduler_config=dict(schedule.config), resolution=(
+            width, height), num_steps=steps, sample_sigmas=schedule.sample_sigmas))
         velocity = self._guided(prompt, negative_prompt, controls, guidance_scale)
         was_training = self.transformer.training
         self.transformer.eval()

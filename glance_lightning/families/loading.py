@@ -27,6 +27,7 @@ from glance_lightning import sharding
 from glance_lightning.errors import ConfigError
 from glance_lightning.families.encoding import encoders_of
 from glance_lightning.families.preflight import PHASES
+from glance_lightning.model_schedule import ModelSchedule, read_model_schedule
 from glance_lightning.models import (
     TEXT_ENCODERS,
     ModelNotFoundError,
@@ -58,7 +59,25 @@ class AdaptedBaseModel:
             skip = ("transformer",) if self.transformer_override else ()
             self._resolved = resolve_pretrained(self.hparams.pretrained_model, skip=skip)
             check_model_family(self._resolved, self.family_spec)
+            self.adopt_model_schedule(read_model_schedule(self._resolved.path, self.family))
         return self._resolved
+
+    def adopt_model_schedule(self, schedule: ModelSchedule) -> None:
+        """Derived lists are read off the loaded model's own schedule (``glance_lightning.model_schedule``); one
+        line when it differs from the family's built-in one (also for given lists, which stay as given)."""
+        builtin, self.model_schedule = self.model_schedule, schedule
+        changed = schedule.differences(builtin)
+        if not changed:
+            return
+        what = f"the model's scheduler differs from the built-in {self.family} one ({'; '.join(changed)})"
+        if not self.timestep_settings.derived:
+            if self.attached_trainer() is not None:
+                rank_zero_info(f"glance_lightning: {what}; model.timesteps gives the lists, used as given")
+            return
+        self.glance_timesteps = self.timestep_settings.resolve(self.family, self.hparams.resolution, schedule)
+        lists = {phase: [round(t, 4) for t in values] for phase, values in self.glance_timesteps.as_timesteps().items()}
+        rank_zero_info(f"glance_lightning: {what}; Slow/Fast lists derived from the model's: slow {lists['slow']} "
+                       f"fast {lists['fast']}")
 
     def check_model_settings(self) -> None:
         """Before any weight is read: the transformer override exists and every LoRA target names modules of this

@@ -54,12 +54,20 @@ class SavesLoras:
             "phase": phase,
             "timesteps": self.glance_timesteps.as_timesteps()[phase],
             "schedule": self.glance_timesteps.as_timesteps(),
+            "scheduler": self.scheduler_record(),
             "rank": self.lora_settings.rank,
             "alpha": self.lora_settings.alpha,
             "resolution": getattr(datamodule, "resolution", None),
             "family_options": self.family_options(),
             "trained_steps": min(max(self.global_step - self.phase_start(phase), 0), self.phase_steps[phase]),
         }
+
+    def scheduler_record(self) -> dict[str, Any]:
+        """The schedule the lists were derived from (the loaded model's, else the built-in one) and how (None: the
+        lists were given in model.timesteps), so ``sample`` can tell when another model would derive others."""
+        settings = self.timestep_settings
+        derivation = settings.derivation(self.hparams.resolution) if settings.derived else None
+        return {**self.model_schedule.as_metadata(), "derivation": derivation}
 
     def save_loras(self, directory: str | os.PathLike | None = None) -> list[Path]:
         """Write both adapters as ``<dir>/slow`` and ``<dir>/fast`` in the diffusers LoRA format (rank 0). Sharded,
