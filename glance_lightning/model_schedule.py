@@ -58,7 +58,11 @@ class ModelSchedule:
 
 
 def _settings(schedule: ModelSchedule) -> dict[str, Any]:
-    settings = {k: v for k, v in schedule.config.items() if not k.startswith("_")}
+    """The scheduler's effective settings (diffusers fills in what a config leaves out) and the declared grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    effective = FlowMatchEulerDiscreteScheduler.from_config(dict(schedule.config)).config
+    settings = {k: v for k, v in effective.items() if not k.startswith("_")}
     if schedule.sample_sigmas is not None:
         settings["sample_sigmas"] = list(schedule.sample_sigmas)
     return settings

@@ -37,6 +37,7 @@ from PIL import Image
 from glance_lightning.commands.sample import load_sampler, run_sample_command
 from glance_lightning.families.qwen_image import QWEN_LORA_TARGETS, QwenImageGlance
 from glance_lightning.lora_layouts import read_lora
+from glance_lightning.sampling import NOISE, PLANS, noise_draw
 from glance_lightning.settings import LoraSettings, OptimizerSettings, TimestepSettings
 from glance_lightning.tiny import tiny_model_path
 
@@ -148,6 +149,33 @@ def test_official_qwen_mode_reproduces_the_official_pipelines_bit_for_bit(qwen_l
     relative = ((unrounded - official.float()).norm() / official.float().norm()).item()
     print(f"official-qwen {dtype}: unrounded lists differ by {relative:.2e} relative L2")
     assert relative > 1e-4 if dtype == "float32" else relative >= 0
+
+
+def test_the_noise_rule_of_each_mode():
+    """official-qwen draws where the pipeline runs, in its dtype (the official scripts' CUDA generator on a GPU);
+    every other mode draws float32 on the CPU, so a seed gives the same image on any device."""
+    assert noise_draw("official-qwen", "cuda:0", torch.bfloat16) == (torch.device("cuda:0"), torch.bfloat16)
+    assert noise_draw("official-qwen", "cpu", torch.float32) == (torch.device("cpu"), torch.float32)
+    assert noise_draw("exact", "cuda:0", torch.bfloat16) == (torch.device("cpu"), torch.float32)
+    assert set(NOISE) == set(PLANS)
+
+
+def test_the_noise_comes_from_the_generator_the_rule_names(qwen_loras: Path, monkeypatch):
+    import diffusers.utils.torch_utils as torch_utils
+
+    module = _sampler(qwen_loras, "bfloat16")
+    draws, real = [], torch_utils.randn_tensor
+
+    def spy(shape, generator=None, device=None, dtype=None, **kwargs):
+        draws.append((tuple(shape), generator.device, torch.device(device), dtype))
+        return real(shape, generator=generator, device=device, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(torch_utils, "randn_tensor", spy)
+    module.generate_latents(PROMPT, 0, 64, 64, mode="official-qwen")
+    module.generate_latents(PROMPT, 0, 64, 64)
+    (shape, generator, device, dtype), exact = draws
+    assert shape[1] == 1 and generator == device == module.device and dtype == torch.bfloat16
+    assert exact[1:] == (torch.device("cpu"), torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.cuda

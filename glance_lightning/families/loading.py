@@ -22,8 +22,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
 
+from glance_lightning import console, sharding
 from glance_lightning import performance as perf_ops
-from glance_lightning import sharding
 from glance_lightning.errors import ConfigError
 from glance_lightning.families.encoding import encoders_of
 from glance_lightning.families.preflight import PHASES
@@ -72,12 +72,11 @@ class AdaptedBaseModel:
         what = f"the model's scheduler differs from the built-in {self.family} one ({'; '.join(changed)})"
         if not self.timestep_settings.derived:
             if self.attached_trainer() is not None:
-                rank_zero_info(f"glance_lightning: {what}; model.timesteps gives the lists, used as given")
+                console.info(f"{what}; model.timesteps gives the lists, used as given")
             return
         self.glance_timesteps = self.timestep_settings.resolve(self.family, self.hparams.resolution, schedule)
         lists = {phase: [round(t, 4) for t in values] for phase, values in self.glance_timesteps.as_timesteps().items()}
-        rank_zero_info(f"glance_lightning: {what}; Slow/Fast lists derived from the model's: slow {lists['slow']} "
-                       f"fast {lists['fast']}")
+        console.info(f"{what}; Slow/Fast lists derived from the model's: slow {lists['slow']} fast {lists['fast']}")
 
     def check_model_settings(self) -> None:
         """Before any weight is read: the transformer override exists and every LoRA target names modules of this
