@@ -189,7 +189,7 @@ def test_single_files_without_glance_metadata_need_family_and_get_the_derived_ch
     assert "--family" in capsys.readouterr().err
     assert run_sample_command([*argv, "--family", "flux"]) == 0
     note = capsys.readouterr().err  # stdout has the image lines only; a derived chain is a note on stderr
-    assert "derived from flux's scheduler: the LoRAs carry no lists" in note and "986.9786" in note
+    assert "derived from the model's scheduler: the LoRAs carry no lists" in note and "986.9786" in note
 
 
 def test_sample_on_an_int8_base_with_a_chosen_attention_kernel_stays_close(trained: Path, tmp_path: Path):

@@ -194,3 +194,38 @@ def test_a_declared_grid_fixes_the_number_of_steps():
     with pytest.raises(ScheduleError, match="fixed 12-step sample_sigmas grid"):
         derive_timesteps("flux", sample_sigmas=GRID, num_steps=50)
     assert np.isclose(table["slow"][0], 1000.0)
+
+
+class _Planned(Exception):
+    pass
+
+
+def test_generation_steps_the_loaded_models_scheduler(tmp_path: Path, monkeypatch):
+    """The official-mode plan and the base model's comparison sample use the loaded model's scheduler config (and
+    its declared grid instead of a step count), not the built-in copy."""
+    import glance_lightning.families.generation as generation
+    import glance_lightning.schedules as schedules
+
+    model = _model_copy(tmp_path, scheduler=SHIFTED, index={"sample_sigmas": GRID})
+    module = FluxGlance(pretrained_model=str(model), timesteps={"slow": [1000.0, 950.0], "fast": [500.0, 100.0]})
+    module.resolve_model()
+    seen = {}
+
+    def plan_spy(mode, timesteps, family, resolution, scheduler_config=None):
+        seen["plan"] = scheduler_config
+        raise _Planned
+
+    def table_spy(family, **kwargs):
+        seen["table"] = kwargs
+        raise _Planned
+
+    monkeypatch.setattr(generation, "build_plan", plan_spy)
+    monkeypatch.setattr(schedules, "full_schedule_sigmas", table_spy)
+    with pytest.raises(_Planned):
+        module.generate_latents("x", 0, 64, 64)
+    with pytest.raises(_Planned):
+        module.generate_base_latents("x", 0, 64, 64, num_steps=50)
+    assert seen["plan"]["max_shift"] == SHIFTED["max_shift"]
+    table = seen["table"]
+    assert table["scheduler_config"]["base_shift"] == SHIFTED["base_shift"]
+    assert table["sample_sigmas"] == tuple(GRID) and table["num_steps"] is None

@@ -74,7 +74,7 @@ class AdaptedBaseModel:
             if self.attached_trainer() is not None:
                 console.info(f"{what}; model.timesteps gives the lists, used as given")
             return
-        self.glance_timesteps = self.timestep_settings.resolve(self.family, self.hparams.resolution, schedule)
+        self.glance_timesteps = self.timestep_settings.resolve(self.family, self.hparams.get("resolution"), schedule)
         lists = {phase: [round(t, 4) for t in values] for phase, values in self.glance_timesteps.as_timesteps().items()}
         console.info(f"{what}; Slow/Fast lists derived from the model's: slow {lists['slow']} fast {lists['fast']}")
 

@@ -66,7 +66,7 @@ class SavesLoras:
         """The schedule the lists were derived from (the loaded model's, else the built-in one) and how (None: the
         lists were given in model.timesteps), so ``sample`` can tell when another model would derive others."""
         settings = self.timestep_settings
-        derivation = settings.derivation(self.hparams.resolution) if settings.derived else None
+        derivation = settings.derivation(self.hparams.get("resolution")) if settings.derived else None
         return {**self.model_schedule.as_metadata(), "derivation": derivation}
 
     def save_loras(self, directory: str | os.PathLike | None = None) -> list[Path]:
