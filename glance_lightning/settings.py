@@ -216,8 +216,12 @@ def check_restricted_fields(settings: Any, prefix: str) -> None:
     """Every field annotated with a restricted number type (PositiveInt, Probability...) checked as the command line
     checks it, so that Python callers get the same one-line errors."""
     for name, kind in typing.get_type_hints(type(settings)).items():
+        value = getattr(settings, name)
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if len(options) == 1 and value is not None:  # Optional[restricted]: checked when set
+            kind = options[0]
         if isinstance(kind, type) and issubclass(kind, (int, float)) and kind not in (int, float, bool):
-            checked(kind, getattr(settings, name), f"{prefix}.{name}")
+            checked(kind, value, f"{prefix}.{name}")
 
 
 def checked(kind: type, value: Any, setting: str) -> Any:
