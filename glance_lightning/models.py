@@ -36,6 +36,7 @@ CACHE_ENV = "GLANCE_LIGHTNING_CACHE"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+_LARGEST_CHECKED_JSON = 64 * 2**20  # bytes: a component's json files up to this size are parsed before loading
 
 
 class ModelNotFoundError(MissingFileError):
@@ -78,12 +79,48 @@ class ResolvedModel:
 
     def components(self) -> dict[str, tuple[str, str]]:
         """The pipeline's components as ``model_index.json`` declares them: name -> (library, class)."""
-        return _declared_components(json.loads((Path(self.path) / "model_index.json").read_text()))
+        return _declared_components(read_json(Path(self.path) / "model_index.json"))
 
 
 def _declared_components(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """Components a ``model_index.json`` declares (entries like ``[null, null]`` are optional ones left out)."""
     return {k: tuple(v) for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
+
+
+def read_json(path: Path, setting: str = "model.pretrained_model", fix: str = "") -> dict[str, Any]:
+    """A model folder's json file as a dict, or a ``ModelNotFoundError`` naming the file, what is wrong with it
+    and ``fix`` (a truncated download, a hand edit)."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        problem = f"is not UTF-8 text (byte {err.start})"
+    except json.JSONDecodeError as err:
+        problem = f"is not valid JSON ({err.msg}: line {err.lineno} column {err.colno})"
+    except OSError as err:
+        problem = f"cannot be read ({err.strerror or err})"
+    else:
+        if isinstance(value, dict):
+            return value
+        problem = f"holds a JSON {type(value).__name__}, not an object"
+    fix = fix or "the download is incomplete or the file was edited; download the model again or restore the file"
+    raise ModelNotFoundError(f"{setting}: {path} {problem}; {fix}")
+
+
+def check_model_files(model: ResolvedModel, setting: str = "model.pretrained_model",
+                      skip: Iterable[str] = (), fix: str = "") -> None:
+    """Before anything is loaded: ``model_index.json`` and every json file of the declared components (configs,
+    scheduler and tokenizer files) parse, and every declared component's folder exists."""
+    root = Path(model.path)
+    for component in _declared_components(read_json(root / "model_index.json", setting, fix)):
+        folder = root / component
+        if component in skip:
+            continue
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"{setting}: {root / 'model_index.json'} declares the component {component!r} "
+                                     f"but {folder} is missing; {fix or 'download the model completely'}")
+        for file in sorted(folder.glob("*.json")):
+            if file.is_file() and file.stat().st_size <= _LARGEST_CHECKED_JSON:
+                read_json(file, setting, fix)
 
 
 def is_hub_id(name: str) -> bool:
@@ -110,7 +147,14 @@ def resolve_pretrained(name: str, setting: str = "model.pretrained_model",
         raise ModelNotFoundError(
             f"{setting}={name!r}: {path} has no model_index.json; give the diffusers model's root folder"
         )
-    return ResolvedModel(name, str(path))
+    resolved = ResolvedModel(name, str(path))
+    check_model_files(resolved, setting, skip)
+    return resolved
+
+
+def _redownload(repo: str) -> str:
+    return (f"the cached download is incomplete or damaged; download it again (`hf download {repo} "
+            "--force-download`) with network access")
 
 
 def hub_offline() -> bool:
@@ -142,7 +186,7 @@ def _resolve_hub(name: str, setting: str, skip: tuple[str, ...]) -> ResolvedMode
     common = {"revision": revision or None, "cache_dir": cache, "local_files_only": offline}
     try:
         index = Path(hf_hub_download(repo, "model_index.json", **common))
-        wanted = [c for c in _declared_components(json.loads(index.read_text())) if c not in skip]
+        wanted = [c for c in _declared_components(read_json(index, setting, _redownload(repo))) if c not in skip]
         path = Path(snapshot_download(repo, allow_patterns=["model_index.json", *(f"{c}/*" for c in wanted)],
                                       **common))
     except GatedRepoError:
@@ -169,7 +213,9 @@ def _resolve_hub(name: str, setting: str, skip: tuple[str, ...]) -> ResolvedMode
             f"{setting}={name!r}: the cached snapshot {path} lacks {', '.join(missing)}; download it completely "
             f"(`hf download {repo}`) with network access"
         )
-    return ResolvedModel(name, str(path), revision=path.name)
+    resolved = ResolvedModel(name, str(path), revision=path.name)
+    check_model_files(resolved, setting, skip, _redownload(repo))
+    return resolved
 
 
 def _allow_processor_without_torchvision(pipeline_class: type) -> None:
@@ -194,7 +240,7 @@ def check_model_family(model: ResolvedModel, spec: FamilySpec, setting: str = "m
     transformer class other than the family's."""
     from glance_lightning.registry import family_names, get_family
 
-    index = json.loads((Path(model.path) / "model_index.json").read_text(encoding="utf-8"))
+    index = read_json(Path(model.path) / "model_index.json", setting)
     declared, own = index.get("_class_name"), spec.pipeline_name
     if declared == own:
         return

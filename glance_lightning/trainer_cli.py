@@ -6,6 +6,7 @@ model loads. ``glance_lightning.cli`` dispatches to it; ``cache`` and ``plan`` p
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
     from glance_lightning.families.base import GlanceModule
 
     claimed: list[Path] = []
+    trainers: list[Any] = []  # the fit's trainer, once built: whether a failed run took any step
 
     class GlanceCLI(LightningCLI):
         run_dir: Path | None = None
@@ -58,6 +60,7 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
             # Before any model is loaded: refuse to write over the LoRAs of an earlier run; a logger that
             # cannot start is reported here, not after the model has loaded.
             module, kwargs = self.model, self.config_init[self.subcommand]
+            trainers.append(self.trainer)
             check_strategy(self.trainer.strategy, module)  # before Lightning's launcher starts other processes
             ckpt_path = kwargs.get("ckpt_path")
             lora_dir = module.lora_dir
@@ -81,8 +84,9 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
 
     no_exit = {"exit_on_error": False}  # parse errors raise, so that main() reports them in one line
     previous = os.environ.get(run_folder.RUN_DIR_ENV)
+    failed = True
     try:
-        return GlanceCLI(
+        cli = GlanceCLI(
             GlanceModule,
             LightningDataModule,
             subclass_mode_model=True,
@@ -95,9 +99,14 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
             save_config_kwargs={"save_to_log_dir": True},
             parser_kwargs={**no_exit, **{command: no_exit for command in ("fit", "validate", "test", "predict")}},
         )
+        failed = False
+        return cli
     finally:
         run_folder.restore_env(previous)
-        for path in claimed:  # a run refused before it wrote anything leaves no empty version folder
+        untrained = failed and not any(getattr(t, "global_step", 0) for t in trainers)
+        for path in claimed:  # a run that stopped before its first step leaves no version folder behind
+            if untrained and run_folder.VERSION_PATTERN.fullmatch(path.name):
+                shutil.rmtree(path, ignore_errors=True)
             with suppress(OSError):
                 path.rmdir()
 
@@ -113,9 +122,10 @@ def place_run(config: Any, claimed: list[Path]) -> Path:
     ckpt_path = Path(config.ckpt_path) if config.get("ckpt_path") else None
     fresh = os.environ.get(run_folder.RUN_DIR_ENV) is None and (
         ckpt_path is None or run_folder.checkpoint_run_dir(ckpt_path) is None)
+    new_root = not root.exists()
     run_dir = run_folder.resolve(root, ckpt_path)
-    if fresh:
-        claimed.append(run_dir)
+    if fresh:  # removed again if the run stops before its first step (and the root, when it made it)
+        claimed.extend([run_dir, root.absolute()] if new_root else [run_dir])
     os.environ[run_folder.RUN_DIR_ENV] = str(run_dir)
     config.trainer.logger, notes = run_folder.place_loggers(config.trainer.logger, run_dir, ckpt_path is not None)
     for note in notes:

@@ -35,6 +35,7 @@ from glance_lightning.models import (
     check_model_family,
     load_pipeline,
     load_transformer,
+    read_json,
     resolve_pretrained,
     transformer_module_names,
 )
@@ -85,6 +86,8 @@ class AdaptedBaseModel:
         if override and not Path(override).expanduser().exists():
             raise ModelNotFoundError(f"model.transformer={override!r}: no such folder or file; give a diffusers "
                                      "transformer folder or a single-file checkpoint (.safetensors)")
+        if override and (Path(override).expanduser() / "config.json").is_file():
+            read_json(Path(override).expanduser() / "config.json", "model.transformer")
         targets = self.lora_settings.targets
         if not targets:
             return
