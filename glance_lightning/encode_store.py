@@ -7,10 +7,14 @@ content (the prompt text, the SHA-256 of the image and control pixels). The key 
 checked on reading: a stale, truncated or corrupt entry is reported, deleted and rebuilt, never used. Writes go to
 a temporary file in the same folder, then a rename; the temporary files of a run killed while writing are removed
 when the cache is next opened (``glance_lightning.atomic.remove_leftovers``).
+
+A folder that cannot be written (read-only mount, no permission) is still read: valid entries are used, the others
+are encoded in memory and not saved, said in one line; a cache path that names a file is a one-line error.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,11 +24,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from glance_lightning import console
 from glance_lightning.atomic import remove_leftovers
 from glance_lightning.lora_io import atomic_save_safetensors
+from glance_lightning.run_folder import check_cache_folder, folder_writable
 
 log = logging.getLogger(__name__)
 KEY_METADATA = "glance_encode_key"
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -42,7 +49,12 @@ class EncodeStore:
         self.root = Path(root).expanduser()
         self.context = context
         self.hits = self.misses = self.rebuilt = 0
-        remove_leftovers(self.root)  # entries a killed run was writing (a read-only cache is left as it is)
+        check_cache_folder(self.root, "model.encode_cache")
+        self.read_only = not folder_writable(self.root)
+        if self.read_only:
+            self._say_read_only()
+        else:
+            remove_leftovers(self.root)  # entries a killed run was writing
 
     def key(self, kind: str, **content: Any) -> str:
         return json.dumps({**self.context, "kind": kind, **content}, sort_keys=True, default=str)
@@ -72,12 +84,34 @@ class EncodeStore:
                     raise ValueError("it was written for other inputs")
                 tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iter)
         except Exception as err:  # a truncated or foreign file: rebuild, never use
-            log.warning("glance_lightning: encode cache entry %s is unusable (%s); rebuilding it", path, err)
-            path.unlink(missing_ok=True)
             self.rebuilt += 1
+            if self.read_only:
+                log.info("glance_lightning: encode cache entry %s is unusable (%s); encoded again", path, err)
+                return None
+            log.warning("glance_lightning: encode cache entry %s is unusable (%s); rebuilding it", path, err)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as unlink_err:
+                self._note_write_failure(unlink_err)
             return None
         self.hits += 1
         return tensors
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        atomic_save_safetensors(tensors, self._path(key), {KEY_METADATA: key})
+        """Save an entry; in a folder that cannot be written, nothing (the caller keeps it in memory)."""
+        if self.read_only:
+            return
+        try:
+            atomic_save_safetensors(tensors, self._path(key), {KEY_METADATA: key})
+        except OSError as err:
+            self._note_write_failure(err)
+
+    def _note_write_failure(self, err: OSError) -> None:
+        if err.errno not in _READ_ONLY:
+            raise err
+        self.read_only = True
+        self._say_read_only()
+
+    def _say_read_only(self) -> None:
+        console.info(f"encode cache {self.root} is read-only: its valid entries are used, anything else is encoded "
+                     "in memory and not saved; make it writable or set model.encode_cache to another folder")

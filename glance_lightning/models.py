@@ -50,8 +50,15 @@ def is_tiny(name: str) -> bool:
 
 def cache_dir() -> Path:
     """glance_lightning's cache root: ``$GLANCE_LIGHTNING_CACHE``, else ``~/.cache/glance_lightning``."""
+    from glance_lightning.run_folder import check_cache_folder
+
     root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "glance_lightning"
+    path = Path(root).expanduser() if root else Path.home() / ".cache" / "glance_lightning"
+    if root:
+        check_cache_folder(path, CACHE_ENV, f"point {CACHE_ENV} at a folder, or unset it for ~/.cache/glance_lightning")
+    else:
+        check_cache_folder(path, "glance_lightning's cache folder", f"move that file, or set {CACHE_ENV} to a folder")
+    return path
 
 
 @dataclass(frozen=True)

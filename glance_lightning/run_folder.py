@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from glance_lightning.errors import MissingFileError, UnwritableError
+from glance_lightning.errors import ConfigError, MissingFileError, UnwritableError
 
 RUN_DIR_ENV = "GLANCE_LIGHTNING_RUN_DIR"
 VERSION_PATTERN = re.compile(r"version_(\d+)")
@@ -48,6 +48,24 @@ def check_root(root: Path, setting: str = "trainer.default_root_dir") -> None:
                               "folder") from err
     if not os.access(root, os.W_OK | os.X_OK):
         raise UnwritableError(f"{setting}: {root} is not writable; choose another folder")
+
+
+def check_cache_folder(path: Path, setting: str, fix: str = "give a folder (or another path)") -> None:
+    """A cache folder ``setting`` names must not be a file (nor lie under one): one line naming it and the fix."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == path else f"lies under {folder}, which is a file"
+                raise ConfigError(f"{setting}: {path} {where}, not a folder; {fix}")
+            return
+
+
+def folder_writable(path: Path) -> bool:
+    """Whether files can be created in ``path`` (a missing folder: whether it can be created)."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return os.access(folder, os.W_OK | os.X_OK)
+    return False
 
 
 def versions(root: Path) -> list[int]:

@@ -44,6 +44,7 @@ from glance_lightning.families.saving import SavesLoras
 from glance_lightning.model_schedule import builtin_schedule
 from glance_lightning.models import ResolvedModel
 from glance_lightning.registry import FamilySpec, get_family
+from glance_lightning.run_folder import check_cache_folder
 from glance_lightning.settings import (
     LoraSettings,
     OptimizerSettings,
@@ -129,6 +130,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
         if slow_steps + fast_steps == 0:
             raise ConfigError("model.slow_steps and model.fast_steps are both 0; train at least one phase")
         checked(Probability, caption_dropout, "model.caption_dropout")
+        if encode_cache not in (None, "user"):
+            check_cache_folder(Path(encode_cache).expanduser(), "model.encode_cache")
         self.dtype_name = torch_dtype
         if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
             raise ConfigError(f"model.torch_dtype={torch_dtype!r} is not a torch dtype; use float32 or bfloat16")
