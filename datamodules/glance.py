@@ -87,6 +87,7 @@ class GlanceDataModule(L.LightningDataModule):
         resize: ResizeRule = "area",
         max_aspect_ratio: float = DEFAULT_RULES.max_aspect_ratio,
         alpha: AlphaRule = DEFAULT_RULES.alpha,
+        allow_empty_captions: bool = False,
     ) -> None:
         """
         Args:
@@ -103,6 +104,8 @@ class GlanceDataModule(L.LightningDataModule):
             alpha: transparent pixels are composited over "white" (default) or "black", with a warning naming the
                 file; "error" refuses such images. Images, controls included, are opened by
                 ``glance_lightning.datamodules.images.open_image`` (EXIF orientation, 16-bit, first frame).
+            allow_empty_captions: train images whose caption file is empty on the empty prompt (as caption dropout
+                does) instead of refusing them.
         """
         super().__init__()
         resolution = checked(PositiveInt, resolution, "data.resolution")
@@ -122,7 +125,8 @@ class GlanceDataModule(L.LightningDataModule):
         self.resolution, self.size_multiple = resolution, size_multiple
         self.batch_size = batch_size
         self.resize = resize
-        self.rules = ImageRules(resolution, size_multiple, resize, float(max_aspect_ratio), alpha)
+        self.rules = ImageRules(resolution, size_multiple, resize, float(max_aspect_ratio), alpha,
+                                bool(allow_empty_captions))
         self.train_samples: list[TrainSample] = []
 
     def setup(self, stage: str | None = None) -> None:

@@ -75,13 +75,14 @@ class Note:
 
 @dataclass(frozen=True)
 class ImageRules:
-    """The DataModule settings that decide how an image is loaded (``data.*`` in the config)."""
+    """The DataModule settings that decide how a sample is read (``data.*`` in the config)."""
 
     resolution: int = 1024
     size_multiple: int = 32
     resize: str = "area"
     max_aspect_ratio: float = 4.0
     alpha: str = "white"
+    allow_empty_captions: bool = False
 
 
 @dataclass

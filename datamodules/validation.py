@@ -3,7 +3,8 @@
 This module owns the on-disk dataset contract and its checks:
 
 * ``flat`` (text-to-image): one folder of images (``.png .jpg .jpeg .webp``, any letter case), each with a
-  UTF-8 caption file of the same basename (``img1.png`` + ``img1.txt``).
+  caption file of the same basename (``img1.png`` + ``img1.txt``): UTF-8, or UTF-16/32 with a byte-order mark;
+  not empty unless ``data.allow_empty_captions``.
 * ``edit`` (Qwen-Image-Edit): ``image/`` holds target images and their captions, ``control/`` holds the
   control image of the same basename; Qwen-Image-Edit-2509/2511 may add ``control_2/`` and ``control_3/``
   (second and third control image). Every target needs a file in every control folder that exists, and
@@ -22,6 +23,7 @@ Hidden files and folders (names starting with ``.``) are ignored everywhere.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from glance_lightning.datamodules.report import (  # noqa: F401 (re-exported: th
 )
 
 from glance_lightning.errors import ConfigError
+from glance_lightning.texts import UndecodableText, read_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTENSION = ".txt"
@@ -91,7 +94,10 @@ def _scan_folder(
     scan = _FolderScan(folder)
     for entry in _visible_entries(folder):
         suffix = entry.suffix.lower()
-        if entry.is_dir():
+        if entry.is_symlink() and not entry.exists():
+            out.error(entry, f"dangling symlink to {os.readlink(entry)} (no such file); fix the link or remove it")
+            scan.unsupported.setdefault(entry.stem, []).append(entry)  # its caption is not reported as stray
+        elif entry.is_dir():
             out.warning(entry, _subfolder_message(entry, flat_root))
         elif suffix in IMAGE_EXTENSIONS:
             scan.images.setdefault(entry.stem, []).append(entry)
@@ -154,18 +160,24 @@ def _read_captions(scan: _FolderScan, out: Collector) -> dict[str, str]:
 
 
 def _read_caption(path: Path, out: Collector) -> str | None:
+    """The caption's text (UTF-8, or UTF-16/32 with a byte-order mark); None after reporting why it is unusable.
+    An empty caption is an error unless ``data.allow_empty_captions`` (then the sample trains on "")."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        out.error(path, f"caption is not valid UTF-8 ({exc.reason} at byte {exc.start}); re-save it as UTF-8")
+        text = read_text(path)
+    except UndecodableText as exc:
+        out.error(path, f"caption is {exc}")
         return None
     except OSError as exc:
         out.error(path, f"unreadable caption file: {exc.strerror or exc}")
         return None
-    if not text.strip():
-        out.error(path, "empty caption (the file is empty or whitespace only)")
-        return None
-    return text.strip()
+    if text.strip():
+        return text.strip()
+    if out.rules.allow_empty_captions:
+        out.add(path, "info", "empty caption: trained without one (data.allow_empty_captions)")
+        return ""
+    out.error(path, "empty caption (the file is empty or whitespace only); write one, or set "
+                    "data.allow_empty_captions: true to train this image without a caption")
+    return None
 
 
 def _pair_captions(scan: _FolderScan, out: Collector) -> dict[str, str]:

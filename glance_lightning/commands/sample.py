@@ -22,8 +22,10 @@ from glance_lightning.errors import ConfigError
 from glance_lightning.lora_io import check_lora_file
 from glance_lightning.performance import QUANTIZATIONS, check_performance_settings
 from glance_lightning.registry import FamilySpec, family_names, get_family
+from glance_lightning.run_folder import check_destination
 from glance_lightning.sampling import PLANS, Step
 from glance_lightning.settings import OptimizerSettings, PerformanceSettings, TimestepSettings
+from glance_lightning.texts import UndecodableText, read_text
 from glance_lightning.timesteps import GlanceTimesteps
 
 if TYPE_CHECKING:
@@ -248,9 +250,7 @@ def run_sample_command(argv: list[str] | None = None) -> int:
     args.prompt = read_prompts(args)
     if not args.prompt:
         return _fail("give a prompt: --prompt TEXT (repeatable) or --prompt-file PATH (one per line)")
-    out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        return _fail(f"--output {out_dir} exists and is not a folder")
+    check_destination(Path(args.output), "--output")
     missing = [c for c in args.control if not Path(c).is_file()]
     if missing:
         return _fail(f"--control: no such file(s): {', '.join(missing)}")
@@ -301,7 +301,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     """--prompt values, then the lines of --prompt-file."""
     prompts = list(args.prompt)
     if args.prompt_file is not None:
-        lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        try:
+            lines = read_text(args.prompt_file).splitlines()
+        except UndecodableText as err:
+            raise errors.ConfigError(f"--prompt-file {args.prompt_file}: {err}") from None
         prompts += [line.strip() for line in lines if line.strip()]
     return prompts
 

@@ -32,6 +32,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="flat: images + same-name .txt captions; edit: image/ + control/ (+ control_2/, control_3/); "
         "auto: edit when image/ and control/ exist (default)",
     )
+    parser.add_argument("--allow-empty-captions", action="store_true", default=None,
+                        help="as data.allow_empty_captions: empty caption files are trained without a caption")
     parser.add_argument(
         "--family", choices=family_names(), default=None,
         help="also check that every sample has as many control images as this family takes",
@@ -94,7 +96,7 @@ def run_validate_data_command(argv: Iterable[str] | None = None) -> int:
     settings.pop("path", None)
     if path is None:
         raise ConfigError(f"--config {args.config}: it sets no data.init_args.path; give --path DIR")
-    for name in ("resolution", "size_multiple"):
+    for name in ("resolution", "size_multiple", "allow_empty_captions"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     rules = ImageRules(**{k: v for k, v in settings.items() if k in _RULES})
