@@ -252,7 +252,7 @@ def check_model_family(model: ResolvedModel, spec: FamilySpec, setting: str = "m
     if declared == own:
         return
     others = [n for n in family_names() if get_family(n).pipeline_name == declared]
-    expected = _annotated_transformer(spec)
+    expected = annotated_transformer(spec)
     found = _declared_components(index).get("transformer", (None, None))[1]
     if others or (expected and found and found != expected):
         what = f"a {others[0]} model" if others else f"a {declared} with a {found}"
@@ -262,7 +262,7 @@ def check_model_family(model: ResolvedModel, spec: FamilySpec, setting: str = "m
                                  f"{hint}give a {spec.name} model")
 
 
-def _annotated_transformer(spec: FamilySpec) -> str | None:
+def annotated_transformer(spec: FamilySpec) -> str | None:
     """The transformer class the family's pipeline declares in its constructor."""
     parameter = inspect.signature(spec.pipeline_class().__init__).parameters.get("transformer")
     annotation = getattr(parameter, "annotation", None)

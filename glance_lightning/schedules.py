@@ -43,6 +43,7 @@ PIXELS_PER_TOKEN = 16  # VAE factor 8 x (2x2 packing for FLUX/Qwen, patch size 2
 DEFAULT_SLOW_INDICES = (0, 2, 4, 6, 8)
 DEFAULT_FAST_INDICES = (10, 20, 30, 40, 49)
 DEFAULT_NUM_STEPS = 50
+MAX_NUM_STEPS = 10_000  # a sampling schedule's length; far beyond any pipeline's (and the table is built in memory)
 _SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 _CONFIG_FILE = Path("scheduler") / "scheduler_config.json"
 
@@ -111,6 +112,9 @@ def _check_family(family: str | None) -> FamilySpec:
 def _check_num_steps(num_steps: int) -> None:
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ScheduleError("num_steps", f"must be a positive int, got {num_steps!r}")
+    if num_steps > MAX_NUM_STEPS:
+        raise ScheduleError("num_steps", f"{num_steps} steps is beyond any sampling schedule; give at most "
+                            f"{MAX_NUM_STEPS} ({DEFAULT_NUM_STEPS} is the pipelines' default)")
 
 
 def check_sample_sigmas(sample_sigmas: Sequence[float]) -> list[float]:

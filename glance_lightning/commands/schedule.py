@@ -32,6 +32,14 @@ _OPTION_NAMES = {
 }
 
 
+def _step_count(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps; give an integer such as "
+                                         f"{DEFAULT_NUM_STEPS}") from None
+
+
 def _index_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -75,7 +83,7 @@ def build_schedule_parser() -> argparse.ArgumentParser:
         metavar="SIZE|WIDTHxHEIGHT",
         help="image size, multiples of 16 (default 1024)",
     )
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=_step_count, default=None,
                         help=f"schedule length (default {DEFAULT_NUM_STEPS}, or the length of the sample_sigmas "
                         "grid the model directory declares)")
     parser.add_argument(
@@ -101,7 +109,6 @@ def build_schedule_parser() -> argparse.ArgumentParser:
 def _command_error(parser: argparse.ArgumentParser, exc: Exception, settings: Sequence[str]) -> int:
     options = "/".join(_OPTION_NAMES.get(s, s) for s in settings)
     detail = exc.detail if isinstance(exc, ScheduleError) else str(exc)
-    parser.print_usage(sys.stderr)
     print(f"{parser.prog}: error: {options}: {detail}", file=sys.stderr)
     return 2
 

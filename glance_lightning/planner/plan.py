@@ -197,13 +197,14 @@ def find_architecture(spec: FamilySpec, pretrained: str, transformer: str | None
     """The transformer config to plan: ``given`` (a config.json), a local model's ``transformer/config.json``,
     one in the Hugging Face cache (read offline), else the registry's full-size config."""
     if given:
-        return _read_config(Path(given)), given
+        return _own_class(spec, _read_config(Path(given)), f"--architecture {given}"), given
     for folder in (transformer, pretrained and str(Path(pretrained) / "transformer")):
         if folder and (Path(folder) / "config.json").is_file():
-            return _read_config(Path(folder) / "config.json"), str(Path(folder) / "config.json")
+            file = Path(folder) / "config.json"
+            return _own_class(spec, _read_config(file), str(file)), str(file)
     cached = _hub_cached_config(pretrained)
     if cached is not None:
-        return _read_config(cached), str(cached)
+        return _own_class(spec, _read_config(cached), str(cached)), str(cached)
     variants = dict(spec.extra.get("architectures", {}))
     for key, arch in variants.items():
         if key in (pretrained or ""):
@@ -212,6 +213,17 @@ def find_architecture(spec: FamilySpec, pretrained: str, transformer: str | None
         raise PlanError(f"family {spec.name!r} declares no full-size architecture; give --architecture "
                         "path/to/transformer/config.json")
     return copy.deepcopy(dict(spec.architecture)), f"registry ({spec.name})"
+
+
+def _own_class(spec: FamilySpec, config: dict[str, Any], where: str) -> dict[str, Any]:
+    """``config`` if it is the family's transformer (the class its full-size architecture or pipeline names)."""
+    from glance_lightning.models import annotated_transformer
+
+    own = (spec.architecture or {}).get("_class_name") or annotated_transformer(spec)
+    if own and config["_class_name"] != own:
+        raise PlanError(f"{where}: a {config['_class_name']} config, not {spec.name}'s {own}; give a {spec.name} "
+                        f"transformer config, or plan with that model's family (model.class_path)")
+    return config
 
 
 def vae_latent_channels(architecture_source: str, default: int) -> int:

@@ -11,6 +11,8 @@ allocated between blocks; its fused kernels are timed from the same trace) and n
 from __future__ import annotations
 
 import copy
+import math
+from pathlib import Path
 from typing import Any
 
 from glance_lightning.planner.memory import LATENT_CHANNELS, StepPlan
@@ -48,6 +50,24 @@ def _parse(argv: list[str]) -> Any:
         seed_log.setLevel(level)
 
 
+def _check_numbers(gpu_memory: float | None, text_tokens: int | None) -> None:
+    if gpu_memory is not None and not (math.isfinite(gpu_memory) and gpu_memory > 0):
+        raise PlanError(f"--gpu-memory {gpu_memory:g}: give the card's memory in GiB, a number > 0 (e.g. 24)")
+    if text_tokens is not None and text_tokens < 1:
+        raise PlanError(f"--text-tokens {text_tokens}: give a number of tokens > 0 (e.g. 512)")
+
+
+def _check_model_folder(spec: Any, pretrained: str | None) -> None:
+    """A local model folder is the family's, and its json files parse (as fit checks before loading it)."""
+    from glance_lightning.models import ResolvedModel, check_model_family, check_model_files, is_tiny
+
+    if not pretrained or is_tiny(pretrained) or not (Path(pretrained).expanduser() / "model_index.json").is_file():
+        return
+    model = ResolvedModel(pretrained, str(Path(pretrained).expanduser()))
+    check_model_files(model)
+    check_model_family(model, spec)
+
+
 def _check_combination(perf: dict[str, Any]) -> None:
     """fit's refusals of combinations (offload with a quantised base, offload without checkpointing), before the
     GPU- and package-dependent settings are swapped for planning."""
@@ -74,6 +94,7 @@ def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer
                   gpu: str | GpuSpec | None = "h100", gpu_memory: float | None = None, text_tokens: int | None = None,
                   architecture: str | dict[str, Any] | None = None) -> PlanRequest:
     """A plan request from the model's init args, the data's and the trainer's options (plain dicts)."""
+    _check_numbers(gpu_memory, text_tokens)
     raw = {"cls": cls, "init": copy.deepcopy(init), "data": data, "trainer": trainer, "gpu": gpu,
            "gpu_memory": gpu_memory, "text_tokens": text_tokens}
     init = copy.deepcopy(init)
@@ -105,6 +126,7 @@ def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer
     init["resolution"] = resolution
     module = cls(**init)
     spec = family_of_module(cls)
+    _check_model_folder(spec, init.get("pretrained_model"))
     if isinstance(architecture, dict):
         arch, source = copy.deepcopy(architecture), "given"
     else:
