@@ -157,13 +157,48 @@ def test_caption_must_be_utf8(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_bytes("caf\u00e9 latte".encode("latin-1"))
     report = scan_dataset(tmp_path)
     assert not report.ok
-    single_error(report, tmp_path / "a.txt", "UTF-8")
+    single_error(report, tmp_path / "a.txt", "not UTF-8 text (byte 0xe9 at offset 3", "re-save it as UTF-8")
 
 
 def test_utf8_bom_is_stripped(tmp_path: Path) -> None:
     make_image(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes("\ufeffcaf\u00e9".encode())
     assert validate_dataset(tmp_path) == [Sample(tmp_path / "a.png", "caf\u00e9")]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be-bom", "utf-32"])
+def test_utf16_and_utf32_with_a_byte_order_mark_are_decoded(tmp_path: Path, encoding: str) -> None:
+    make_image(tmp_path / "a.png")
+    text = "caf\u00e9 \u732b"
+    data = b"\xfe\xff" + text.encode("utf-16-be") if encoding == "utf-16-be-bom" else text.encode(encoding)
+    (tmp_path / "a.txt").write_bytes(data)
+    assert validate_dataset(tmp_path) == [Sample(tmp_path / "a.png", text)]
+
+
+def test_utf16_without_a_byte_order_mark_is_named_not_trained_with_nul_characters(tmp_path: Path) -> None:
+    make_image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("a cat".encode("utf-16-le"))
+    single_error(scan_dataset(tmp_path), tmp_path / "a.txt", "NUL byte at offset 1", "UTF-16 without a byte-order")
+
+
+@pytest.mark.parametrize("text", ["", " \n\t"])
+def test_empty_captions_train_without_a_caption_when_allowed(tmp_path: Path, text: str) -> None:
+    make_pair(tmp_path, "a.png", text)
+    report = scan_dataset(tmp_path, rules=ImageRules(allow_empty_captions=True))
+    assert report.ok and [s.caption for s in report.samples] == [""]
+    assert [p.severity for p in report.problems] == ["info"]
+    refused = scan_dataset(tmp_path)
+    single_error(refused, tmp_path / "a.txt", "empty caption", "data.allow_empty_captions: true")
+
+
+def test_a_dangling_symlink_is_named_with_its_target(tmp_path: Path) -> None:
+    make_pair(tmp_path, "b.png")
+    (tmp_path / "a.png").symlink_to(tmp_path / "moved" / "a.png")
+    make_caption(tmp_path / "a.txt")
+    report = scan_dataset(tmp_path)
+    single_error(report, tmp_path / "a.png", "dangling symlink to", str(tmp_path / "moved" / "a.png"))
+    assert errors_for(report, tmp_path / "a.txt") == []  # its caption is not also called a stray
+    assert [s.image.name for s in report.samples] == ["b.png"]
 
 
 @pytest.mark.parametrize(
