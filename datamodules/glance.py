@@ -23,7 +23,7 @@ degenerate-size findings) live in ``glance_lightning.datamodules.images``, share
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -54,6 +54,27 @@ ResizeRule = Literal["area", "longest-side"]
 AlphaRule = Literal["white", "black", "error"]
 RESIZE_RULES: tuple[str, ...] = ("area", "longest-side")
 DEFAULT_RULES = ImageRules()  # the defaults validate-data checks against are the DataModule's
+
+
+def data_rules(resolution: Any = DEFAULT_RULES.resolution, size_multiple: Any = DEFAULT_RULES.size_multiple,
+               resize: Any = DEFAULT_RULES.resize, max_aspect_ratio: Any = DEFAULT_RULES.max_aspect_ratio,
+               alpha: Any = DEFAULT_RULES.alpha, allow_empty_captions: Any = False) -> ImageRules:
+    """The ``data.*`` settings that decide how samples are read, checked (one line naming the setting), as
+    ``GlanceDataModule`` and ``validate-data`` take them."""
+    resolution = checked(PositiveInt, resolution, "data.resolution")
+    size_multiple = checked(PositiveInt, size_multiple, "data.size_multiple")
+    if resize not in RESIZE_RULES:
+        raise ConfigError(f"data.resize={resize!r}: use one of {', '.join(RESIZE_RULES)}")
+    if resolution % size_multiple:
+        raise ConfigError(f"data.resolution={resolution} must be a multiple of data.size_multiple={size_multiple}")
+    if alpha not in ALPHA_MODES:
+        raise ConfigError(f"data.alpha={alpha!r}: use one of {', '.join(ALPHA_MODES)}")
+    number = isinstance(max_aspect_ratio, (int, float)) and not isinstance(max_aspect_ratio, bool)
+    if not number or not max_aspect_ratio >= 1:
+        raise ConfigError(f"data.max_aspect_ratio={max_aspect_ratio!r}: must be a number >= 1 (4 means 4:1)")
+    if not isinstance(allow_empty_captions, bool):
+        raise ConfigError(f"data.allow_empty_captions={allow_empty_captions!r}: true or false")
+    return ImageRules(resolution, size_multiple, resize, float(max_aspect_ratio), alpha, allow_empty_captions)
 
 
 def load_pixels(path: Path, size: tuple[int, int], alpha: str = "white") -> torch.Tensor:
@@ -108,25 +129,13 @@ class GlanceDataModule(L.LightningDataModule):
                 does) instead of refusing them.
         """
         super().__init__()
-        resolution = checked(PositiveInt, resolution, "data.resolution")
-        size_multiple = checked(PositiveInt, size_multiple, "data.size_multiple")
+        self.rules = data_rules(resolution, size_multiple, resize, max_aspect_ratio, alpha, allow_empty_captions)
+        resolution, size_multiple = self.rules.resolution, self.rules.size_multiple
         batch_size = checked(PositiveInt, batch_size, "data.batch_size")
-        if resize not in RESIZE_RULES:
-            raise ConfigError(f"data.resize={resize!r}: use one of {', '.join(RESIZE_RULES)}")
-        if resolution % size_multiple:
-            raise ConfigError(
-                f"data.resolution={resolution} must be a multiple of data.size_multiple={size_multiple}"
-            )
-        if alpha not in ALPHA_MODES:
-            raise ConfigError(f"data.alpha={alpha!r}: use one of {', '.join(ALPHA_MODES)}")
-        if not isinstance(max_aspect_ratio, (int, float)) or not max_aspect_ratio >= 1:
-            raise ConfigError(f"data.max_aspect_ratio={max_aspect_ratio!r}: must be a number >= 1 (4 means 4:1)")
         self.path, self.layout = Path(path), layout
         self.resolution, self.size_multiple = resolution, size_multiple
         self.batch_size = batch_size
         self.resize = resize
-        self.rules = ImageRules(resolution, size_multiple, resize, float(max_aspect_ratio), alpha,
-                                bool(allow_empty_captions))
         self.train_samples: list[TrainSample] = []
 
     def setup(self, stage: str | None = None) -> None:

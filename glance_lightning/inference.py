@@ -99,6 +99,10 @@ def read_pair_metadata(slow: str | os.PathLike, fast: str | os.PathLike,
                 f"the Slow LoRA {lora_file(slow)} was trained for family {slow_meta.get('family')!r} but the Fast "
                 f"LoRA {lora_file(fast)} for {fast_meta.get('family')!r}; use two LoRAs from the same run"
             )
+        phases = slow_meta.get("phase"), fast_meta.get("phase")
+        if phases[0] is not None and phases[0] == phases[1]:
+            raise ConfigError(f"the Slow LoRA {lora_file(slow)} and the Fast LoRA {lora_file(fast)} both hold the "
+                              f"{phases[0]!r} adapter; give the run's slow/ and fast/ LoRAs, one each")
         for phase, meta in (("slow", slow_meta), ("fast", fast_meta)):
             if meta.get("phase") not in (None, phase):
                 raise ConfigError(f"{phase} LoRA file holds the {meta.get('phase')!r} adapter; swap the two paths")

@@ -50,20 +50,19 @@ def check_root(root: Path, setting: str = "trainer.default_root_dir") -> None:
         raise UnwritableError(f"{setting}: {root} is not writable; choose another folder")
 
 
-def check_destination(path: Path, setting: str) -> None:
+def check_destination(path: Path, setting: str, named: Path | None = None) -> None:
     """Before any work: files can be written in the folder ``path`` (made later, by the writer). Probes by making
     and removing an empty folder in its nearest existing ancestor, so nothing is left behind."""
     import tempfile
 
     ancestor = next(folder for folder in (path.absolute(), *path.absolute().parents) if folder.exists())
     if not ancestor.is_dir():
-        where = "is a file" if ancestor == path.absolute() else f"lies under {ancestor}, which is a file"
-        raise UnwritableError(f"{setting} {path} {where}, not a folder; choose a folder")
+        raise UnwritableError(f"{setting} {named or path}: {ancestor} is a file, not a folder; choose a folder")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".glance-probe-", dir=ancestor))
     except OSError as err:
-        raise UnwritableError(f"{setting} {path}: cannot write in {ancestor} ({err.strerror or err}); choose a "
-                              "writable folder") from None
+        raise UnwritableError(f"{setting} {named or path}: cannot write in {ancestor} ({err.strerror or err}); "
+                              "choose a writable folder") from None
 
 def check_cache_folder(path: Path, setting: str, fix: str = "give a folder (or another path)") -> None:
     """A cache folder ``setting`` names must not be a file (nor lie under one): one line naming it and the fix."""

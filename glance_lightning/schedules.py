@@ -43,6 +43,7 @@ PIXELS_PER_TOKEN = 16  # VAE factor 8 x (2x2 packing for FLUX/Qwen, patch size 2
 DEFAULT_SLOW_INDICES = (0, 2, 4, 6, 8)
 DEFAULT_FAST_INDICES = (10, 20, 30, 40, 49)
 DEFAULT_NUM_STEPS = 50
+MAX_SIDE = 16_384  # pixels: far beyond what these models make; the dynamic shift overflows long before 1e9
 MAX_NUM_STEPS = 10_000  # a sampling schedule's length; far beyond any pipeline's (and the table is built in memory)
 _SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 _CONFIG_FILE = Path("scheduler") / "scheduler_config.json"
@@ -72,6 +73,8 @@ def parse_resolution(resolution: int | str | Sequence[int]) -> tuple[int, int]:
     if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
         raise ScheduleError("resolution", f"expected an int or (width, height) ints, got {resolution!r}")
     for side in sides:
+        if side > MAX_SIDE:
+            raise ScheduleError("resolution", f"{sides[0]}x{sides[1]}: at most {MAX_SIDE} pixels a side")
         if side <= 0 or side % PIXELS_PER_TOKEN:
             raise ScheduleError(
                 "resolution",
@@ -320,13 +323,27 @@ def load_scheduler_config(path: str | Path) -> dict:
         )
     file = path if path.is_file() else _config_file_in(path)
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        config = json.loads(file.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ScheduleError("scheduler_config", f"{file} is not a json text file (byte {exc.start} is not "
+                            "UTF-8); give a scheduler_config.json or the model folder") from None
     except json.JSONDecodeError as exc:
         raise ScheduleError("scheduler_config", f"{file} is not valid json: {exc}") from None
     if not isinstance(config, dict):
         kind = type(config).__name__
         raise ScheduleError("scheduler_config", f"{file} must hold a json object, got a json {kind}")
+    wrong = [f"{key}={config[key]!r}" for key in _NUMERIC_KEYS if key in config and not _number_or_null(config[key])]
+    if wrong:
+        raise ScheduleError("scheduler_config", f"{file}: {', '.join(wrong)} must be numbers")
     return config
+
+
+_NUMERIC_KEYS = ("num_train_timesteps", "shift", "base_shift", "max_shift", "base_image_seq_len",
+                 "max_image_seq_len", "shift_terminal")
+
+
+def _number_or_null(value: object) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def _config_file_in(directory: Path) -> Path:

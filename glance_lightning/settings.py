@@ -231,3 +231,11 @@ def checked(kind: type, value: Any, setting: str) -> Any:
         return kind(value)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{setting}={value!r}: {explain_restriction(str(err))}") from None
+
+
+def checked_text_tokens(value: Any, maximum: int) -> int:
+    """``model.max_sequence_length``: a whole number of text tokens in 1..``maximum`` (the pipeline's limit)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= maximum:
+        raise ConfigError(f"model.max_sequence_length={value!r}: give 1 to {maximum} text tokens (the pipeline's "
+                          "limit)")
+    return value

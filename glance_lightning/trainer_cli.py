@@ -54,6 +54,7 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
             if self.subcommand == "fit" and instantiate:
                 trainer = self.config.fit.trainer
                 check_trainer_flags(trainer.strategy, trainer.accelerator, trainer.devices)
+                check_trainer_counts(trainer)
                 self.run_dir = place_run(self.config.fit, claimed)
 
         def before_fit(self) -> None:
@@ -80,7 +81,7 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
 
     from glance_lightning import run_folder
     from glance_lightning.families import resume
-    from glance_lightning.families.preflight import check_strategy, check_trainer_flags
+    from glance_lightning.families.preflight import check_strategy, check_trainer_counts, check_trainer_flags
 
     no_exit = {"exit_on_error": False}  # parse errors raise, so that main() reports them in one line
     previous = os.environ.get(run_folder.RUN_DIR_ENV)

@@ -91,7 +91,7 @@ CASES = {
                                      "--output /proc/glance/samples", ("--output /proc/glance/samples",
                                                                        "cannot write in /proc")),
     "sample output under a file": _sample("--prompt x --output {tmp}/file/samples", words=(
-        "--output", "lies under", "which is a file")),
+        "--output", "/file is a file, not a folder")),
     # 4. numbers and families
     "schedule steps 1e12": Case("schedule --family flux --steps 1000000000000", ("--steps", "at most 10000")),
     "schedule steps not an integer": Case("schedule --family flux --steps 2.5", ("--steps", "'2.5' is not a whole")),

@@ -8,7 +8,6 @@ the same ``--config`` files and overrides as ``fit``.
 
 from __future__ import annotations
 
-import sys
 import time
 
 from glance_lightning.trainer_cli import run_lightning_cli
@@ -25,8 +24,9 @@ def run_cache_command(argv: list[str]) -> int:
     cli = run_lightning_cli(argv, run=False)
     module, data, trainer = cli.model, cli.datamodule, cli.trainer
     if module.encode_store() is None:
-        print("cache: error: model.init_args.encode_cache is null; set it to `user` or a folder", file=sys.stderr)
-        return 2
+        from glance_lightning.errors import ConfigError
+
+        raise ConfigError("model.encode_cache is null: nothing to fill; set it to `user` or a folder")
     data.setup("fit")
     samples = data.train_samples
     module.check_samples(samples)

@@ -29,6 +29,7 @@ from glance_lightning.errors import ConfigError, ExistingFileError, MissingFileE
 from glance_lightning.lora_io import LORA_WEIGHT_NAME, read_glance_metadata
 from glance_lightning.lora_layouts import FORMATS, LoraLayoutError, export_lora
 from glance_lightning.registry import family_names
+from glance_lightning.run_folder import check_destination
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +77,10 @@ def run_export_command(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     output = Path(args.output) if args.output else None
+    if output is not None:  # a folder, or one .safetensors file in a folder: writable, before anything is read
+        check_destination(output.parent if output.suffix == ".safetensors" else output, "--output", output)
     if args.hub is not None:
+        check_destination(Path(args.hub), "--hub")
         try:
             return _export_hub(Path(args.lora), Path(args.hub), args.format, args.family)
         except (ValueError, FileNotFoundError, FileExistsError, LoraLayoutError) as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiplies both LoRAs' trained weight change (files without alpha load at 1.0 x this)")
     p.add_argument("--mode", choices=tuple(PLANS), default="exact",
                    help="exact chain (default) or the official Qwen Glance pipelines' arithmetic")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", choices=DTYPES)
     p.add_argument("--attention-backend", default="sdpa", help="as model.performance.attention_backend")
     p.add_argument("--base-quantization", default="none", choices=QUANTIZATIONS,
                    help="load the transformer quantised (torchao / bitsandbytes), to fit smaller cards")
@@ -89,9 +90,13 @@ def check_model(model: str, family: str, metadata: dict[str, dict | None]) -> No
     a folder's model_index.json names its pipeline class); warn when it is not the LoRAs' base model and about a
     phase trained for 0 steps."""
     from glance_lightning.inference import family_of_model, pipeline_class_name
+    from glance_lightning.models import is_tiny
 
     model_family, class_name = family_of_model(model)
     own = pipeline_class_name(get_family(family))
+    if is_tiny(model) and model_family not in family_names():
+        raise ConfigError(f"--model {model}: no tiny model of that name; give tiny:{family} (the LoRAs' family) or a "
+                          "model folder or hub id")
     if model_family is not None and model_family != family and class_name != own:
         raise ConfigError(f"--model {model} is a {class_name or model_family} ({model_family}) but the LoRAs were "
                          f"trained for {family} ({own}); give a {family} model")
@@ -123,6 +128,8 @@ def default_size(args: argparse.Namespace, metadata: dict[str, dict | None]) -> 
 
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+MAX_SIDE = 8192  # pixels: 4x the 2-megapixel sizes these models are trained for; beyond is a typo, not an image
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_size(height: int, width: int, multiple: int) -> None:
@@ -131,6 +138,21 @@ def check_size(height: int, width: int, multiple: int) -> None:
         if side <= 0 or side % multiple:
             near = max(multiple, round(side / multiple) * multiple)
             raise ConfigError(f"{name} {side}: give a positive multiple of {multiple} (e.g. {near})")
+        if side > MAX_SIDE:
+            raise ConfigError(f"{name} {side}: at most {MAX_SIDE} pixels (these models are trained near 1024)")
+
+
+def check_device(device: str) -> None:
+    """``--device`` names a device this machine has."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a device name; give cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise errors.SetupError(f"--device {device}: this machine has {have}; give --device cpu or an existing one")
+    if parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(f"--device {device}: give cpu, cuda or cuda:N")
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -138,8 +160,13 @@ def check_options(args: argparse.Namespace) -> None:
     for seed in args.seed or ():
         if not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"--seed {seed}: give a whole number from 0 to {MAX_SEED}")
-    if args.lora_scale != args.lora_scale or abs(args.lora_scale) == float("inf"):
+    if not math.isfinite(args.lora_scale):
         raise ConfigError(f"--lora-scale {args.lora_scale}: give a finite number (1 = the trained strength)")
+    for name in ("guidance", "guidance_scale"):
+        value = getattr(args, name, None)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: give a finite number")
+    check_device(args.device)
     for name in ("slow", "fast"):
         check_lora_file(getattr(args, name))
 
@@ -246,14 +273,17 @@ def run_sample_command(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
-        return _fail(f"--prompt-file {args.prompt_file}: no such file")
+        what = "a folder, not a text file" if Path(args.prompt_file).is_dir() else "no such file"
+        return _fail(f"--prompt-file {args.prompt_file}: {what}")
     args.prompt = read_prompts(args)
     if not args.prompt:
         return _fail("give a prompt: --prompt TEXT (repeatable) or --prompt-file PATH (one per line)")
     check_destination(Path(args.output), "--output")
     missing = [c for c in args.control if not Path(c).is_file()]
     if missing:
-        return _fail(f"--control: no such file(s): {', '.join(missing)}")
+        folders = [c for c in missing if Path(c).is_dir()]
+        what = f"folder(s), not images: {', '.join(folders)}" if folders else f"no such file(s): {', '.join(missing)}"
+        return _fail(f"--control: {what}")
     check_options(args)
     try:
         check_performance_settings(performance_settings(args), OptimizerSettings())

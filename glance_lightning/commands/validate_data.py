@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from glance_lightning.datamodules.glance import data_rules
 from glance_lightning.datamodules.images import ImageRules
 from glance_lightning.datamodules.validation import LAYOUTS, PROG, scan_dataset
 from glance_lightning.errors import ConfigError, MissingFileError
@@ -54,9 +55,22 @@ def _from_config(path: Path) -> tuple[dict[str, Any], str | None]:
         config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    data = dict((config.get("data") or {}).get("init_args") or {})
-    class_path = str((config.get("model") or {}).get("class_path", ""))
+    data, model = _section(config, "data", path), _section(config, "model", path)
+    data = _section(data, "init_args", path, "data.")
+    class_path = str(model.get("class_path", "") or "")
     return data, _family_of_class_path(class_path, path) if class_path else None
+
+
+def _section(config: Any, key: str, path: Path, prefix: str = "") -> dict[str, Any]:
+    """``config[key]`` as a mapping ({} when absent), or one line naming the config and the key."""
+    if not isinstance(config, dict):
+        what = "the file" if not prefix else prefix.rstrip(".")
+        raise ConfigError(f"--config {path}: {what} holds a {type(config).__name__}, not fit settings (see configs/)")
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"--config {path}: {prefix}{key} should be a mapping of settings, not {value!r} "
+                          "(see configs/)")
+    return dict(value)
 
 
 def _family_of_class_path(class_path: str, config: Path) -> str:
@@ -96,10 +110,12 @@ def run_validate_data_command(argv: Iterable[str] | None = None) -> int:
     settings.pop("path", None)
     if path is None:
         raise ConfigError(f"--config {args.config}: it sets no data.init_args.path; give --path DIR")
+    if not isinstance(path, (str, Path)):
+        raise ConfigError(f"--config {args.config}: data.init_args.path={path!r} is not a folder name")
     for name in ("resolution", "size_multiple", "allow_empty_captions"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
-    rules = ImageRules(**{k: v for k, v in settings.items() if k in _RULES})
+    rules = data_rules(**{k: v for k, v in settings.items() if k in _RULES})
     num_controls = get_family(family).control_images if family else None
     report = scan_dataset(Path(path), args.layout, num_controls, rules=rules)
     print(report.format())

@@ -6,15 +6,18 @@ and ``_prepare_latent_image_ids``; latents are normalised with the VAE's shift a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from diffusers import FluxPipeline
 
+from glance_lightning.errors import ConfigError
 from glance_lightning.families.base import Conditioning, GlanceModule
 from glance_lightning.families.latents import ShiftScaleLatents
 from glance_lightning.lora_layouts import rule
+from glance_lightning.settings import checked_text_tokens
 
 # ComfyUI's (BFL) module names of the diffusers modules, for `export --format comfyui/kohya` (the spec's
 # lora_layout; a fused qkv/linear1 LoRA holds the q/k/v/proj_mlp ones exactly)
@@ -64,8 +67,10 @@ class FluxGlance(ShiftScaleLatents, GlanceModule):
             max_sequence_length: T5 tokens per prompt.
         """
         super().__init__(*args, **kwargs)
+        if not math.isfinite(guidance):
+            raise ConfigError(f"model.guidance={guidance}: give a finite number (FLUX.1-dev samples at 3.5)")
         self.guidance = guidance
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = checked_text_tokens(max_sequence_length, 512)
 
     def family_options(self) -> dict[str, Any]:
         return {"guidance": self.guidance, "max_sequence_length": self.max_sequence_length}

@@ -202,6 +202,13 @@ def check_trainer_flags(strategy: Any, accelerator: Any, devices: Any) -> None:
                           f"set trainer.devices to at most {available}")
 
 
+def check_trainer_counts(trainer: Any) -> None:
+    """Trainer counts Lightning takes without complaint but that train nothing (0 batches per step)."""
+    value = getattr(trainer, "accumulate_grad_batches", 1)
+    if isinstance(value, int) and value < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches={value}: must be >= 1 (1 = one batch per step)")
+
+
 def requested_devices(devices: Any) -> int | None:
     """How many devices ``trainer.devices`` asks for (an int, a digit string or a list of ids); None for
     "auto", -1 and anything Lightning itself parses and checks."""

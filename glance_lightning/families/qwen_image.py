@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glance_lightning.errors import ConfigError
 from glance_lightning.families.base import Conditioning, GlanceModule
+from glance_lightning.settings import checked_text_tokens
 
 # The LoRA targets of the official Glance Qwen-Image runs.
 QWEN_LORA_TARGETS = (
@@ -47,9 +47,7 @@ class QwenImageGlance(GlanceModule):
                 pipeline's ``max_sequence_length`` (at most 1024).
         """
         super().__init__(*args, **kwargs)
-        if not 0 < max_sequence_length <= 1024:
-            raise ConfigError(f"model.max_sequence_length={max_sequence_length} must be in 1..1024")
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = checked_text_tokens(max_sequence_length, 1024)
 
     def family_options(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length}

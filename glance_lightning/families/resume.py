@@ -71,21 +71,40 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents (only LoRA weights and optimizer state: small), or a message naming the file and
     the checkpoints beside it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--ckpt_path {path}: a folder; give a checkpoint file in it (a run's checkpoints/*.ckpt), "
+                          "or --ckpt_path last")
     if not path.is_file():
         raise ConfigError(f"--ckpt_path {path}: no such file{_neighbours(path)}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 (zip, pickle and I/O errors all mean: this file is unusable)
         detail = str(err).split(". ")[0][:100]
         raise ConfigError(f"--ckpt_path {path}: cannot be read ({detail}): it is damaged (a full disk or a killed "
                           f"copy?) or not a checkpoint{_neighbours(path)}") from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
+        raise ConfigError(f"--ckpt_path {path}: not a Lightning checkpoint (a fit's checkpoints/*.ckpt); LoRA files "
+                          f"are for sample and export, not for resuming{_neighbours(path)}")
+    return checkpoint
 
 
 def _neighbours(path: Path) -> str:
-    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime)
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path and _readable(p)),
+                    key=lambda p: p.stat().st_mtime)
     if not others:
         return ""
     return f"; resume from the newest one beside it instead: --ckpt_path {others[-1]}"
+
+
+def _readable(path: Path) -> bool:
+    """Whether ``path`` opens as a zip archive (torch.save's format) whose entries are all there."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def check_resume(checkpoint: dict[str, Any], current: dict[str, Any], path: str | Path) -> None:

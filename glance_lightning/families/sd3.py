@@ -21,6 +21,7 @@ import torch
 from glance_lightning.families.base import Conditioning, GlanceModule
 from glance_lightning.families.latents import ShiftScaleLatents
 from glance_lightning.lora_layouts import rule
+from glance_lightning.settings import checked_text_tokens
 
 # ComfyUI's (MMDiT) module names of the diffusers modules, for `export --format comfyui/kohya` (the spec's
 # lora_layout)
@@ -74,7 +75,7 @@ class SD3Glance(ShiftScaleLatents, GlanceModule):
                 transformer sees 77 CLIP tokens followed by these.
         """
         super().__init__(*args, **kwargs)
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = checked_text_tokens(max_sequence_length, 512)
 
     def family_options(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length}
