@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning  # noqa: F401 (imported at collection: its log handler then writes to a stream that stays open)
 import pytest
+import torch
 from PIL import Image
 
 from glance_lightning import errors
@@ -106,6 +107,52 @@ CASES = {
     "plan model folder of another family": Case("plan --config {tmp}/fit.yaml " + MODEL + " {sd3}", (
         "model.pretrained_model=", "is a sd3 model", "not flux")),
     "fit model folder of another family": _fit(MODEL, "{sd3}", words=("is a sd3 model", "SD3Glance")),
+    "plan text tokens zero": Case("plan --config {tmp}/fit.yaml --text-tokens 0", ("--text-tokens 0",)),
+    "schedule resolution absurd": Case("schedule --family flux --resolution 1000000000", ("at most 16384",)),
+    "schedule config values not numbers": Case("schedule --family flux --scheduler-config {tmp}/sched.json", (
+        "--scheduler-config", "shift='abc'", "must be numbers")),
+    "schedule config an image": Case("schedule --family flux --scheduler-config {image}", (
+        "red_ball.png is not a json text file",)),
+    "fit text tokens zero": _fit("--model.init_args.max_sequence_length 0", words=(
+        "model.max_sequence_length=0: give 1 to 512",)),
+    "fit text tokens beyond the pipeline's": _fit("--model.init_args.max_sequence_length 100000", words=(
+        "model.max_sequence_length=100000",)),
+    "fit accumulate_grad_batches zero": _fit("--trainer.accumulate_grad_batches 0", words=(
+        "trainer.accumulate_grad_batches=0: must be >= 1",)),
+    "fit resume from a LoRA file": _fit("--ckpt_path {loras}/slow/pytorch_lora_weights.safetensors", words=(
+        "--ckpt_path", "not a Lightning checkpoint")),
+    "fit resume from a dict that is no checkpoint": _fit("--ckpt_path {tmp}/dict.ckpt", words=(
+        "dict.ckpt: not a Lightning checkpoint",)),
+    "fit resume from a folder": _fit("--ckpt_path {loras}", words=("--ckpt_path", ": a folder; give a checkpoint",)),
+    "validate-data config a list": Case("validate-data --config {tmp}/list.yaml", ("list.yaml: the file holds a",)),
+    "validate-data config data a number": Case("validate-data --config {tmp}/data5.yaml", (
+        "data5.yaml: data should be a mapping of settings, not 5",)),
+    "validate-data size multiple zero": Case("validate-data --path {tmp}/d_empty --size-multiple 0", (
+        "data.size_multiple=0: must be > 0",)),
+    "validate-data resolution not a multiple": Case("validate-data --path {tmp}/d_empty --resolution 100", (
+        "data.resolution=100 must be a multiple of data.size_multiple=32",)),
+    "sample device unknown": _sample("--prompt x --output {tmp}/samples --device banana", words=(
+        "--device banana: not a device name",)),
+    "sample guidance nan": _sample("--prompt x --output {tmp}/samples --guidance nan", words=(
+        "--guidance nan: give a finite number",)),
+    "sample width absurd": _sample("--prompt x --output {tmp}/samples --width 100000000", words=(
+        "--width 100000000: at most 8192",)),
+    "sample dtype unknown": _sample("--prompt x --output {tmp}/samples --dtype int8", words=(
+        "--dtype", "invalid choice: 'int8'")),
+    "sample mode of another family": _sample("--prompt x --output {tmp}/samples --mode official-qwen", words=(
+        "--mode official-qwen", "not for flux")),
+    "sample the same LoRA twice": Case("sample --model tiny:flux --slow {loras}/slow --fast {loras}/slow --prompt x "
+                                       "--output {tmp}/samples", ("both hold the 'slow' adapter",), ("samples",)),
+    "sample unknown tiny model": Case("sample --model tiny:nope --slow {loras}/slow --fast {loras}/fast --prompt x "
+                                      "--output {tmp}/samples", ("--model tiny:nope: no tiny model",), ("samples",)),
+    "sample prompt file a folder": _sample("--prompt-file {tmp}/d_empty --output {tmp}/samples", words=(
+        "d_empty: a folder, not a text file",)),
+    "export output a file": Case("export --lora {loras}/slow --format comfyui --output {tmp}/file", (
+        "--output", "/file is a file, not a folder")),
+    "export output unwritable": Case("export --lora {loras}/slow --format comfyui --output /proc/g/x.safetensors", (
+        "--output /proc/g/x.safetensors: cannot write in /proc",)),
+    "cache without a cache": Case("cache --config {tmp}/fit.yaml --model.init_args.encode_cache null", (
+        "glance_lightning: cache: error: model.encode_cache is null",)),
     # 5. captions and images
     "caption not UTF-8": _fit(DATA, "{tmp}/d_latin1", words=("d_latin1/ball.txt", "not UTF-8 text",
                                                              "at offset 5")),
@@ -161,7 +208,11 @@ def world(tmp_path: Path, repo: Path, loras: Path) -> dict[str, str]:
             Image.new("RGB", (4, 4), "red").save(folder / "ball.png")
         else:
             shutil.copy(image, folder / "ball.png")
-    return {"tmp": str(tmp_path), "loras": str(loras), "sd3": tiny_model_path("tiny:sd3")}
+    (tmp_path / "sched.json").write_text('{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": "abc"}')
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "data5.yaml").write_text("data: 5\n")
+    torch.save({"x": 1}, tmp_path / "dict.ckpt")
+    return {"tmp": str(tmp_path), "loras": str(loras), "sd3": tiny_model_path("tiny:sd3"), "image": str(image)}
 
 
 @pytest.mark.parametrize("name", list(CASES))

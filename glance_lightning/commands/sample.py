@@ -216,6 +216,8 @@ def load_sampler(args: argparse.Namespace) -> tuple[Any, dict]:
     lists = chain.as_timesteps()
     kwargs: dict[str, Any] = dict((slow_meta or {}).get("family_options") or {})
     check_guidance(args, spec)
+    if getattr(args, "mode", "exact") == "official-qwen" and not spec.official_qwen:
+        raise ConfigError(f"--mode official-qwen reproduces the official Qwen pipelines; not for {family} (use exact)")
     if args.guidance is not None:
         kwargs["guidance"] = args.guidance
     module = spec.module_class()(
