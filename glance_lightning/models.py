@@ -91,7 +91,8 @@ class ResolvedModel:
 
 def _declared_components(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """Components a ``model_index.json`` declares (entries like ``[null, null]`` are optional ones left out)."""
-    return {k: tuple(v) for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
+    return {k: tuple(v) for k, v in index.items()
+            if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0]}
 
 
 def read_json(path: Path, setting: str = "model.pretrained_model", fix: str = "") -> dict[str, Any]:
