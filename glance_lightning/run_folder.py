@@ -82,6 +82,15 @@ def folder_writable(path: Path) -> bool:
     return False
 
 
+def holds_results(run_dir: Path) -> bool:
+    """Whether a run folder holds anything beyond what starting a fit writes (config.yaml and the loggers' files):
+    LoRAs, samples, a model card or checkpoints."""
+    starts = {"config.yaml", TENSORBOARD_DIR, "metrics.csv", "hparams.yaml", "wandb", CHECKPOINT_DIR}
+    if any(path.name not in starts for path in run_dir.iterdir()):
+        return True
+    return (run_dir / CHECKPOINT_DIR).is_dir() and any((run_dir / CHECKPOINT_DIR).iterdir())
+
+
 def versions(root: Path) -> list[int]:
     """The run numbers already in ``root``."""
     if not root.is_dir():

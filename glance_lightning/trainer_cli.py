@@ -104,12 +104,21 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
         return cli
     finally:
         run_folder.restore_env(previous)
-        untrained = failed and not any(getattr(t, "global_step", 0) for t in trainers)
-        for path in claimed:  # a run that stopped before its first step leaves no version folder behind
-            if untrained and run_folder.VERSION_PATTERN.fullmatch(path.name):
-                shutil.rmtree(path, ignore_errors=True)
-            with suppress(OSError):
-                path.rmdir()
+        release(claimed, untrained=failed and not any(getattr(t, "global_step", 0) for t in trainers))
+
+
+def release(claimed: list[Path], untrained: bool) -> None:
+    """The folders a fit claimed, after it: a run that stopped before its first step, holding nothing but its
+    config and logger files, is removed (and the root, if the fit made it and it is empty); nothing is left behind
+    by a mistake. Empty folders are removed in any case."""
+    from glance_lightning import run_folder
+
+    for path in claimed:
+        if untrained and path.is_dir() and run_folder.VERSION_PATTERN.fullmatch(path.name) \
+                and not run_folder.holds_results(path):
+            shutil.rmtree(path, ignore_errors=True)
+        with suppress(OSError):
+            path.rmdir()
 
 
 def place_run(config: Any, claimed: list[Path]) -> Path:

@@ -299,3 +299,17 @@ def test_captions_with_a_byte_order_mark_train_and_empty_ones_train_when_allowed
                  str(tmp_path / "d_blank"), "--data.init_args.allow_empty_captions", "true"])
     assert code == 0, capsys.readouterr().err
     assert len(list((tmp_path / "run").glob("version_*/fast/pytorch_lora_weights.safetensors"))) == 2
+
+
+def test_only_a_run_folder_holding_nothing_but_its_start_is_released(tmp_path):
+    from glance_lightning.trainer_cli import release
+
+    started, saved, trained = (tmp_path / "root" / f"version_{n}" for n in range(3))
+    for run in (started, saved, trained):
+        (run / "tensorboard").mkdir(parents=True)
+        (run / "config.yaml").write_text("x")
+    (saved / "slow").mkdir()  # e.g. the LoRAs a NaN stop at the first step wrote
+    release([started, saved, tmp_path / "root"], untrained=True)
+    release([trained], untrained=False)
+    assert not started.exists()
+    assert (saved / "slow").is_dir() and (trained / "config.yaml").is_file() and (tmp_path / "root").is_dir()
