@@ -50,12 +50,17 @@ def check_root(root: Path, setting: str = "trainer.default_root_dir") -> None:
         raise UnwritableError(f"{setting}: {root} is not writable; choose another folder")
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself, or the closest of its parents that exists (a folder or a file in the way)."""
+    return next(folder for folder in (path.absolute(), *path.absolute().parents) if folder.exists())
+
+
 def check_destination(path: Path, setting: str, named: Path | None = None) -> None:
     """Before any work: files can be written in the folder ``path`` (made later, by the writer). Probes by making
     and removing an empty folder in its nearest existing ancestor, so nothing is left behind."""
     import tempfile
 
-    ancestor = next(folder for folder in (path.absolute(), *path.absolute().parents) if folder.exists())
+    ancestor = nearest_existing(path)
     if not ancestor.is_dir():
         raise UnwritableError(f"{setting} {named or path}: {ancestor} is a file, not a folder; choose a folder")
     try:
@@ -64,22 +69,18 @@ def check_destination(path: Path, setting: str, named: Path | None = None) -> No
         raise UnwritableError(f"{setting} {named or path}: cannot write in {ancestor} ({err.strerror or err}); "
                               "choose a writable folder") from None
 
+
 def check_cache_folder(path: Path, setting: str, fix: str = "give a folder (or another path)") -> None:
     """A cache folder ``setting`` names must not be a file (nor lie under one): one line naming it and the fix."""
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                where = "is a file" if folder == path else f"lies under {folder}, which is a file"
-                raise ConfigError(f"{setting}: {path} {where}, not a folder; {fix}")
-            return
+    ancestor = nearest_existing(path)
+    if not ancestor.is_dir():
+        where = "is a file" if ancestor == path.absolute() else f"lies under {ancestor}, which is a file"
+        raise ConfigError(f"{setting}: {path} {where}, not a folder; {fix}")
 
 
 def folder_writable(path: Path) -> bool:
-    """Whether files can be created in ``path`` (a missing folder: whether it can be created)."""
-    for folder in (path, *path.parents):
-        if folder.exists():
-            return os.access(folder, os.W_OK | os.X_OK)
-    return False
+    """Whether files can be created in ``path`` (a missing folder: whether its nearest existing parent allows it)."""
+    return os.access(nearest_existing(path), os.W_OK | os.X_OK)
 
 
 def holds_results(run_dir: Path) -> bool:
