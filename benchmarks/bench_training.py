@@ -10,10 +10,11 @@ the ratios are measured in the same run:
   between consecutive ``on_train_batch_end`` calls (Lightning's own overhead included).
 
 Seconds per step are medians after warm-up; peak GiB is ``torch.cuda.max_memory_allocated`` over the timed
-steps, "fit peak" also over loading, encoding and the warm-up steps (CUDA only). ``--full-size`` writes a
-transformer of the real architecture (FLUX.1-dev, Qwen-Image, SD3.5-Large) with random weights into a copy of
-the tiny pipeline (no hub). Its text encoders stay tiny: the text sequence lengths are the real pipelines',
-but the encoders' own memory during encoding is not the real one.
+steps, "fit peak" also over loading, encoding and the warm-up steps (CUDA only). ``--full-size`` builds the
+registry's real transformer architecture (FLUX.1-dev, Qwen-Image, SD3.5-Large: what ``plan`` simulates) once
+with random weights and hands it to every variant from memory (``full_size.py``); latents and prompt embeddings
+come at the real widths from the family's planner hooks (``--text-tokens`` tokens), the tiny VAE and text
+encoders being only stood in for.
 
     python benchmarks/bench_training.py --family flux                              # tiny, CPU
     python benchmarks/bench_training.py --family flux --full-size --device cuda --dtype bfloat16 --size 1024
@@ -22,10 +23,10 @@ but the encoders' own memory during encoding is not the real one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
-import json
-import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,9 @@ from peft import LoraConfig
 from glance_lightning.families import family_class
 from glance_lightning.settings import LoraSettings, OptimizerSettings, PerformanceSettings
 from glance_lightning.tiny import build_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import full_size  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "glance_lightning" / "assets" / "samples" / "t2i"
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -56,42 +60,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # stream (GPU only; on a CPU host and device are one and nothing moves).
     "offload+ckpt": {"offload": "block", "gradient_checkpointing": 1.0},
 }
-FULL_SIZE: dict[str, dict[str, Any]] = {  # the real transformers' widths and depths; the tiny VAE's latent
-    # channels and tiny text encoders' widths are kept (input/output projections only; same token counts)
-    "flux": {"num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
-             "guidance_embeds": True},
-    "qwen-image": {"num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24},
-    "sd3": {"num_layers": 38, "attention_head_dim": 64, "num_attention_heads": 38, "caption_projection_dim": 2432,
-            "pos_embed_max_size": 192, "qk_norm": "rms_norm", "sample_size": 128, "dual_attention_layers": ()},
-}
-
-
-def full_size_config(model: Path, family: str) -> tuple[type, dict[str, Any]]:
-    """The transformer class in ``model`` and its config widened/deepened to the real architecture."""
-    import diffusers
-
-    folder = model / "transformer"
-    _, class_name = json.loads((model / "model_index.json").read_text())["transformer"]
-    transformer_cls = getattr(diffusers, class_name)
-    config = {k: v for k, v in transformer_cls.load_config(folder).items() if not k.startswith("_")}
-    return transformer_cls, {**config, **FULL_SIZE[family]}
-
-
-def full_size_transformer(model: Path, family: str, device: str, dtype: torch.dtype) -> None:
-    """Replace the tiny transformer in ``model`` with a random one of the real architecture."""
-    transformer_cls, config = full_size_config(model, family)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = transformer_cls(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    shutil.rmtree(model / "transformer")
-    transformer.save_pretrained(model / "transformer")
-    del transformer
-
-
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -131,14 +99,19 @@ class StepTimer(L.Callback):
 
 
 def module_for(args: argparse.Namespace, model: Path, options: dict[str, Any]) -> Any:
+    """Our family module as every variant configures it; with ``args.arch`` (a full-size run) it encodes at that
+    architecture's widths."""
     options = dict(options)
     optimizer = OptimizerSettings(name=options.pop("optimizer", "adamw"), lr=1e-4, warmup_steps=1)
     steps = args.warmup + args.steps
-    return family_class(args.family)(
+    module = family_class(args.family)(
         pretrained_model=str(model), slow_steps=steps, fast_steps=0, torch_dtype=args.dtype,
         lora=LoraSettings(rank=args.rank, alpha=args.rank, targets=["to_q", "to_k", "to_v", "to_out.0"]),
-        optimizer=optimizer, performance=PerformanceSettings(**options),
+        optimizer=optimizer, performance=PerformanceSettings(**options), encode_cache=None,
     )
+    if getattr(args, "arch", None) is not None:
+        full_size.real_width_inputs(module, args.arch, args.text_tokens)
+    return module
 
 
 def run_glance(args: argparse.Namespace, model: Path, options: dict[str, Any]) -> tuple[list[float], float, float]:
@@ -149,7 +122,8 @@ def run_glance(args: argparse.Namespace, model: Path, options: dict[str, Any]) -
         trainer = L.Trainer(
             accelerator="cuda" if args.device.startswith("cuda") else "cpu", devices=1, max_steps=-1,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[timer], default_root_dir=out, precision="32-true",
+            callbacks=[timer], default_root_dir=out, precision=getattr(args, "precision", "32-true"),
+            gradient_clip_val=getattr(args, "clip", None),
         )
         data = GlanceDataModule(str(SAMPLE), resolution=args.size, size_multiple=16)
         trainer.fit(module, datamodule=data)
@@ -158,7 +132,8 @@ def run_glance(args: argparse.Namespace, model: Path, options: dict[str, Any]) -
 
 
 def run_reference(args: argparse.Namespace, model: Path, checkpointing: bool) -> tuple[list[float], float, float]:
-    """The diffusers examples' loop around the same transformer forward."""
+    """The diffusers examples' loop around the same transformer forward (under bf16 autocast where
+    ``args.precision`` is bf16-mixed, as ``accelerate --mixed_precision bf16`` runs it)."""
     module = module_for(args, model, {})
     module.load_base_model(with_adapters=False)
     device = torch.device(args.device)
@@ -178,6 +153,8 @@ def run_reference(args: argparse.Namespace, model: Path, checkpointing: bool) ->
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     sigmas = torch.tensor(module.glance_timesteps.slow)
+    autocast = torch.autocast(device.type, torch.bfloat16) if getattr(args, "precision", "") == "bf16-mixed" \
+        else contextlib.nullcontext()
     times: list[float] = []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
@@ -188,7 +165,8 @@ def run_reference(args: argparse.Namespace, model: Path, checkpointing: bool) ->
         noise = torch.randn_like(latents)
         sigma = sigmas[torch.randint(len(sigmas), (1,))].to(device)
         noisy = (1 - sigma) * latents + sigma * noise
-        pred = module.predict_velocity(noisy, sigma, cond)
+        with autocast:
+            pred = module.predict_velocity(noisy, sigma, cond)
         loss = torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
         loss.backward()
         optimizer.step()
@@ -204,7 +182,7 @@ def run_reference(args: argparse.Namespace, model: Path, checkpointing: bool) ->
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", default="flux", choices=sorted(FULL_SIZE))
+    parser.add_argument("--family", default="flux")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--size", type=int, default=64)
@@ -212,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--text-tokens", type=int, default=512, help="text tokens of a --full-size run")
     parser.add_argument("--variants", default="reference,reference-ckpt,default,ckpt,ckpt-save-matmuls",
                         help=f"comma list of reference, reference-ckpt and {', '.join(VARIANTS)}")
     parser.add_argument("--threads", type=int, default=0,
@@ -224,10 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    args.arch = full_size.architecture(args.family) if args.full_size else None
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model = build_tiny_model(args.family, Path(tmp) / "model")
         if args.full_size:
-            full_size_transformer(model, args.family, args.device, getattr(torch, args.dtype))
+            kept = full_size.KeptTransformer(args.arch, args.device, getattr(torch, args.dtype))
+            stack.enter_context(full_size.serving(kept, Path(tmp)))
         for name in names:
             reset_memory(args.device)
             try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -27,10 +29,12 @@ def load(name: str):
     [("flux", (11.8, 12.0)), ("qwen-image", (20.3, 20.5)), ("sd3", (8.0, 8.2))],  # FLUX.1-dev, Qwen-Image, SD3.5-L
 )
 def test_full_size_architectures_have_the_real_parameter_counts(family: str, billions: tuple[float, float]):
-    bench = load("bench_training")
-    transformer_cls, config = bench.full_size_config(Path(tiny_model_path(f"tiny:{family}")), family)
+    """The benchmarks build the registry's architecture (what ``plan`` simulates), not a widened tiny one."""
+    full_size = load("full_size")
+    arch = full_size.architecture(family)
+    cls = getattr(importlib.import_module("diffusers"), arch.pop("_class_name"))
     with torch.device("meta"):
-        transformer = transformer_cls(**config)
+        transformer = cls(**arch)
     count = sum(p.numel() for p in transformer.parameters()) / 1e9
     assert billions[0] <= count <= billions[1], f"{family}: {count:.2f}B parameters"
 
@@ -44,20 +48,37 @@ def test_training_benchmark_runs_and_prints_a_table(capsys):
     assert all(float(r.split("|")[2]) > 0 for r in rows)  # a failed variant would print nan and a note
 
 
-def test_full_size_path_writes_and_loads_a_wider_transformer(monkeypatch, capsys):
-    """--full-size at a CPU-sized stand-in: the transformer is rebuilt, saved and loaded by both sides."""
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen-image"])
+def test_full_size_path_trains_the_registry_architecture_from_memory(family: str, monkeypatch, capsys):
+    """--full-size on a CPU-sized stand-in of the registry's architecture: built once, every variant (the plain
+    loop and ours) gets it from memory, at its own text and latent widths (the tiny ones would not fit it)."""
     bench = load("bench_training")
-    monkeypatch.setitem(bench.FULL_SIZE, "flux", {"num_layers": 2, "num_single_layers": 3,
-                                                  "attention_head_dim": 16, "num_attention_heads": 4})
-    built = []
-    real = bench.full_size_transformer
-    monkeypatch.setattr(bench, "full_size_transformer", lambda *a: built.append(a) or real(*a))
-    bench.main(["--family", "flux", "--full-size", "--steps", "1", "--warmup", "1",
+    real = bench.full_size.architecture
+    monkeypatch.setattr(bench.full_size, "architecture", lambda f, shrunk=False: real(f, shrunk=True))
+    built, loads = [], []
+    monkeypatch.setattr(bench.full_size, "KeptTransformer", _counting(bench.full_size.KeptTransformer, built, loads))
+    bench.main(["--family", family, "--full-size", "--steps", "1", "--warmup", "1", "--text-tokens", "7",
                 "--variants", "reference,default"])
     out = capsys.readouterr().out
-    assert built and "flux full-size random" in out
+    assert f"{family} full-size random" in out and len(built) == 1 and len(loads) == 2
+    tiny = json.loads((Path(tiny_model_path(f"tiny:{family}")) / "transformer" / "config.json").read_text())
+    assert loads[0]["joint_attention_dim"] == real(family, shrunk=True)["joint_attention_dim"] != \
+        tiny["joint_attention_dim"]  # the tiny text encoders' embeddings would not fit this transformer
     rows = [line for line in out.split("| variant")[1].splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)
+
+
+def _counting(cls: type, built: list, loads: list) -> type:
+    class Counting(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+        def fresh(self, device=None):
+            loads.append(dict(self.config))
+            return super().fresh(device)
+
+    return Counting
 
 
 def test_our_step_launches_the_plain_loops_matmuls_and_attention_and_barely_more(capsys):

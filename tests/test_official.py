@@ -178,8 +178,7 @@ def test_the_noise_comes_from_the_generator_the_rule_names(qwen_loras: Path, mon
     assert exact[1:] == (torch.device("cpu"), torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU tests cover the noise rule)")
+@pytest.mark.cuda  # the CPU tests cover the noise rule
 def test_official_qwen_mode_matches_the_official_pipelines_on_a_gpu_seed_for_seed(qwen_loras: Path):
     """On a GPU the official scripts draw their noise with a CUDA generator: the same seed gives the same latents."""
     module = _sampler(qwen_loras, "bfloat16", device="cuda")

@@ -275,8 +275,8 @@ def test_fit_through_the_cli_with_offloading_and_samples(config: str, tmp_path: 
     assert poisoned.count("onload") >= 6 * 3
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU: real transfers, the side stream, peak memory"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])  # real transfers,
+# the side stream and the peak memory on a GPU
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_installed_on_the_host_then_moved_like_lightning_does(flux_config: dict, device: str, prefetch: bool):
     """The fit order: offloading installed on the loaded (host) transformer, then ``.to(device)`` by the

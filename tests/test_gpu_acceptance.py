@@ -1,0 +1,124 @@
+"""benchmarks/gpu_acceptance.py cannot rot between lent GPUs: its dry run (the same code on the CPU at CPU sizes)
+passes here, its budget cuts a run without losing rows, and benchmarks/gpu_wheels.sh makes the folder the GPU
+machine installs from (its logic, with a stand-in for pip: CI does not download for a test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_benchmarks import load
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN_SETTINGS = ("ours, every block recomputed", "plain loop, every block recomputed", "ours, no checkpointing",
+                 "plain loop, no checkpointing", "ours, half recomputed + regional compile")
+
+
+@pytest.mark.timeout(400)
+def test_the_dry_run_measures_every_row_with_its_prediction(tmp_path: Path):
+    out = tmp_path / "acceptance"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_acceptance.py", "--dry-run", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=360)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "acceptance.json").read_text())
+    assert report["complete"] and report["environment"]["dry_run"]
+    rows = report["rows"]
+    assert not [r for r in rows if r["note"].startswith(("failed", "cut"))], rows
+    for family in ("flux", "qwen-image", "sd3"):
+        measured = {r["setting"]: r for r in rows if r["family"] == family and r["section"] == "steps"}
+        for name in MAIN_SETTINGS:
+            row = measured[name]
+            assert row["s_step"] > 0, row
+            assert row["predicted"]["step_s"] > 0 and row["predicted"]["peak_gib"] > 0, row
+        presets = sorted(p.name for p in (ROOT / "configs" / "performance").glob("*.yaml"))
+        assert [n.removeprefix("ours, preset ") for n in measured if "preset" in n] == presets
+    chain, base = (r for r in rows if r["section"] == "chain")
+    assert 0 < chain["s_step"] < base["s_step"] and "faster" in base["note"]
+    (tests,) = (r for r in rows if r["section"] == "tests")
+    assert "(exit 0)" in tests["note"] and "skipped" in tests["note"]
+    table = (out / "acceptance.md").read_text()
+    assert table.count("\n| steps | ") == sum(r["section"] == "steps" for r in rows)
+    stdout_rows = [line for line in done.stdout.splitlines() if line.startswith("| steps |")]
+    assert len(stdout_rows) >= len(MAIN_SETTINGS) * 3  # printed as they came, before the closing table
+
+
+def test_a_row_the_budget_cuts_is_reported_and_the_run_stops(tmp_path: Path):
+    gpu = load("gpu_acceptance")
+    parts = sys.modules["acceptance_parts"]
+    report = parts.Report(tmp_path, {"command": "x", "date": "d", "device": "cpu", "versions": {}})
+    budget = gpu.Budget(0.3)
+    budget.arm()
+    row = parts.Row("steps", "flux", "ours, every block recomputed", "ours")
+    try:
+        with pytest.raises(parts.OutOfTime), parts.recorded(row, report):
+            time.sleep(5)
+    finally:
+        budget.disarm()
+    saved = json.loads((tmp_path / "acceptance.json").read_text())
+    assert saved["rows"][0]["note"].startswith("cut") and not saved["complete"]
+    assert "(incomplete" in (tmp_path / "acceptance.md").read_text()
+
+
+def test_sections_pass_on_what_they_leave_and_failures_become_notes(tmp_path: Path, monkeypatch):
+    gpu = load("gpu_acceptance")
+    parts = sys.modules["acceptance_parts"]
+    budget = gpu.Budget(100.0)
+    budget.open_section(0.2)
+    assert 19 < budget.left() <= 20
+    budget.open_section(0.3)  # the first section's unused 20 s come along
+    assert 49 < budget.left() <= 50
+    report = parts.Report(tmp_path, {"command": "x", "date": "d", "device": "cpu", "versions": {}})
+    row = parts.Row("steps", "flux", "s", "ours")
+    with parts.recorded(row, report):
+        raise RuntimeError("no kernel for this\nsecond line")
+    assert row.note == "failed: RuntimeError: no kernel for this"
+    from glance_lightning.errors import SetupError
+
+    with parts.recorded(row, report):
+        raise SetupError("needs a CUDA GPU")
+    assert row.note == "skipped: needs a CUDA GPU"
+    nf4 = parts.Setting("n", "ours", {"base_quantization": "nf4"})
+    monkeypatch.setattr(parts.importlib.util, "find_spec", lambda name: None)
+    assert nf4.missing("cuda") == "skipped: needs bitsandbytes, not installed here"
+
+
+def test_the_wheel_script_fetches_exactly_what_the_gpu_machine_lacks(tmp_path: Path):
+    """gpu_wheels.sh with a stand-in for ``python -m pip``: the versions constraints.txt pins, Python 3.12
+    manylinux wheels only, a wheel of the checkout, and the offline install line; a folder over 40 MiB refused."""
+    log = tmp_path / "pip.log"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!{sys.executable}
+import sys, pathlib, os
+args = sys.argv[3:]
+open({str(log)!r}, "a").write(" ".join(sys.argv[1:]) + "\\n")
+out = pathlib.Path(args[args.index("-d" if args[0] == "download" else "-w") + 1])
+names = [a.replace("==", "-") for a in args if "==" in a] if args[0] == "download" else ["glance_lightning-0.1.0"]
+for name in names:
+    (out / f"{{name}}-py3-none-any.whl").write_bytes(os.urandom(int(os.environ.get("FAKE_WHEEL_BYTES", "10"))))
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake)}
+    folder = tmp_path / "wheels"
+    done = subprocess.run(["bash", "benchmarks/gpu_wheels.sh", str(folder)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pins = {line.split("==")[0].lower(): line.split("==")[1] for line in (ROOT / "constraints.txt").read_text()
+            .splitlines() if "==" in line and not line.startswith("#")}
+    wheels = sorted(p.name for p in folder.iterdir())
+    for name in ("diffusers", "jsonargparse", "omegaconf", "torchao", "docstring-parser", "typeshed-client",
+                 "importlib-metadata"):
+        assert f"{name}-{pins[name]}-py3-none-any.whl" in wheels
+    assert "glance_lightning-0.1.0-py3-none-any.whl" in wheels and len(wheels) == 8
+    download = log.read_text().splitlines()[0]
+    assert "--only-binary=:all: --python-version 3.12" in download and "--no-deps" in download
+    assert done.stdout.strip() == (f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
+                                   f"--upgrade --target /tmp/site {folder}/*.whl && export PYTHONPATH=/tmp/site")
+    env["FAKE_WHEEL_BYTES"] = str(6 * 2**20)  # 8 wheels of 6 MiB: over the limit
+    done = subprocess.run(["bash", "benchmarks/gpu_wheels.sh", str(folder)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and "over the 40 MiB" in done.stderr
