@@ -132,13 +132,16 @@ def real_width_inputs(module: Any, arch: Mapping[str, Any], text_tokens: int, se
     def latent_shape(height: int, width: int) -> tuple[int, int, int]:
         return (LATENT_CHANNELS, height // VAE_FACTOR, width // VAE_FACTOR)
 
+    # On the module's device, as the real encoders answer inside ``encoders_on_device``.
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
         shape = (pixels.shape[0], *latent_shape(pixels.shape[-2], pixels.shape[-1]))
-        return torch.randn(shape, generator=generator).to(pixels.device)
+        return torch.randn(shape, generator=generator).to(module.device)
 
     def encode_prompts(prompts: Any) -> dict[str, torch.Tensor]:
         count = 1 if isinstance(prompts, str) else len(prompts)
-        one = module.planned_prompt_embeds(text_tokens, arch)
-        return {k: torch.cat([v] * count) for k, v in one.items()}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            one = module.planned_prompt_embeds(text_tokens, arch)
+        return {k: torch.cat([v] * count).to(module.device) for k, v in one.items()}
 
     module.latent_shape, module.encode_images, module.encode_prompts = latent_shape, encode_images, encode_prompts
