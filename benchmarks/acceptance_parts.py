@@ -221,7 +221,7 @@ class Report:
 
 
 def predict(family: str, options: dict[str, Any], arch: dict[str, Any], tokens: int, size: int, rank: int,
-            gpu: str, precision: str, clip: float | None) -> dict[str, Any]:
+            gpu: Any, precision: str, clip: float | None) -> dict[str, Any]:
     """``plan``'s prediction for a row (in a worker process): our module with these settings; the plain loop's
     rows as our module configured like it (no clipping), which the planner predicts within 1% of the loop."""
     import contextlib as _contextlib
@@ -243,7 +243,7 @@ def predict(family: str, options: dict[str, Any], arch: dict[str, Any], tokens: 
                             text_tokens=tokens, architecture=arch)
     with _contextlib.redirect_stdout(io.StringIO()):
         plan = make_plan(request)
-    return {"step_s": plan.memory.step_s, "peak_gib": plan.peak_gib, "fits": plan.fits, "gpu": gpu,
+    return {"step_s": plan.memory.step_s, "peak_gib": plan.peak_gib, "fits": plan.fits, "gpu": gpu.name,
             "derivation": plan.memory.time.derivation() if plan.memory.time else None}
 
 
@@ -251,10 +251,11 @@ class Predictor:
     """The planner's predictions for every row, simulated in worker processes while the rows run."""
 
     def __init__(self, args: Any, workers: int) -> None:
-        from glance_lightning.planner.runtime import detect_gpu
+        from glance_lightning.planner.runtime import detect_gpu, get_gpu
 
-        self.args = args
-        self.gpu = args.gpu or (detect_gpu().name if args.device.startswith("cuda") else "h200")
+        self.args = args  # the card as the table has it (this device's own memory and SM count), or the one named
+        self.gpu = get_gpu(args.gpu) if args.gpu else detect_gpu() if args.device.startswith("cuda") else \
+            get_gpu("h200")
         self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
         self.futures: list[cf.Future] = []
 

@@ -11,12 +11,16 @@ All three run in ONE process on the same pipeline weights, so ratios are measure
 
     python benchmarks/bench_sampling.py                      # tiny FLUX on CPU (default)
     python benchmarks/bench_sampling.py --full-size --device cuda --dtype bfloat16 --size 1024   # GPU
+
+``--full-size``: the registry's FLUX.1-dev transformer (random weights) in the tiny pipeline, given prompt
+embeddings of the real widths (512 T5 tokens) instead of a prompt, since the tiny text encoders' do not fit it.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,14 +34,20 @@ from glance_lightning.inference import chained_call, load_glance_loras
 from glance_lightning.lora_io import save_lora
 from glance_lightning.tiny import build_tiny_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import full_size  # noqa: E402
+
 SLOW = [1000.0, 986.9786, 973.2042, 958.6094, 943.1188]
 FAST = [926.6473, 825.7017, 677.9868, 441.1997, 60.5503]
 
 
-def full_size_flux(path: Path, dtype: torch.dtype) -> None:
-    """Replace the tiny transformer with a FLUX.1-dev-sized one with random weights (no hub)."""
-    transformer = FluxTransformer2DModel(guidance_embeds=True, joint_attention_dim=4096, pooled_projection_dim=768)
-    transformer.to(dtype).save_pretrained(path / "transformer")
+def full_size_flux(path: Path, dtype: torch.dtype) -> dict:
+    """Replace the tiny transformer with the registry's FLUX.1-dev one with random weights (no hub); returns its
+    config."""
+    arch = full_size.architecture("flux")
+    config = {k: v for k, v in arch.items() if k != "_class_name"}
+    FluxTransformer2DModel(**config).to(dtype).save_pretrained(path / "transformer")
+    return arch
 
 
 def write_random_loras(pipe: FluxPipeline, out: Path, rank: int) -> None:
@@ -69,7 +79,7 @@ def median_time(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) 
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -78,7 +88,7 @@ def main() -> None:
     parser.add_argument("--full-size", action="store_true", help="FLUX.1-dev-sized random transformer")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch (0: torch's default); 1 keeps CPU timings stable on a busy machine")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -86,8 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, loras = Path(tmp) / "model", Path(tmp) / "loras"
         build_tiny_model("flux", model)
-        if args.full_size:
-            full_size_flux(model, dtype)
+        arch = full_size_flux(model, dtype) if args.full_size else None
 
         def load() -> FluxPipeline:
             pipe = FluxPipeline.from_pretrained(model, dtype=dtype).to(args.device)
@@ -96,8 +105,14 @@ def main() -> None:
 
         pipe = load()
         write_random_loras(pipe, loras, rank=32 if args.full_size else 4)
-        common = dict(prompt="a red ball", height=args.size, width=args.size, guidance_scale=1.0,
-                      max_sequence_length=32, output_type="latent")
+        if arch is None:
+            prompt = {"prompt": "a red ball", "max_sequence_length": 32}
+        else:  # real-width embeddings (the tiny text encoders' would not fit the full-size transformer)
+            made = torch.Generator().manual_seed(0)
+            prompt = {"prompt_embeds": torch.randn(1, 512, arch["joint_attention_dim"], generator=made),
+                      "pooled_prompt_embeds": torch.randn(1, arch["pooled_projection_dim"], generator=made)}
+            prompt = {k: v.to(args.device, dtype) for k, v in prompt.items()}
+        common = dict(**prompt, height=args.size, width=args.size, guidance_scale=1.0, output_type="latent")
         base_pipe = load()
         chain_pipe = load()
         chain = load_glance_loras(chain_pipe, loras / "slow", loras / "fast")
@@ -105,9 +120,13 @@ def main() -> None:
         def glance_chain() -> None:
             chained_call(chain_pipe, chain, generator=torch.Generator().manual_seed(0), **common)
 
-        embeds, pooled, _ = chain_pipe.encode_prompt(prompt=common["prompt"], prompt_2=None,
-                                                     max_sequence_length=common["max_sequence_length"])
-        encoded = {k: v for k, v in common.items() if k not in ("prompt", "max_sequence_length")}
+        if arch is None:
+            embeds, pooled, _ = chain_pipe.encode_prompt(prompt=common["prompt"], prompt_2=None,
+                                                         max_sequence_length=common["max_sequence_length"])
+        else:
+            embeds, pooled = common["prompt_embeds"], common["pooled_prompt_embeds"]
+        encoded = {k: v for k, v in common.items() if k not in ("prompt", "max_sequence_length", "prompt_embeds",
+                                                                "pooled_prompt_embeds")}
 
         def glance_chain_encoded() -> None:
             chained_call(chain_pipe, chain, generator=torch.Generator().manual_seed(0), prompt_embeds=embeds,

@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     report = parts.Report(args.out, parts.environment(args, sys.argv if argv is None else argv))
     budget = Budget(args.budget)
     predictor = parts.Predictor(args, workers=1 if args.dry_run else 8)
+    report.note(f"predicted for the {predictor.gpu.name} ({predictor.gpu.description}) by plan, in worker processes")
     budget.arm()
     try:
         run(args, report, budget, predictor)

@@ -101,3 +101,16 @@ def test_our_step_launches_the_plain_loops_matmuls_and_attention_and_barely_more
     assert heavy(plain) == heavy(ours)
     forward_backward = [t.launches("forward") + t.launches("backward") for t in (plain, ours)]
     assert forward_backward[0] <= forward_backward[1] <= forward_backward[0] + 20
+
+
+def test_sampling_benchmark_full_size_path_runs_the_registry_flux_on_real_width_prompts(monkeypatch, capsys):
+    """bench_sampling --full-size at a CPU-sized stand-in of the registry's FLUX: its prompt embeddings come at
+    the transformer's widths (the tiny text encoders' would not fit it), through all five methods."""
+    bench = load("bench_sampling")
+    real = bench.full_size.architecture
+    monkeypatch.setattr(bench.full_size, "architecture", lambda f, shrunk=False: real(f, shrunk=True))
+    bench.main(["--full-size", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.split("| method")[1].splitlines() if line.startswith("| ") and "---" not in line]
+    assert "FLUX full-size random" in out and len(rows) == 5
+    assert all(float(r.split("|")[2]) > 0 for r in rows)
