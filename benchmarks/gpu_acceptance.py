@@ -174,7 +174,6 @@ def chain_rows(args: argparse.Namespace, family: str, kept: full_size.KeptTransf
             if name == "base-50" and "chain" in times and name in times:
                 row.note = row.note or f"chain is {times['base-50'] / times['chain']:.2f}x faster"
             report.add(row)
-    parts.free_device()
 
 
 def _steps_of(module: Any, name: str) -> int:
@@ -233,6 +232,18 @@ def kept_transformer(args: argparse.Namespace, family: str, report: parts.Report
         kept.release()
 
 
+def family_section(args: argparse.Namespace, family: str, tmp: Path, report: parts.Report, budget: Budget,
+                   predictor: parts.Predictor) -> None:
+    tiny_model_path(f"tiny:{family}")  # its VAE, text encoders and tokenizers stand by (built once, cached)
+    with kept_transformer(args, family, report) as kept:
+        if "steps" not in args.skip:
+            family_rows(args, family, kept, tmp, report, budget, predictor, moving_base=False)
+        if family == args.chain_family and "chain" not in args.skip:
+            chain_rows(args, family, kept, tmp, report, budget)
+        if "steps" not in args.skip:
+            family_rows(args, family, kept, tmp, report, budget, predictor, moving_base=True)
+
+
 def run(args: argparse.Namespace, report: parts.Report, budget: Budget, predictor: parts.Predictor) -> None:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
@@ -240,14 +251,11 @@ def run(args: argparse.Namespace, report: parts.Report, budget: Budget, predicto
             budget.open_section(SHARES.get(family, 0.2))
             if "steps" in args.skip and (family != args.chain_family or "chain" in args.skip):
                 continue
-            tiny_model_path(f"tiny:{family}")  # its VAE, text encoders and tokenizers stand by (built once, cached)
-            with kept_transformer(args, family, report) as kept:
-                if "steps" not in args.skip:
-                    family_rows(args, family, kept, tmp, report, budget, predictor, moving_base=False)
-                if family == args.chain_family and "chain" not in args.skip:
-                    chain_rows(args, family, kept, tmp, report, budget)
-                if "steps" not in args.skip:
-                    family_rows(args, family, kept, tmp, report, budget, predictor, moving_base=True)
+            try:
+                family_section(args, family, tmp, report, budget, predictor)
+            except Exception as err:  # a family that cannot even be built must not cost the others their rows
+                report.note(f"{family}: stopped by {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            parts.free_device()
     if "tests" not in args.skip:
         budget.open_section(SHARES["cuda-tests"])
         cuda_tests(args, report, budget)

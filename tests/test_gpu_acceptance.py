@@ -22,8 +22,10 @@ MAIN_SETTINGS = ("ours, every block recomputed", "plain loop, every block recomp
 @pytest.mark.timeout(400)
 def test_the_dry_run_measures_every_row_with_its_prediction(tmp_path: Path):
     out = tmp_path / "acceptance"
-    done = subprocess.run([sys.executable, "benchmarks/gpu_acceptance.py", "--dry-run", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=360)
+    # A budget no busy machine reaches: the rows' code is under test here, not this machine's speed (the cut is
+    # tested below).
+    done = subprocess.run([sys.executable, "benchmarks/gpu_acceptance.py", "--dry-run", "--out", str(out),
+                           "--budget", "320"], cwd=ROOT, capture_output=True, text=True, timeout=360)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "acceptance.json").read_text())
     assert report["complete"] and report["environment"]["dry_run"]
