@@ -110,14 +110,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _run_args(args: argparse.Namespace, family: str, kept: full_size.KeptTransformer) -> argparse.Namespace:
+    """What bench_training's runs read: this family, its full-size architecture and text tokens."""
+    return argparse.Namespace(**{**vars(args), "family": family, "arch": kept.arch,
+                                 "text_tokens": TEXT_TOKENS.get(family, 512)})
+
+
 def family_rows(args: argparse.Namespace, family: str, kept: full_size.KeptTransformer, tmp: Path,
                 report: parts.Report, budget: Budget, predictor: parts.Predictor, moving_base: bool) -> None:
     """The training rows of one family, most valuable first (``moving_base``: those that quantise or offload the
     base, run last since the kept weights leave the device for them); a row starts only while its section has
     the time the previous row took."""
     model = Path(tiny_model_path(f"tiny:{family}"))
-    run_args = argparse.Namespace(**{**vars(args), "family": family, "arch": kept.arch,
-                                     "text_tokens": TEXT_TOKENS.get(family, 512)})
+    run_args = _run_args(args, family, kept)
     settings = [s for s in parts.settings(ROOT / "configs" / "performance", args.compile_backend)
                 if s.moves_base == moving_base]
     futures = {s.name: predictor.submit(family, s, kept.arch, run_args) for s in settings}
@@ -151,8 +156,7 @@ def family_rows(args: argparse.Namespace, family: str, kept: full_size.KeptTrans
 def chain_rows(args: argparse.Namespace, family: str, kept: full_size.KeptTransformer, tmp: Path,
                report: parts.Report, budget: Budget) -> None:
     """The exact chain (Slow + Fast lists) against the base model's 50 steps, one image each, latents only."""
-    run_args = argparse.Namespace(**{**vars(args), "family": family, "arch": kept.arch,
-                                     "text_tokens": TEXT_TOKENS.get(family, 512)})
+    run_args = _run_args(args, family, kept)
     model = Path(tiny_model_path(f"tiny:{family}"))
     with full_size.serving(kept, tmp):
         module = bench_training.module_for(run_args, model, {})
