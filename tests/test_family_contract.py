@@ -92,6 +92,15 @@ CONTRACT: dict[str, Family] = {
         config="configs/quickstart.yaml", lists=FLUX, family_options={"guidance": 1.0, "max_sequence_length": 512},
         stock_kwargs={"guidance_scale": 1.0, "max_sequence_length": 32}, module_options={"max_sequence_length": 32},
     ),
+    "flux-kontext": Family(
+        config="configs/quickstart-flux-kontext.yaml", lists=FLUX,
+        family_options={"guidance": 1.0, "max_sequence_length": 512, "auto_resize": True},
+        prompt="Make the ball red", controls=(CONTROL,),
+        # the stock call at the quick start's sizes: output area 64x64 (max_area), the control kept at its 128x128
+        # (16 target tokens, then 64 control tokens with position ids' first axis 1)
+        stock_kwargs={"guidance_scale": 1.0, "max_sequence_length": 32, "max_area": 64 * 64, "_auto_resize": False},
+        module_options={"max_sequence_length": 32, "auto_resize": False},
+    ),
     "sd3": Family(
         config="configs/quickstart-sd3.yaml", lists=SD3, family_options={"max_sequence_length": 256},
         stock_kwargs={"guidance_scale": 1.0, "max_sequence_length": 32}, module_options={"max_sequence_length": 32},

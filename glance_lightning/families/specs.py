@@ -1,5 +1,5 @@
-"""The built-in families, declared once (``BUILTIN``, registered by the registry): FLUX.1, SD3/3.5, Qwen-Image and
-Qwen-Image-Edit.
+"""The built-in families, declared once (``BUILTIN``, registered by the registry): FLUX.1, FLUX.1 Kontext, SD3/3.5,
+Qwen-Image and Qwen-Image-Edit.
 
 The scheduler configs are the published ``scheduler/scheduler_config.json`` of each family's checkpoint, kept
 verbatim (they are tiny): schedule derivation and the tiny models use the real ones. Classes and builders are
@@ -84,6 +84,12 @@ BUILTIN = (
         scheduler_config=FLUX_SCHEDULER, tiny_builder=f"{_TINY}:flux", architecture=FLUX_DEV_TRANSFORMER,
         encoder_params=FLUX_ENCODERS, lora_layout="glance_lightning.families.flux:COMFYUI_NAMES",
         guidance_kind="embedded", guidance="guidance embedding (`guidance`, as trained)",
+    ),
+    # FLUX.1 Kontext [dev]: FLUX.1-dev's scheduler, transformer config, encoders and layout (like=), one control.
+    FamilySpec(
+        name="flux-kontext", like="flux", module="glance_lightning.families.flux_kontext:FluxKontextGlance",
+        pipeline="diffusers:FluxKontextPipeline", control_images=(1, 1),
+        guidance="guidance embedding (`guidance`, as trained); the control as reference tokens",
     ),
     FamilySpec(
         name="sd3", module="glance_lightning.families.sd3:SD3Glance", pipeline="diffusers:StableDiffusion3Pipeline",
