@@ -84,3 +84,70 @@ def test_plus_defaults_follow_the_plus_pipeline():
     # no lists given: derived from the (shared) Qwen-Image-Edit schedule, the official lists at 1024x1024
     assert module.glance_timesteps.as_timesteps()["slow"] == pytest.approx(SLOW, abs=1e-3)
     assert module.glance_timesteps.as_timesteps()["fast"] == pytest.approx(FAST, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ Edit-2511
+
+
+@pytest.fixture(scope="module")
+def model_2511(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Edit-Plus model with Qwen-Image-Edit-2511's one transformer difference: ``zero_cond_t`` set in its
+    transformer/config.json (the control images' tokens modulated at timestep 0)."""
+    import json
+    import shutil
+
+    from glance_lightning.tiny import tiny_model_path
+
+    folder = tmp_path_factory.mktemp("qwen-image-edit-2511") / "model"
+    shutil.copytree(tiny_model_path("tiny:qwen-image-edit-plus"), folder)
+    config_file = folder / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "zero_cond_t": True}))
+    return folder
+
+
+def test_an_edit_2511_checkpoint_gives_the_stock_pipelines_velocity(model_2511: Path):
+    """The 2511 config is honoured as the checkpoint says (no setting of ours): for the same latents, prompt and
+    controls our module gets the stock QwenImageEditPlusPipeline's velocity, which zero_cond_t changes."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    from glance_lightning.compat import allow_qwen2vl_processor_without_torchvision
+    from glance_lightning.inference import use_exact_chain
+
+    allow_qwen2vl_processor_without_torchvision()
+    pipe = use_exact_chain(QwenImageEditPlusPipeline.from_pretrained(model_2511))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.zero_cond_t
+    stock: list[dict] = []
+    pipe.transformer.register_forward_hook(
+        lambda m, a, kw, out: stock.append({**kw, "out": out[0].clone()}), with_kwargs=True)
+    pipe(prompt=PROMPT, image=[Image.open(EDIT / "control" / "ball.png").convert("RGB")], height=64, width=64,
+         true_cfg_scale=1.0, sigmas=[0.6], num_inference_steps=1, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    (call,) = stock
+    module = QwenImageEditPlusGlance(pretrained_model=str(model_2511), timesteps=TimestepSettings(slow=SLOW, fast=FAST))
+    module.load_base_model()
+    module.transformer.eval()
+    cond = module.conditioning_for(PROMPT, (control_pixels(),))
+    # the 64x64 target's 16 tokens (the control's follow), unpacked to the module's latents [1, C, 8, 8]
+    target = pipe._unpack_latents(call["hidden_states"][:, :16], 64, 64, pipe.vae_scale_factor).reshape(1, -1, 8, 8)
+    with torch.no_grad():
+        velocity = module.predict_velocity(target, torch.tensor([0.6]), cond)
+    expected = pipe._unpack_latents(call["out"][:, :16], 64, 64, pipe.vae_scale_factor).reshape(1, -1, 8, 8)
+    torch.testing.assert_close(velocity, expected, rtol=1e-4, atol=1e-5)
+
+    module.transformer.zero_cond_t = False  # what a loader that ignored the config would compute
+    for block in module.transformer.transformer_blocks:
+        block.zero_cond_t = False
+    with torch.no_grad():
+        assert (module.predict_velocity(target, torch.tensor([0.6]), cond) - expected).abs().max() > 1e-4
+
+
+def test_plan_takes_the_2511_transformer_from_the_model_id():
+    from glance_lightning.planner.plan import find_architecture
+    from glance_lightning.registry import get_family
+
+    spec = get_family("qwen-image-edit-plus")
+    arch, source = find_architecture(spec, "Qwen/Qwen-Image-Edit-2511", None, None)
+    assert arch["zero_cond_t"] is True and "2511" in source
+    arch, _ = find_architecture(spec, "Qwen/Qwen-Image-Edit-2509", None, None)
+    assert not arch.get("zero_cond_t")

@@ -69,6 +69,9 @@ QWEN_IMAGE_TRANSFORMER = {
     "num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584,
     "guidance_embeds": False, "axes_dims_rope": [16, 56, 56],
 }
+# Qwen-Image-Edit-2511: the controls' tokens modulated at timestep 0 (a second modulation row per block); chosen when
+# the model id names 2511 (a local model's own transformer/config.json says it in any case).
+QWEN_IMAGE_EDIT_2511_TRANSFORMER = {**QWEN_IMAGE_TRANSFORMER, "zero_cond_t": True}
 
 # Parameters of the text encoders and VAE each family loads (published checkpoints): the planner's encode stage.
 FLUX_ENCODERS = {"T5-XXL encoder": 4.762e9, "CLIP-L text": 0.123e9, "VAE": 0.0838e9}
@@ -116,6 +119,7 @@ BUILTIN = (
         name="qwen-image-edit-plus", like="qwen-image",
         module="glance_lightning.families.qwen_image_edit:QwenImageEditPlusGlance",
         pipeline="diffusers:QwenImageEditPlusPipeline", official_qwen=True, control_images=(1, 3),
+        extra={"architectures": {"2511": QWEN_IMAGE_EDIT_2511_TRANSFORMER}},
         tiny_builder=f"{_TINY}:qwen_image_edit_plus", guidance=f"{_QWEN_CFG}; one to three controls",
     ),
 )
