@@ -5,7 +5,8 @@ This module owns the schedule arithmetic of the project (GLANCE.md sections 2 an
 - ``full_schedule_sigmas``: the shifted sigma table (``num_steps`` entries plus the terminal 0) that the
   family's diffusers pipeline steps through at a given resolution. It is built by diffusers itself: the
   scheduler is ``FlowMatchEulerDiscreteScheduler.from_config(config)`` and ``mu`` comes from the family
-  pipeline's own ``calculate_shift``, called the way the pipeline calls it.
+  pipeline's own ``calculate_shift`` (FLUX.2: ``compute_empirical_mu``, which also takes the step count), called the
+  way the pipeline calls it.
 - ``derive_timesteps`` / ``derive_sigmas``: the Slow and Fast lists read off that table at given indices
   (the official lists are indices 0,2,4,6,8 and 10,20,30,40,49 of the 50-step table at 1024x1024).
 - ``load_scheduler_config``: read a model's ``scheduler/scheduler_config.json``.
@@ -25,6 +26,7 @@ Timesteps are 0-1000 (t = 1000 * sigma); sigmas are in [0, 1]. Resolutions are `
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -213,12 +215,18 @@ def image_seq_len(resolution: int | str | Sequence[int]) -> int:
     return (width // PIXELS_PER_TOKEN) * (height // PIXELS_PER_TOKEN)
 
 
-def _mu(spec: FamilySpec, scheduler: FlowMatchEulerDiscreteScheduler, seq_len: int) -> float | None:
-    """``mu`` exactly as the family's pipeline computes it, or None when the config shifts statically."""
+def _mu(spec: FamilySpec, scheduler: FlowMatchEulerDiscreteScheduler, seq_len: int, num_steps: int
+        ) -> float | None:
+    """``mu`` exactly as the family's pipeline computes it, or None when the config shifts statically. A shift
+    function with a ``num_steps`` parameter (FLUX.2's ``compute_empirical_mu(image_seq_len, num_steps)``) gets the
+    sequence length and the step count, as that pipeline calls it; others the config's shift bounds."""
     config = scheduler.config
     if not config.get("use_dynamic_shifting", False):
         return None
-    return spec.shift_function()(
+    function = spec.shift_function()
+    if "num_steps" in inspect.signature(function).parameters:
+        return function(image_seq_len=seq_len, num_steps=num_steps)
+    return function(
         seq_len,
         config.get("base_image_seq_len", 256),
         config.get("max_image_seq_len", 4096),
@@ -238,7 +246,7 @@ def _stepped_scheduler(
         sigmas = np.array(sample_sigmas, dtype=np.float64)
     elif spec.linspace_sigmas:
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-    scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=_mu(spec, scheduler, seq_len))
+    scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=_mu(spec, scheduler, seq_len, num_steps))
     return scheduler
 
 

@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONTROL = "glance_lightning/assets/samples/edit/control/ball.png"
 RED_BALL = "glance_lightning/assets/samples/t2i/red_ball.png"
 # Each family's own 50-step schedule at 1024x1024, indices 0,2,4,6,8 and 10,20,30,40,49 (the configs' lists)
+FLUX2 = ([1000.0, 994.5214, 988.634, 982.2905, 975.4355], [968.0046, 918.9985, 834.5034, 654.0879, 133.7189])
 FLUX = ([1000.0, 986.9786, 973.2042, 958.6094, 943.1188], [926.6473, 825.7017, 677.9868, 441.1997, 60.5503])
 SD3 = ([1000.0, 986.0571, 971.3141, 955.7004, 939.1364], [921.5326, 813.8521, 656.9132, 406.8929, 8.9286])
 QWEN = ([1000.0, 979.1915, 957.5157, 934.9171, 911.3354], [886.7053, 745.0728, 562.9505, 320.0802, 20.0])
@@ -100,6 +101,15 @@ CONTRACT: dict[str, Family] = {
         # (16 target tokens, then 64 control tokens with position ids' first axis 1)
         stock_kwargs={"guidance_scale": 1.0, "max_sequence_length": 32, "max_area": 64 * 64, "_auto_resize": False},
         module_options={"max_sequence_length": 32, "auto_resize": False},
+    ),
+    "flux2": Family(
+        config="configs/quickstart-flux2.yaml", lists=FLUX2,
+        family_options={"max_sequence_length": 512, "guidance": 1.0},
+        stock_kwargs={"guidance_scale": 1.0, "max_sequence_length": 64}, module_options={"max_sequence_length": 64},
+    ),
+    "flux2-klein": Family(
+        config="configs/quickstart-flux2-klein.yaml", lists=FLUX2, family_options={"max_sequence_length": 512},
+        stock_kwargs={"guidance_scale": 1.0, "max_sequence_length": 32}, module_options={"max_sequence_length": 32},
     ),
     "sd3": Family(
         config="configs/quickstart-sd3.yaml", lists=SD3, family_options={"max_sequence_length": 256},
@@ -273,11 +283,13 @@ def control_pixels(path: str) -> torch.Tensor:
 
 
 def latents_of(pipe: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """A 64x64 image's transformer tokens (or SD3's unpacked latents) -> latents [B, C, 8, 8], as the module
-    takes them; control tokens, which follow the target's, are dropped."""
+    """A 64x64 image's transformer tokens (or SD3's unpacked latents) -> latents [B, C, 8, 8] (FLUX.2's patchified
+    [B, 4C, 4, 4]), as the module takes them; control tokens, which follow the target's, are dropped."""
     if hidden.dim() == 4:
         return hidden
     target = hidden[:, :16]
+    if hasattr(pipe, "_unpack_latents_with_ids"):  # FLUX.2: one token per patchified latent position
+        return target.transpose(1, 2).reshape(hidden.shape[0], -1, 4, 4)
     return pipe._unpack_latents(target, 64, 64, pipe.vae_scale_factor).reshape(hidden.shape[0], -1, 8, 8)
 
 

@@ -25,7 +25,8 @@ from glance_lightning.schedules import derive_timesteps
 
 from reaping import run_reaped
 
-BUILTINS = ("flux", "flux-kontext", "sd3", "qwen-image", "qwen-image-edit", "qwen-image-edit-plus")
+BUILTINS = ("flux", "flux-kontext", "flux2", "flux2-klein", "sd3", "qwen-image", "qwen-image-edit",
+            "qwen-image-edit-plus")
 
 
 def test_builtins_are_registered_and_consistent():

@@ -19,6 +19,11 @@ import torch
 Conditioning = dict[str, torch.Tensor]
 
 
+def expand_condition(cond: Conditioning, batch: int) -> Conditioning:
+    """Broadcast a one-prompt conditioning to ``batch`` samples (batched conditioning is left as it is)."""
+    return {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 and batch > 1 else v for k, v in cond.items()}
+
+
 class FamilyHooks:
     """What a family says about its pipeline; mixed into ``GlanceModule``."""
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from glance_lightning.families.base import Conditioning, GlanceModule
+from glance_lightning.families.hooks import expand_condition
 from glance_lightning.families.latents import ShiftScaleLatents
 from glance_lightning.lora_layouts import rule
 from glance_lightning.settings import checked_text_tokens
@@ -99,7 +100,7 @@ class SD3Glance(ShiftScaleLatents, GlanceModule):
     def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         batch = noisy.shape[0]
         dtype = self.transformer.dtype
-        cond = _expand(cond, batch)
+        cond = expand_condition(cond, batch)
         return self.transformer(
             hidden_states=noisy.to(dtype),
             # float32 like the scheduler's timesteps: in bfloat16 986.06 would become 986.0 and 939.14 940.0
@@ -120,12 +121,7 @@ class SD3Glance(ShiftScaleLatents, GlanceModule):
         if negative is None:
             negative = self.conditioning_for(self.default_negative_prompt)
         batch = noisy.shape[0]
-        neg, pos = _expand(negative, batch), _expand(cond, batch)
+        neg, pos = expand_condition(negative, batch), expand_condition(cond, batch)
         both = {k: torch.cat([neg[k], pos[k]]) for k in pos}
         v_neg, v_pos = self.predict_velocity(torch.cat([noisy, noisy]), sigma.expand(batch).repeat(2), both).chunk(2)
         return v_neg + guidance_scale * (v_pos - v_neg)
-
-
-def _expand(cond: Conditioning, batch: int) -> Conditioning:
-    """Broadcast a one-prompt conditioning to ``batch`` samples (batched conditioning is left as it is)."""
-    return {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 and batch > 1 else v for k, v in cond.items()}

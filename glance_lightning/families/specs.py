@@ -1,5 +1,5 @@
-"""The built-in families, declared once (``BUILTIN``, registered by the registry): FLUX.1, FLUX.1 Kontext, SD3/3.5,
-Qwen-Image and Qwen-Image-Edit.
+"""The built-in families, declared once (``BUILTIN``, registered by the registry): FLUX.1, FLUX.1 Kontext, FLUX.2 [dev]
+and [klein], SD3/3.5, Qwen-Image and Qwen-Image-Edit.
 
 The scheduler configs are the published ``scheduler/scheduler_config.json`` of each family's checkpoint, kept
 verbatim (they are tiny): schedule derivation and the tiny models use the real ones. Classes and builders are
@@ -20,6 +20,10 @@ FLUX_SCHEDULER = {
     "shift": 3.0,
     "use_dynamic_shifting": True,
 }
+
+# FLUX.2 [dev] / [klein]: FLUX.1's config (the pipelines pass mu = compute_empirical_mu, so the shift bounds go
+# unused)
+FLUX2_SCHEDULER = {**FLUX_SCHEDULER, "time_shift_type": "exponential"}
 
 SD3_SCHEDULER = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -73,12 +77,30 @@ QWEN_IMAGE_TRANSFORMER = {
 # the model id names 2511 (a local model's own transformer/config.json says it in any case).
 QWEN_IMAGE_EDIT_2511_TRANSFORMER = {**QWEN_IMAGE_TRANSFORMER, "zero_cond_t": True}
 
+# FLUX.2 (diffusers' scripts/convert_flux2_to_diffusers.py; joint_attention_dim = 3 x the text encoder's width):
+# [dev] 32.2B parameters, [klein] 4B and 9B (their base variants share the architecture). Chosen by model id. Their
+# VAE has 32 latent channels (the planner's default is 16: extra["latent_channels"]), patchified to 128.
+FLUX2_DEV_TRANSFORMER = {
+    "_class_name": "Flux2Transformer2DModel", "patch_size": 1, "in_channels": 128, "out_channels": None,
+    "num_layers": 8, "num_single_layers": 48, "attention_head_dim": 128, "num_attention_heads": 48,
+    "joint_attention_dim": 15360, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": True,
+}
+FLUX2_KLEIN_4B_TRANSFORMER = {**FLUX2_DEV_TRANSFORMER, "num_layers": 5, "num_single_layers": 20,
+                              "num_attention_heads": 24, "joint_attention_dim": 7680, "guidance_embeds": False}
+FLUX2_KLEIN_9B_TRANSFORMER = {**FLUX2_DEV_TRANSFORMER, "num_layers": 8, "num_single_layers": 24,
+                              "num_attention_heads": 32, "joint_attention_dim": 12288, "guidance_embeds": False}
+
 # Parameters of the text encoders and VAE each family loads (published checkpoints): the planner's encode stage.
 FLUX_ENCODERS = {"T5-XXL encoder": 4.762e9, "CLIP-L text": 0.123e9, "VAE": 0.0838e9}
 SD3_ENCODERS = {"T5-XXL encoder": 4.762e9, "CLIP-L text": 0.124e9, "CLIP-G text": 0.695e9, "VAE": 0.0838e9}
 QWEN_IMAGE_ENCODERS = {"Qwen2.5-VL-7B": 8.292e9, "VAE": 0.127e9}
+FLUX2_ENCODERS = {"Mistral-Small-3.2-24B": 24.01e9, "VAE": 0.0841e9}
+FLUX2_KLEIN_ENCODERS = {"Qwen3-4B": 4.02e9, "VAE": 0.0841e9}  # the 9B variants: Qwen3-8B (8.19e9)
 
 _TINY = "glance_lightning.tiny.builders"
+_TINY_FLUX2 = "glance_lightning.tiny.flux2"
+_FLUX2_MU = "diffusers.pipelines.flux2.pipeline_flux2:compute_empirical_mu"
 _QWEN_CFG = "true CFG (negative \" \", norm rescale)"
 
 BUILTIN = (
@@ -93,6 +115,21 @@ BUILTIN = (
         name="flux-kontext", like="flux", module="glance_lightning.families.flux_kontext:FluxKontextGlance",
         pipeline="diffusers:FluxKontextPipeline", control_images=(1, 1),
         guidance="guidance embedding (`guidance`, as trained); the control as reference tokens",
+    ),
+    # FLUX.2: the published scheduler config (FLUX.1's), mu from compute_empirical_mu (it takes the step count).
+    FamilySpec(
+        name="flux2", module="glance_lightning.families.flux2:Flux2Glance", pipeline="diffusers:Flux2Pipeline",
+        scheduler_config=FLUX2_SCHEDULER, calculate_shift=_FLUX2_MU, tiny_builder=f"{_TINY_FLUX2}:flux2",
+        architecture=FLUX2_DEV_TRANSFORMER, encoder_params=FLUX2_ENCODERS, extra={"latent_channels": 32},
+        lora_layout="glance_lightning.families.flux2:COMFYUI_NAMES",
+        guidance_kind="embedded", guidance="guidance embedding (`guidance`, as trained)",
+    ),
+    FamilySpec(
+        name="flux2-klein", like="flux2", module="glance_lightning.families.flux2:Flux2KleinGlance",
+        pipeline="diffusers:Flux2KleinPipeline", tiny_builder=f"{_TINY_FLUX2}:flux2_klein",
+        architecture=FLUX2_KLEIN_4B_TRANSFORMER, encoder_params=FLUX2_KLEIN_ENCODERS,
+        extra={"architectures": {"9B": FLUX2_KLEIN_9B_TRANSFORMER}, "latent_channels": 32},
+        guidance_kind="cfg", guidance="CFG with a negative prompt (\"\" by default); base models only",
     ),
     FamilySpec(
         name="sd3", module="glance_lightning.families.sd3:SD3Glance", pipeline="diffusers:StableDiffusion3Pipeline",

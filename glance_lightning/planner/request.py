@@ -141,7 +141,8 @@ def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer
         architecture=arch, height=resolution, width=resolution, batch=settings["batch"], text_tokens=tokens,
         precision=settings["precision"], gradient_clip=trainer.get("gradient_clip_val"),
         quantization=settings["base_quantization"], optimizer=settings["optimizer"], gpu=card,
-        latent_channels=vae_latent_channels(source, LATENT_CHANNELS), compiled=settings["compile_blocks"],
+        latent_channels=vae_latent_channels(source, spec.extra.get("latent_channels", LATENT_CHANNELS)),
+        compiled=settings["compile_blocks"],
     )
     raw["architecture"] = arch
     return PlanRequest(module, step, settings, card, gpu_memory, source, raw)
