@@ -25,12 +25,15 @@ TINY_FAMILIES = [n for n in family_names() if get_family(n).tiny_builder]
 
 PIPELINES = {
     "flux": diffusers.FluxPipeline,
+    "flux-kontext": diffusers.FluxKontextPipeline,
+    "flux2": diffusers.Flux2Pipeline,
+    "flux2-klein": diffusers.Flux2KleinPipeline,
     "sd3": diffusers.StableDiffusion3Pipeline,
     "qwen-image": diffusers.QwenImagePipeline,
     "qwen-image-edit": diffusers.QwenImageEditPipeline,
     "qwen-image-edit-plus": diffusers.QwenImageEditPlusPipeline,
 }
-CONTROL_IMAGES = {"qwen-image-edit": 1, "qwen-image-edit-plus": 2}
+CONTROL_IMAGES = {"flux-kontext": 1, "qwen-image-edit": 1, "qwen-image-edit-plus": 2}
 RED_BALL = Path(__file__).resolve().parents[1] / "glance_lightning/assets/samples/t2i/red_ball.png"
 # The tiny VAEs reach about 22 dB on red_ball at 64x64. A random VAE gives 10-12 dB, and the hand-set linear
 # skeleton they train from 18-19.5 dB (repeating each 8x8 patch's mean colour: 19.3 dB): above 20 dB, training
@@ -55,6 +58,8 @@ def _generation_kwargs(family: str) -> dict:
     }
     if family.startswith("qwen"):
         kwargs["true_cfg_scale"] = 1.0
+    if family == "flux-kontext":  # the output area and the control at their sizes (the pipeline: ~1 megapixel)
+        kwargs.update(max_area=64 * 64, _auto_resize=False)
     if family in CONTROL_IMAGES:
         images = [Image.new("RGB", (48, 40), color) for color in ((200, 40, 40), (40, 40, 200))]
         count = CONTROL_IMAGES[family]
@@ -92,12 +97,18 @@ def _red_ball() -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "qwen-image"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen-image", "flux2"])
 def test_vae_reconstructs_an_image_into_normalised_latents(family: str) -> None:
-    vae = PIPELINES[family].from_pretrained(tiny_model_path(f"tiny:{family}")).vae
+    pipe = PIPELINES[family].from_pretrained(tiny_model_path(f"tiny:{family}"))
+    vae = pipe.vae
     pixels = _red_ball()
     with torch.no_grad():
-        if family.startswith("qwen"):  # a one-frame video; latents normalised per channel, as the pipelines do
+        if family == "flux2":  # patchified 2x2, then normalised by the VAE's batch-norm statistics, as the pipeline
+            normalised = pipe._encode_vae_image(pixels, None)
+            mean = vae.bn.running_mean.view(1, -1, 1, 1)
+            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+            decoded = vae.decode(pipe._unpatchify_latents(normalised * std + mean)).sample
+        elif family.startswith("qwen"):  # a one-frame video; latents normalised per channel, as the pipelines do
             latents = vae.encode(pixels.unsqueeze(2)).latent_dist.mode()
             decoded = vae.decode(latents).sample[:, :, 0]
             shape = (1, -1, 1, 1, 1)
