@@ -16,6 +16,7 @@ alpha/rank folded in, times ``lora_scale``, and handed to the pipeline's ``load_
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -220,6 +221,10 @@ def chained_call(pipe: Any, loras: GlanceLoras, **kwargs: Any) -> Any:
             p.set_adapters(fast_name)
         return user_callback(p, step, timestep, callback_kwargs) if user_callback else {}
 
+    if "use_kv_cache" in inspect.signature(pipe.__call__).parameters:
+        # A pipeline that caches the prompt's keys and values after the first step (Qwen-Image 2.x) would keep the
+        # Slow adapter's after the switch: the Fast steps must see their own.
+        kwargs.setdefault("use_kv_cache", False)
     pipe.set_adapters(slow_name)
     sigmas = loras.sigmas()
     return pipe(sigmas=sigmas, num_inference_steps=len(sigmas), callback_on_step_end=switch, **kwargs)

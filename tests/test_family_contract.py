@@ -123,6 +123,12 @@ CONTRACT: dict[str, Family] = {
         stock_kwargs={"true_cfg_scale": 1.0}, stock_inputs={"img_shapes": QWEN_T2I_SHAPES},
         step_inputs={"img_shapes": QWEN_T2I_SHAPES},
     ),
+    "qwen-image-2": Family(
+        config="configs/quickstart-qwen-image-2.yaml", lists=QWEN, family_options={},
+        # without the prompt's key/value cache, every call is the whole joint sequence as in training
+        stock_kwargs={"true_cfg_scale": 1.0, "use_kv_cache": False}, stock_inputs={"img_shapes": [[(1, 4, 4)]]},
+        step_inputs={"img_shapes": [[(1, 4, 4)]]},
+    ),
     "qwen-image-edit": Family(
         config="configs/quickstart-qwen-image-edit.yaml", lists=QWEN,
         family_options={"max_sequence_length": 512, "control_resolution": 1024, "condition_resolution": None},
@@ -284,9 +290,12 @@ def control_pixels(path: str) -> torch.Tensor:
 
 def latents_of(pipe: Any, hidden: torch.Tensor) -> torch.Tensor:
     """A 64x64 image's transformer tokens (or SD3's unpacked latents) -> latents [B, C, 8, 8] (FLUX.2's patchified
-    [B, 4C, 4, 4]), as the module takes them; control tokens, which follow the target's, are dropped."""
+    [B, 4C, 4, 4], Qwen-Image 2.x's [B, C, 4, 4]), as the module takes them; control tokens, which follow the
+    target's, and Qwen-Image 2.x's text tokens, which precede them in its output, are dropped."""
     if hidden.dim() == 4:
         return hidden
+    if type(pipe).__name__ == "QwenImage21Pipeline":  # one token per latent position, the target's last
+        return hidden[:, -16:].transpose(1, 2).reshape(hidden.shape[0], -1, 4, 4)
     target = hidden[:, :16]
     if hasattr(pipe, "_unpack_latents_with_ids"):  # FLUX.2: one token per patchified latent position
         return target.transpose(1, 2).reshape(hidden.shape[0], -1, 4, 4)
@@ -459,7 +468,7 @@ def test_saved_loras_load_into_the_stock_pipeline_and_change_its_output(family: 
     pipe = use_exact_chain(stock_pipeline(family))  # for the base image: the same scheduler as with the LoRAs
 
     def generate() -> torch.Tensor:
-        return pipe(**stock_call_kwargs(entry, num_inference_steps=2, output_type="pt")).images
+        return pipe(**stock_call_kwargs(entry, num_inference_steps=2, output_type="pt")).images[:, :3]  # RGB of RGBA
 
     base = generate()
     loras = load_glance_loras(pipe, run / "slow", run / "fast")

@@ -25,7 +25,7 @@ from glance_lightning.schedules import derive_timesteps
 
 from reaping import run_reaped
 
-BUILTINS = ("flux", "flux-kontext", "flux2", "flux2-klein", "sd3", "qwen-image", "qwen-image-edit",
+BUILTINS = ("flux", "flux-kontext", "flux2", "flux2-klein", "sd3", "qwen-image", "qwen-image-2", "qwen-image-edit",
             "qwen-image-edit-plus")
 
 

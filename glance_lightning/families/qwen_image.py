@@ -24,7 +24,7 @@ QWEN_LORA_TARGETS = (
 )
 
 
-def _no_padding(mask: torch.Tensor) -> bool:
+def no_padding(mask: torch.Tensor) -> bool:
     """Whether no text token is padding. A mask without values (the planner's fake tensors) counts as none: every
     single-prompt encoding is unpadded, and the planner plans one prompt's tokens."""
     from torch._subclasses.fake_tensor import is_fake
@@ -32,7 +32,57 @@ def _no_padding(mask: torch.Tensor) -> bool:
     return True if is_fake(mask) else bool(mask.all())
 
 
-class QwenImageGlance(GlanceModule):
+def pad_tokens(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad a token-wise tensor ([B, L] or [B, L, D]) with zeros to ``length`` tokens."""
+    missing = length - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    pad = (0, 0, 0, missing) if tensor.dim() == 3 else (0, missing)
+    return F.pad(tensor, pad)
+
+
+class QwenLatents(GlanceModule):
+    """What the Qwen-Image generations share: the VAE latents normalised with ``latents_mean``/``latents_std`` (a
+    frame axis added and dropped around the causal video VAE) and an explicit text mask. Not a family by itself."""
+
+    token_keys: tuple[str, ...] = ("prompt_embeds", "prompt_embeds_mask")  # conditioning padded token-wise
+
+    def collate_conditions(self, conds: Sequence[Conditioning]) -> Conditioning:
+        """Prompts have different token counts: right-pad the token-wise entries (embeddings with zeros, masks
+        with 0), as the pipelines' own batched ``encode_prompt`` does."""
+        length = max(c["prompt_embeds"].shape[1] for c in conds)
+        return {key: torch.cat([pad_tokens(c[key], length) if key in self.token_keys else c[key] for c in conds])
+                for key in conds[0]}
+
+    @staticmethod
+    def _text_conditioning(embeds: torch.Tensor, mask: torch.Tensor | None) -> Conditioning:
+        """The pipelines return ``mask=None`` when no token is padding; the cache always keeps an explicit mask."""
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask.to(embeds.device, torch.long)}
+
+    # ------------------------------------------------------------------ latents
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.pipe.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, std
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """As QwenImageEditPipeline._encode_vae_image: the distribution's mode ("argmax"), then (z - mean) / std."""
+        latents = self.pipe.vae.encode(pixels.unsqueeze(2)).latent_dist.mode()
+        mean, std = self._latent_stats(latents)
+        return ((latents - mean) / std).squeeze(2)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """As the end of QwenImagePipeline.__call__: z * std + mean, decode, first frame."""
+        latents = latents.unsqueeze(2)
+        mean, std = self._latent_stats(latents)
+        return self.pipe.vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+
+
+class QwenImageGlance(QwenLatents):
     """Glance for Qwen-Image. Defaults follow the official Glance Qwen recipe (see configs/qwen-image.yaml)."""
 
     family = "qwen-image"
@@ -63,53 +113,6 @@ class QwenImageGlance(GlanceModule):
         return {"prompt_embeds": torch.randn(1, tokens, architecture["joint_attention_dim"]),
                 "prompt_embeds_mask": torch.ones(1, tokens, dtype=torch.long)}
 
-    @staticmethod
-    def _text_conditioning(embeds: torch.Tensor, mask: torch.Tensor | None) -> Conditioning:
-        """The pipelines return ``mask=None`` when no token is padding; the cache always keeps an explicit mask."""
-        if mask is None:
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask.to(embeds.device, torch.long)}
-
-    def collate_conditions(self, conds: Sequence[Conditioning]) -> Conditioning:
-        """Prompts have different token counts: right-pad embeddings with zeros and masks with 0, as the
-        pipeline's own batched ``encode_prompt`` does."""
-        length = max(c["prompt_embeds"].shape[1] for c in conds)
-        batch: Conditioning = {}
-        for key in conds[0]:
-            parts = [c[key] for c in conds]
-            if key in ("prompt_embeds", "prompt_embeds_mask"):
-                parts = [self._pad_tokens(p, length) for p in parts]
-            batch[key] = torch.cat(parts)
-        return batch
-
-    @staticmethod
-    def _pad_tokens(tensor: torch.Tensor, length: int) -> torch.Tensor:
-        missing = length - tensor.shape[1]
-        if missing == 0:
-            return tensor
-        pad = (0, 0, 0, missing) if tensor.dim() == 3 else (0, missing)
-        return F.pad(tensor, pad)
-
-    # ------------------------------------------------------------------ latents
-    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.pipe.vae.config
-        shape = (1, config.z_dim, 1, 1, 1)
-        mean = torch.tensor(config.latents_mean).view(shape).to(like.device, like.dtype)
-        std = torch.tensor(config.latents_std).view(shape).to(like.device, like.dtype)
-        return mean, std
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """As QwenImageEditPipeline._encode_vae_image: the distribution's mode ("argmax"), then (z - mean) / std."""
-        latents = self.pipe.vae.encode(pixels.unsqueeze(2)).latent_dist.mode()
-        mean, std = self._latent_stats(latents)
-        return ((latents - mean) / std).squeeze(2)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """As the end of QwenImagePipeline.__call__: z * std + mean, decode, first frame."""
-        latents = latents.unsqueeze(2)
-        mean, std = self._latent_stats(latents)
-        return self.pipe.vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
-
     # ------------------------------------------------------------------ transformer
     def _pack(self, latents: torch.Tensor) -> torch.Tensor:
         b, c, h, w = latents.shape
@@ -138,7 +141,7 @@ class QwenImageGlance(GlanceModule):
             guidance=None,  # Qwen-Image has no guidance embedding (true CFG instead)
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
             # no mask when nothing is padding, as the pipeline does (same result, cheaper attention)
-            encoder_hidden_states_mask=None if _no_padding(mask) else mask,
+            encoder_hidden_states_mask=None if no_padding(mask) else mask,
             img_shapes=img_shapes,
             return_dict=False,
         )[0]

@@ -1,5 +1,5 @@
 """The built-in families, declared once (``BUILTIN``, registered by the registry): FLUX.1, FLUX.1 Kontext, FLUX.2 [dev]
-and [klein], SD3/3.5, Qwen-Image and Qwen-Image-Edit.
+and [klein], SD3/3.5, Qwen-Image, Qwen-Image-Edit and Qwen-Image 2.x.
 
 The scheduler configs are the published ``scheduler/scheduler_config.json`` of each family's checkpoint, kept
 verbatim (they are tiny): schedule derivation and the tiny models use the real ones. Classes and builders are
@@ -91,11 +91,20 @@ FLUX2_KLEIN_4B_TRANSFORMER = {**FLUX2_DEV_TRANSFORMER, "num_layers": 5, "num_sin
 FLUX2_KLEIN_9B_TRANSFORMER = {**FLUX2_DEV_TRANSFORMER, "num_layers": 8, "num_single_layers": 24,
                               "num_attention_heads": 32, "joint_attention_dim": 12288, "guidance_embeds": False}
 
+# Qwen-Image 2.x (QwenImage21Transformer2DModel's defaults, the 7.1B published one): 32 single-stream blocks; its VAE
+# has 64 latent channels.
+QWEN_IMAGE2_TRANSFORMER = {
+    "_class_name": "QwenImage21Transformer2DModel", "patch_size": 1, "in_channels": 64, "out_channels": 64,
+    "num_layers": 32, "attention_head_dim": 128, "num_attention_heads": 32, "context_in_dim": 4096, "mlp_ratio": 3,
+    "axes_dims_rope": [16, 56, 56], "eps": 1e-6, "causal_condition": True,
+}
+
 # Parameters of the text encoders and VAE each family loads (published checkpoints): the planner's encode stage.
 FLUX_ENCODERS = {"T5-XXL encoder": 4.762e9, "CLIP-L text": 0.123e9, "VAE": 0.0838e9}
 SD3_ENCODERS = {"T5-XXL encoder": 4.762e9, "CLIP-L text": 0.124e9, "CLIP-G text": 0.695e9, "VAE": 0.0838e9}
 QWEN_IMAGE_ENCODERS = {"Qwen2.5-VL-7B": 8.292e9, "VAE": 0.127e9}
 FLUX2_ENCODERS = {"Mistral-Small-3.2-24B": 24.01e9, "VAE": 0.0841e9}
+QWEN_IMAGE2_ENCODERS = {"Qwen3-VL-8B": 8.77e9, "VAE": 0.338e9}
 FLUX2_KLEIN_ENCODERS = {"Qwen3-4B": 4.02e9, "VAE": 0.0841e9}  # the 9B variants: Qwen3-8B (8.19e9)
 
 _TINY = "glance_lightning.tiny.builders"
@@ -144,6 +153,17 @@ BUILTIN = (
         tiny_builder=f"{_TINY}:qwen_image", architecture=QWEN_IMAGE_TRANSFORMER, encoder_params=QWEN_IMAGE_ENCODERS,
         lora_layout=IDENTITY_LAYOUT,  # ComfyUI's Qwen-Image model (comfy/ldm/qwen_image) uses diffusers' names
         guidance_kind="cfg", guidance=_QWEN_CFG,
+    ),
+    # Qwen-Image 2.x: its pipeline's schedule arithmetic is Qwen-Image's (the same calculate_shift); its scheduler
+    # config here is Qwen-Image's (ASSUMED: the 2.1 checkpoint's own file could not be read offline). A model folder's
+    # own config and its sample_sigmas grid always win (model_schedule).
+    FamilySpec(
+        name="qwen-image-2", module="glance_lightning.families.qwen_image2:QwenImage2Glance",
+        pipeline="diffusers:QwenImage21Pipeline", scheduler_config=QWEN_IMAGE_SCHEDULER,
+        tiny_builder="glance_lightning.tiny.qwen_image21:qwen_image21", architecture=QWEN_IMAGE2_TRANSFORMER,
+        encoder_params=QWEN_IMAGE2_ENCODERS, extra={"latent_channels": 64},
+        lora_layout="glance_lightning.families.qwen_image2:COMFYUI_NAMES",
+        guidance_kind="cfg", guidance="true CFG with a negative prompt (none by default)",
     ),
     # The edit families take Qwen-Image's scheduler, architecture, encoders, layout and guidance (like=).
     FamilySpec(

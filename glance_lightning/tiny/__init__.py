@@ -72,7 +72,12 @@ def build_tiny_model(family: str, path: str | os.PathLike[str], seed: int = 0) -
     pipeline.save_pretrained(path, safe_serialization=True)
     _use_real_class_names(path)
     if (path / "processor").is_dir():
-        _add_video_processor_config(path / "processor")
+        if json.loads((path / "model_index.json").read_text()).get("processor", [])[-1:] == ["Qwen3VLProcessor"]:
+            from glance_lightning.tiny.qwen_image21 import add_qwen3vl_video_processor_config
+
+            add_qwen3vl_video_processor_config(path / "processor")
+        else:
+            _add_video_processor_config(path / "processor")
     return path
 
 
