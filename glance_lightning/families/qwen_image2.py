@@ -15,16 +15,22 @@ What differs from Qwen-Image, step for step as the pipeline (diffusers 0.42):
   lists are then read off that grid (``model_schedule``), else off the 50-step table as for Qwen-Image.
 
 Training is text-to-image (the pipeline's condition images are not used; editing with Qwen-Image 2.x stays with
-its stock pipeline). ``plan`` cannot simulate this transformer yet: it builds its attention layout from the data
-(``repeat_interleave``/``nonzero`` over the image-slot mask), which fake tensors refuse.
+its stock pipeline). ``plan`` simulates the step on fake tensors with the image-slot mask as a real host tensor:
+the transformer derives its sequence layout from it (``repeat_interleave``, ``nonzero``), which ``host_layout``
+runs for real.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glance_lightning.families.base import Conditioning
 from glance_lightning.families.hooks import expand_condition
@@ -47,6 +53,59 @@ COMFYUI_NAMES = (
 )
 
 
+@contextmanager
+def host_layout() -> Iterator[None]:
+    """For ``plan`` on fake tensors: the transformer derives its sequence layout from the image-slot mask
+    (``repeat_interleave``, ``nonzero``, boolean indexing), which fake tensors cannot do. With that mask a real host
+    tensor, every function or op whose tensor arguments are all real runs for real (the layout: a few thousand
+    integers), and a real boolean index becomes its positions before a fake tensor is indexed with it; everything
+    else stays fake."""
+    with _RealFunctions(), _RealOps():
+        yield
+
+
+def _all_real(args: Any, kwargs: dict | None) -> bool:
+    tensors = [x for x in pytree.tree_leaves((args, kwargs or {})) if isinstance(x, torch.Tensor)]
+    return bool(tensors) and not any(is_fake(t) for t in tensors)
+
+
+class _RealFunctions(TorchFunctionMode):
+    """torch functions of real tensors (and Python scalars) run for real."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if _all_real(args, kwargs):
+            with unset_fake_temporarily():
+                return func(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+class _RealOps(TorchDispatchMode):
+    """The same for the ops a mixed function decomposes into; real boolean indices of fake tensors as positions."""
+
+    _INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+                 torch.ops.aten._index_put_impl_.default)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if _all_real(args, kwargs):
+            with unset_fake_temporarily():
+                return func(*args, **(kwargs or {}))
+        if func in self._INDEXING:
+            args = (args[0], _positions(args[1]), *args[2:])
+        return func(*args, **(kwargs or {}))
+
+
+def _positions(indices: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Real boolean indices -> their positions (one long index per masked dimension), as indexing means them."""
+    out: list[torch.Tensor | None] = []
+    for index in indices:
+        if index is not None and index.dtype == torch.bool and not is_fake(index):
+            with unset_fake_temporarily():
+                out.extend(index.nonzero(as_tuple=True))
+        else:
+            out.append(index)
+    return out
+
+
 class QwenImage2Glance(QwenLatents):
     """Glance for Qwen-Image 2.x (text to image)."""
 
@@ -55,6 +114,7 @@ class QwenImage2Glance(QwenLatents):
     size_multiple = 2 * VAE_FACTOR  # the pipeline rounds sides to multiples of 32
     timestep_scale = 1.0  # the pipeline calls the transformer with timestep / 1000 = sigma
     token_keys = ("prompt_embeds", "prompt_embeds_mask", "image_pad_mask")  # padded with 0 / False
+    host_condition_keys = ("image_pad_mask",)  # the sequence layout: on the host until the call (a real one in plan)
 
     # ------------------------------------------------------------------ text
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -62,10 +122,13 @@ class QwenImage2Glance(QwenLatents):
         return {**self._text_conditioning(embeds, mask), "image_pad_mask": image_pad_mask.to(embeds.device)}
 
     def planned_prompt_embeds(self, tokens: int, architecture: Mapping[str, Any]) -> Conditioning:
-        raise NotImplementedError(
-            "Qwen-Image 2.x cannot be planned yet: its transformer builds its attention layout from the data "
-            "(repeat_interleave and nonzero over the image-slot mask), which the planner's fake tensors cannot run; "
-            "set model.performance switches by hand (docs/performance.md)")
+        """Fake embeddings; the image-slot mask a real host tensor (see ``host_layout``)."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            slots = torch.zeros(1, tokens, dtype=torch.bool)
+        return {"prompt_embeds": torch.randn(1, tokens, architecture["context_in_dim"]),
+                "prompt_embeds_mask": torch.ones(1, tokens, dtype=torch.long), "image_pad_mask": slots}
 
     # ------------------------------------------------------------------ latents
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -84,6 +147,10 @@ class QwenImage2Glance(QwenLatents):
 
     # ------------------------------------------------------------------ transformer
     def predict_velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        with host_layout() if is_fake(noisy) else nullcontext():
+            return self._velocity(noisy, sigma, cond)
+
+    def _velocity(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         b, c, h, w = noisy.shape
         dtype = self.transformer.dtype
         cond = expand_condition(cond, b)
