@@ -72,12 +72,7 @@ def build_tiny_model(family: str, path: str | os.PathLike[str], seed: int = 0) -
     pipeline.save_pretrained(path, safe_serialization=True)
     _use_real_class_names(path)
     if (path / "processor").is_dir():
-        if json.loads((path / "model_index.json").read_text()).get("processor", [])[-1:] == ["Qwen3VLProcessor"]:
-            from glance_lightning.tiny.qwen_image21 import add_qwen3vl_video_processor_config
-
-            add_qwen3vl_video_processor_config(path / "processor")
-        else:
-            _add_video_processor_config(path / "processor")
+        _add_video_processor_config(path)
     return path
 
 
@@ -129,18 +124,22 @@ def _use_real_class_names(path: Path) -> None:
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _add_video_processor_config(processor_dir: Path) -> None:
+def _add_video_processor_config(path: Path) -> None:
     """Give the saved processor the video processor entry real ones have: where torchvision is installed,
-    transformers requires one to load a Qwen2-VL processor (the edit pipelines never pass videos)."""
-    from glance_lightning.tiny.tokenizers import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS  # imports transformers
+    transformers requires one to load a Qwen2-VL / Qwen3-VL processor (the pipelines never pass videos)."""
+    if json.loads((path / "model_index.json").read_text())["processor"][-1] == "Qwen3VLProcessor":
+        from glance_lightning.tiny.qwen_image21 import QWEN3VL_VIDEO_PROCESSOR as entry
+    else:
+        from glance_lightning.tiny.tokenizers import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS  # imports transformers
 
-    config_file = processor_dir / "processor_config.json"
-    config = json.loads(config_file.read_text())
-    config["video_processor"] = {
-        "video_processor_type": "Qwen2VLVideoProcessor",
-        "size": {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-    }
+        entry = {
+            "video_processor_type": "Qwen2VLVideoProcessor",
+            "size": {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+        }
+    config_file = path / "processor" / "processor_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config["video_processor"] = entry
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

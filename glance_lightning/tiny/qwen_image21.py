@@ -20,22 +20,18 @@ Weights are random and seeded, except the VAE's:
   Qwen3-VL's patch size and normalisation, and a small minimum size so that condition images keep the size the
   pipeline resized them to) and a Qwen3-VL chat template cut down to text and image parts; no video processor,
   which needs torchvision (``compat.allow_qwen2vl_processor_without_torchvision`` lets one load without it);
-  ``build_tiny_model`` writes the video processor entry real ones have (``add_qwen3vl_video_processor_config``).
+  ``build_tiny_model`` writes the video processor entry real ones have (``QWEN3VL_VIDEO_PROCESSOR``).
 - transformer: ``QwenImage21Transformer2DModel``, 2 blocks of NUM_HEADS x HEAD_DIM, block-causal with
   ``causal_condition`` (so the pipeline's KV cache is used).
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
 from transformers import (
     Qwen2Tokenizer,
@@ -46,14 +42,12 @@ from transformers import (
 )
 
 from glance_lightning.compat import allow_qwen2vl_processor_without_torchvision
-from glance_lightning.console import StepProgress
 from glance_lightning.family_spec import FamilySpec
 from glance_lightning.tiny.builders import HEAD_DIM, NUM_HEADS, TEXT_DIM, _scheduler, _seeded
 from glance_lightning.tiny.tokenizers import qwen_tokenizer
 from glance_lightning.tiny.vae import (
     _CENTRE,
     _SMOOTH,
-    VAE_LR,
     VAE_POSTERIOR_STD,
     _deterministic_cpu,
     _identity_block,
@@ -64,12 +58,13 @@ from glance_lightning.tiny.vae import (
     _set_norm_scale,
     _set_readout,
     _synthetic_scenes,
+    _train_autoencoder,
     _typical_latents,
 )
 
 __all__ = [
     "Z_DIM",
-    "add_qwen3vl_video_processor_config",
+    "QWEN3VL_VIDEO_PROCESSOR",
     "qwen3vl_processor",
     "qwen_image21",
     "qwen_image21_components",
@@ -86,6 +81,14 @@ IMAGE_CHANNELS = 4  # RGBA, as the real VAE: the pipeline hands it RGBA conditio
 QWEN3VL_MIN_PIXELS = 32 * 32  # one merged 2x2 patch: condition images keep the pipeline's size (multiples of 32)
 QWEN3VL_MAX_PIXELS = 4096 * 4096  # the real Qwen3-VL image processor's longest_edge (16777216)
 QWEN3VL_MEAN_STD = [0.5, 0.5, 0.5]  # Qwen3-VL normalises to [-1, 1]
+# The video processor entry of a real Qwen3-VL processor_config.json (the pipeline never passes videos; where
+# torchvision is installed, transformers needs it to load the processor).
+QWEN3VL_VIDEO_PROCESSOR = {
+    "video_processor_type": "Qwen3VLVideoProcessor",
+    "size": {"shortest_edge": QWEN3VL_MIN_PIXELS, "longest_edge": QWEN3VL_MAX_PIXELS},
+    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": QWEN3VL_MEAN_STD, "image_std": QWEN3VL_MEAN_STD,
+}
 
 # Qwen3-VL's chat template, cut down to what the pipeline renders (a system message of text parts) and image
 # parts; the pipeline itself formats prompts as raw strings.
@@ -120,24 +123,6 @@ def qwen3vl_processor(tokenizer: Qwen2Tokenizer) -> Qwen3VLProcessor:
         image_std=QWEN3VL_MEAN_STD,
     )
     return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN3VL_CHAT_TEMPLATE)
-
-
-def add_qwen3vl_video_processor_config(processor_dir: str | Path) -> None:
-    """Give a saved tiny processor the video processor entry real ones have: where torchvision is installed,
-    transformers requires one to load a Qwen3-VL processor (the pipeline never passes videos). Call it on
-    ``<saved pipeline>/processor`` after ``save_pretrained``."""
-    config_file = Path(processor_dir) / "processor_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    config["video_processor"] = {
-        "video_processor_type": "Qwen3VLVideoProcessor",
-        "size": {"shortest_edge": QWEN3VL_MIN_PIXELS, "longest_edge": QWEN3VL_MAX_PIXELS},
-        "patch_size": 16,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-        "image_mean": QWEN3VL_MEAN_STD,
-        "image_std": QWEN3VL_MEAN_STD,
-    }
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # -------------------------------------------------------------------------------------------- text encoder
@@ -253,35 +238,10 @@ def _rgba(images: torch.Tensor) -> torch.Tensor:
 
 
 def _train(vae: AutoencoderKLQwenImage21, seed: int, steps: int) -> None:
-    """``vae._train_autoencoder``'s schedule on opaque RGBA scenes, the loss over all four channels (so the
-    decoder keeps images opaque); VAE_TRAINING_SIZE-pixel scenes, VAE_TRAINING_BATCH at a time."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def learns_fast(name: str) -> bool:  # residual branches and attention, which the skeleton leaves at zero
-        return "attention" in name or (
-            ".resnets." in name and any(f".{p}." in name for p in ("conv1", "conv2", "norm1", "norm2"))
-        )
-
-    named = list(vae.named_parameters())
-    optimizer = torch.optim.Adam(
-        [
-            {"params": [p for n, p in named if learns_fast(n)], "scale": 1.0},
-            {"params": [p for n, p in named if not learns_fast(n)], "scale": 0.25},
-        ],
-        lr=VAE_LR,
-        fused=True,
-    )
-    progress = StepProgress("training the tiny VAE: step", steps)
-    for step in range(steps):
-        progress.update(step)
-        lr = VAE_LR * min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["scale"]
-        images = _rgba(_synthetic_scenes(VAE_TRAINING_BATCH, generator, VAE_TRAINING_SIZE))
-        loss = F.mse_loss(vae.decode(vae.encode(images).latent_dist.mode()).sample, images)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    """``vae._train_autoencoder`` on opaque RGBA scenes, the loss over all four channels (so the decoder keeps images
+    opaque); VAE_TRAINING_SIZE-pixel scenes, VAE_TRAINING_BATCH at a time."""
+    _train_autoencoder(vae, lambda x: vae.decode(vae.encode(x).latent_dist.mode()).sample, seed, steps,
+                       lambda generator: _rgba(_synthetic_scenes(VAE_TRAINING_BATCH, generator, VAE_TRAINING_SIZE)))
 
 
 @lru_cache(maxsize=4)

@@ -284,9 +284,15 @@ def _qwen_single_frame_training(vae: AutoencoderKLQwenImage) -> Iterator[None]:
 
 
 def _train_autoencoder(
-    vae: nn.Module, reconstruct: Callable[[torch.Tensor], torch.Tensor], seed: int, steps: int
+    vae: nn.Module, reconstruct: Callable[[torch.Tensor], torch.Tensor], seed: int, steps: int,
+    scenes: Callable[[torch.Generator], torch.Tensor] | None = None,
 ) -> None:
-    """Adam on reconstruction MSE of fresh synthetic scenes, warmup then cosine decay; deterministic for a seed."""
+    """Adam on reconstruction MSE of fresh synthetic scenes (``scenes(generator)``: default VAE_BATCH RGB scenes of
+    VAE_TRAINING_SIZE pixels), warmup then cosine decay; deterministic for a seed."""
+    if scenes is None:
+        def scenes(generator: torch.Generator) -> torch.Tensor:
+            return _synthetic_scenes(VAE_BATCH, generator, VAE_TRAINING_SIZE)
+
     generator = torch.Generator().manual_seed(seed)
 
     def learns_fast(name: str) -> bool:  # residual branches and attention, which the skeleton leaves at zero
@@ -309,7 +315,7 @@ def _train_autoencoder(
         lr = VAE_LR * min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
             group["lr"] = lr * group["scale"]
-        images = _synthetic_scenes(VAE_BATCH, generator, VAE_TRAINING_SIZE)
+        images = scenes(generator)
         loss = F.mse_loss(reconstruct(images), images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
