@@ -83,6 +83,7 @@ class Family:
 #   flux                  slow 0.07  fast 0.22   latents 0.07   PSNR 9.4 -> 18.7 dB
 #   sd3                   slow 0.22  fast 0.32   latents 0.31   PSNR 8.7 -> 12.8 dB
 #   qwen-image            slow 0.04  fast 0.22   latents 0.06   PSNR 9.1 -> 18.7 dB
+#   qwen-image-2          slow 0.13  fast 0.29   latents 0.16   PSNR 9.6 -> 14.7 dB (its 16x tiny VAE is cruder)
 #   qwen-image-edit       slow 0.05  fast 0.21   latents 0.06   PSNR 9.1 -> 18.9 dB
 #   qwen-image-edit-plus  slow 0.04  fast 0.21   latents 0.07   PSNR 9.1 -> 18.9 dB
 
