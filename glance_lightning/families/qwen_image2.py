@@ -16,26 +16,24 @@ What differs from Qwen-Image, step for step as the pipeline (diffusers 0.42):
 
 Training is text-to-image (the pipeline's condition images are not used; editing with Qwen-Image 2.x stays with
 its stock pipeline). ``plan`` simulates the step on fake tensors with the image-slot mask as a real host tensor:
-the transformer derives its sequence layout from it (``repeat_interleave``, ``nonzero``), which ``host_layout``
-runs for real.
+the transformer derives its sequence layout from it (``repeat_interleave``, ``nonzero``), which
+``planner.host_layout`` runs for real.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from glance_lightning.families.base import Conditioning
 from glance_lightning.families.hooks import expand_condition
 from glance_lightning.families.qwen_image import QwenLatents, no_padding
 from glance_lightning.lora_layouts import rule
+from glance_lightning.planner.host_layout import host_layout
 
 VAE_FACTOR = 16  # the pipeline's vae_scale_factor: the VAE's 16x, no patching
 TOKENS_PER_SLOT = 4  # one text-sequence image slot = a 2x2 group of latent tokens
@@ -51,59 +49,6 @@ COMFYUI_NAMES = (
                                     "time_text_embed.timestep_embedder.linear_1",
                                     "time_text_embed.timestep_embedder.linear_2")),
 )
-
-
-@contextmanager
-def host_layout() -> Iterator[None]:
-    """For ``plan`` on fake tensors: the transformer derives its sequence layout from the image-slot mask
-    (``repeat_interleave``, ``nonzero``, boolean indexing), which fake tensors cannot do. With that mask a real host
-    tensor, every function or op whose tensor arguments are all real runs for real (the layout: a few thousand
-    integers), and a real boolean index becomes its positions before a fake tensor is indexed with it; everything
-    else stays fake."""
-    with _RealFunctions(), _RealOps():
-        yield
-
-
-def _all_real(args: Any, kwargs: dict | None) -> bool:
-    tensors = [x for x in pytree.tree_leaves((args, kwargs or {})) if isinstance(x, torch.Tensor)]
-    return bool(tensors) and not any(is_fake(t) for t in tensors)
-
-
-class _RealFunctions(TorchFunctionMode):
-    """torch functions of real tensors (and Python scalars) run for real."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if _all_real(args, kwargs):
-            with unset_fake_temporarily():
-                return func(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
-
-
-class _RealOps(TorchDispatchMode):
-    """The same for the ops a mixed function decomposes into; real boolean indices of fake tensors as positions."""
-
-    _INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
-                 torch.ops.aten._index_put_impl_.default)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if _all_real(args, kwargs):
-            with unset_fake_temporarily():
-                return func(*args, **(kwargs or {}))
-        if func in self._INDEXING:
-            args = (args[0], _positions(args[1]), *args[2:])
-        return func(*args, **(kwargs or {}))
-
-
-def _positions(indices: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Real boolean indices -> their positions (one long index per masked dimension), as indexing means them."""
-    out: list[torch.Tensor | None] = []
-    for index in indices:
-        if index is not None and index.dtype == torch.bool and not is_fake(index):
-            with unset_fake_temporarily():
-                out.extend(index.nonzero(as_tuple=True))
-        else:
-            out.append(index)
-    return out
 
 
 class QwenImage2Glance(QwenLatents):
@@ -123,7 +68,6 @@ class QwenImage2Glance(QwenLatents):
 
     def planned_prompt_embeds(self, tokens: int, architecture: Mapping[str, Any]) -> Conditioning:
         """Fake embeddings; the image-slot mask a real host tensor (see ``host_layout``)."""
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         with unset_fake_temporarily():
             slots = torch.zeros(1, tokens, dtype=torch.bool)
