@@ -93,6 +93,13 @@ def _t5_encoder(tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
+def vision_token_ids(tokenizer: Qwen2Tokenizer) -> dict[str, int]:
+    """The Qwen VL configs' image/video/vision-bracket token ids: the tiny Qwen tokenizer's."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+            "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
+
+
 def _qwen_vl(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
     """Qwen2.5-VL: 2-layer text model TEXT_DIM wide (multimodal RoPE), 2-block vision tower 16 wide."""
     ids = tokenizer.convert_tokens_to_ids
@@ -120,10 +127,7 @@ def _qwen_vl(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
     config = Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        **vision_token_ids(tokenizer),
     )
     return Qwen2_5_VLForConditionalGeneration(config)
 

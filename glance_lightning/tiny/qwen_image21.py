@@ -43,7 +43,7 @@ from transformers import (
 
 from glance_lightning.compat import allow_qwen2vl_processor_without_torchvision
 from glance_lightning.family_spec import FamilySpec
-from glance_lightning.tiny.builders import HEAD_DIM, NUM_HEADS, TEXT_DIM, _scheduler, _seeded
+from glance_lightning.tiny.builders import HEAD_DIM, NUM_HEADS, TEXT_DIM, _scheduler, _seeded, vision_token_ids
 from glance_lightning.tiny.tokenizers import qwen_tokenizer
 from glance_lightning.tiny.vae import (
     _CENTRE,
@@ -130,7 +130,6 @@ def qwen3vl_processor(tokenizer: Qwen2Tokenizer) -> Qwen3VLProcessor:
 
 def _qwen3_vl(tokenizer: Qwen2Tokenizer) -> Qwen3VLForConditionalGeneration:
     """Qwen3-VL: a 2-layer text model TEXT_DIM wide, a 2-block vision tower 16 wide (one deepstack layer)."""
-    ids = tokenizer.convert_tokens_to_ids
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": TEXT_DIM,
@@ -160,10 +159,7 @@ def _qwen3_vl(tokenizer: Qwen2Tokenizer) -> Qwen3VLForConditionalGeneration:
     config = Qwen3VLConfig(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        **vision_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
     return Qwen3VLForConditionalGeneration(config)
