@@ -23,12 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
+from glance_lightning import optimizer_state
 from glance_lightning.errors import ConfigError
 
 STRATEGY_NAME = "fsdp2"
@@ -54,6 +56,25 @@ class FSDP2Strategy(ModelParallelStrategy):
         the CPU; the frozen base is never gathered."""
         state = full_tensors(self.lightning_module.state_dict())
         return {k: v.detach().cpu() for k, v in state.items()} if self.is_global_zero else {}
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Any world size's checkpoint (one file: the LoRA weights and the optimizer state keyed by name,
+        ``glance_lightning.optimizer_state``), each rank keeping its shard of both."""
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        module = self.lightning_module
+        _load_raw_module_state(checkpoint["state_dict"], self.model, strict=module.strict_loading)
+        names = [name for name, _ in module.named_parameters()]
+        options = StateDictOptions(broadcast_from_rank0=True, full_state_dict=True, strict=module.strict_loading)
+        for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=False):
+            optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps it
+            groups = optimizer_state.group_names(module, [g["params"] for g in optimizer.param_groups])
+            set_optimizer_state_dict(self.model, optimizer, options=options,
+                                     optim_state_dict=optimizer_state.by_name(state, groups, names))
+        return checkpoint
 
 
 StrategyRegistry.register(STRATEGY_NAME, FSDP2Strategy, description="FSDP2: the frozen base sharded over every "

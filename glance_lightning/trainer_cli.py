@@ -70,7 +70,7 @@ def run_lightning_cli(args: list[str] | None, run: bool = True, instantiate: boo
                 checkpoint = resume.read_checkpoint(ckpt_path)
                 resume.adopt_unset_switches(module, checkpoint)
                 resume.check_resume(checkpoint, resume.training_identity(module), ckpt_path)
-                resume.check_dataset_before_loading(module, self.datamodule, checkpoint, ckpt_path)
+                resume.check_dataset_before_loading(module, self.datamodule, checkpoint, ckpt_path, self.trainer)
                 lora_dir = lora_dir or resume.resumed_lora_dir(checkpoint, self.run_dir)
             module.claimed_run_dir = module.run_dir = self.run_dir
             module.lora_dir = lora_dir or self.run_dir

@@ -1,4 +1,5 @@
-"""The forward data path: each batch carries its step's draws, a pure function of (seed, step, micro, rank)."""
+"""The forward data path: each batch carries its step's draws, a pure function of (seed, step, micro, position in
+the global micro-batch)."""
 
 import pytest
 import torch
@@ -41,7 +42,21 @@ def test_a_resumed_stream_continues_with_exactly_the_uninterrupted_draws():
 
 
 def test_ranks_and_seeds_draw_differently():
-    rank0, rank1 = draw_micro_batch(SPEC, 2, 0, 0, 8, 3), draw_micro_batch(SPEC, 2, 0, 1, 8, 3)
+    rank0, rank1 = draw_micro_batch(SPEC, 2, 0, 0, 8, 3, world=2), draw_micro_batch(SPEC, 2, 0, 1, 8, 3, world=2)
     other_seed = draw_micro_batch(DrawSpec(8, (4, 3), (5, 2), 0.25), 2, 0, 0, 8, 3)
     assert rank0["noise_seed"] != rank1["noise_seed"] and rank0["noise_seed"] != other_seed["noise_seed"]
-    assert draw_micro_batch(SPEC, 2, 0, 0, 8, 3) == rank0
+    assert draw_micro_batch(SPEC, 2, 0, 0, 8, 3, world=2) == rank0
+
+
+def test_n_ranks_draw_the_slices_of_what_one_device_draws_at_n_times_the_batch():
+    """So a run resumed on another number of ranks continues one stream, and keeps its steps with the global
+    batch kept (tests/test_resume_world_size.py)."""
+    one = _stream(accumulate=2)
+    ranks = [list(StepDraws(SPEC, 3, 2, accumulate=2, rank=r, world=2)) for r in (0, 1)]
+    for whole, first, second in zip(one, *ranks, strict=True):
+        assert whole["step"] == first["step"] == second["step"]
+        for key in ("index", "drop", "choice", "noise_seed"):
+            assert first[key] + second[key] == whole[key], key
+    assert ranks[0][0]["noise_seed"] != ranks[1][0]["noise_seed"]
+    with pytest.raises(ValueError):
+        draw_micro_batch(SPEC, 0, 0, 2, 4, 3, world=2)

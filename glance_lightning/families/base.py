@@ -370,8 +370,12 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
         self.step_metrics[f"train/lr_{self._active_adapter}"] = optimizer.param_groups[
             PHASES.index(self._active_adapter)]["lr"]
 
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """AdamW's parameter groups: one per adapter, in phase order (checkpoints name them, optimizer_state)."""
+        return [{"params": self.adapter_parameters(p), "name": p} for p in PHASES]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = [{"params": self.adapter_parameters(p), "name": p} for p in PHASES]
+        groups = self.optimizer_groups()
         optimizer = perf_ops.build_optimizer(self.optim_settings, groups, self.device)
         lambdas = [self._phase_lr_lambda(p) for p in PHASES]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -32,6 +32,7 @@ LORA_DIR_KEY = "glance_lora_dir"
 RUN_DIR_KEY = "glance_run_dir"
 RUN_ID_KEY = "glance_run_id"
 DATASET_KEY = "glance_dataset"
+WORLD_KEY = "glance_world"  # how many ranks, samples per rank and micro-batches made one optimizer step
 ALLOW_OTHER_DATA = "--allow_other_data true"  # the command line's override, named in the refusal
 # The last phase may be lengthened (or shortened to no less than what was trained): no trained step changes label.
 EXTENDABLE = frozenset({"model.fast_steps"})
@@ -155,6 +156,7 @@ def record(module: Any, checkpoint: dict[str, Any]) -> None:
     checkpoint[RUN_DIR_KEY] = str(module.run_dir) if module.run_dir is not None else None
     checkpoint[RUN_ID_KEY] = module.run_id
     checkpoint[DATASET_KEY] = plain_data(dataset_of(module))
+    checkpoint[WORLD_KEY] = world_of(module)
 
 
 def restore(module: Any, checkpoint: dict[str, Any]) -> None:
@@ -163,9 +165,60 @@ def restore(module: Any, checkpoint: dict[str, Any]) -> None:
     trainer = module.attached_trainer()
     path = getattr(trainer, "ckpt_path", None)
     check_resume(checkpoint, training_identity(module), path)
-    check_dataset(checkpoint, dataset_of(module), path, getattr(module, "allow_other_data", False))
+    check_dataset(checkpoint, dataset_of(module), path, getattr(module, "allow_other_data", False),
+                  world_of(module))
     module.seed = checkpoint.get("glance_seed", module.seed)
     module.run_id = checkpoint.get(RUN_ID_KEY) or module.run_id
+    say_world_change(checkpoint.get(WORLD_KEY), world_of(module), path)
+
+
+def world_of(module: Any, trainer: Any = None, datamodule: Any = None) -> dict[str, int | None]:
+    """The run's world size and samples per rank (None where unknown): what makes one micro-batch."""
+    trainer = trainer or module.attached_trainer()
+    batch = getattr(datamodule or getattr(trainer, "datamodule", None), "batch_size", None)
+    return {"world_size": int(getattr(trainer, "world_size", 1) or 1),
+            "batch_size": int(batch) if isinstance(batch, int) else None}
+
+
+def global_batch(world: dict[str, int | None] | None) -> int | None:
+    """Samples per micro-batch over every rank (the draws are a function of the position in it)."""
+    if not world or world.get("batch_size") is None:
+        return None
+    return int(world["world_size"]) * int(world["batch_size"])
+
+
+GLOBAL_BATCH = "data.batch_size x ranks"
+
+
+def with_global_batch(fingerprint: dict[str, Any] | None, world: dict[str, int | None] | None) -> dict[str, Any] | None:
+    """``fingerprint`` comparing samples per micro-batch over every rank instead of per rank, where known: a
+    resume on another number of ranks continues the same draws when the global batch is kept."""
+    if fingerprint is None or global_batch(world) is None:
+        return fingerprint
+    settings = {k: v for k, v in fingerprint.get("settings", {}).items() if k != "data.batch_size"}
+    return {**fingerprint, "settings": {**settings, GLOBAL_BATCH: global_batch(world)}}
+
+
+def say_world_change(saved: dict[str, int | None] | None, current: dict[str, int | None],
+                     path: str | Path | None) -> None:
+    """One line when a checkpoint resumes on another number of ranks: the LoRAs, their AdamW state and the
+    draws continue (``glance_lightning.optimizer_state``, ``glance_lightning.draws``)."""
+    if not saved or saved.get("world_size") == current["world_size"]:
+        return
+    console.info(f"resuming {path} (written by {saved['world_size']} rank(s)) on {current['world_size']} rank(s): "
+                 f"the LoRAs, their optimizer state and the draws continue")
+
+
+def keeps_global_batch(saved: dict[str, int | None] | None, current: dict[str, int | None]) -> str:
+    """The per-rank batch size that keeps the checkpoint's samples per micro-batch on this run's ranks."""
+    before = global_batch(saved)
+    if before is None or saved.get("world_size") == current["world_size"]:
+        return ""
+    per_rank, rest = divmod(before, current["world_size"])
+    if rest or not per_rank:
+        return (f" ({before} samples per step over {saved['world_size']} rank(s): no data.batch_size keeps that on "
+                f"{current['world_size']} rank(s))")
+    return f" (data.batch_size: {per_rank} keeps its {before} samples per step on {current['world_size']} rank(s))"
 
 
 def dataset_of(module: Any) -> dict[str, Any] | None:
@@ -181,7 +234,8 @@ def dataset_of(module: Any) -> dict[str, Any] | None:
     return cached[1]
 
 
-def check_dataset_before_loading(module: Any, datamodule: Any, checkpoint: dict[str, Any], path: str | Path) -> None:
+def check_dataset_before_loading(module: Any, datamodule: Any, checkpoint: dict[str, Any], path: str | Path,
+                                 trainer: Any = None) -> None:
     """The command line's data check, before any model is loaded: a DataModule that can say what it trains on
     before the fit (``fingerprint_settings``) is set up now and compared with ``checkpoint``'s data."""
     if module.allow_other_data or checkpoint.get(DATASET_KEY) is None or \
@@ -190,20 +244,27 @@ def check_dataset_before_loading(module: Any, datamodule: Any, checkpoint: dict[
     datamodule.setup("fit")  # validates and loads the data once; the fit reuses it
     current = provenance.dataset_fingerprint(datamodule)
     module._dataset_fingerprint = (datamodule, current)
-    check_dataset(checkpoint, current, path)
+    world = world_of(module, trainer, datamodule) if trainer is not None else None
+    check_dataset(checkpoint, current, path, world=world)
 
 
 def check_dataset(checkpoint: dict[str, Any], current: dict[str, Any] | None, path: str | Path | None,
-                  allow: bool = False) -> None:
+                  allow: bool = False, world: dict[str, int | None] | None = None) -> None:
     """Refuse to resume ``checkpoint`` on data other than it was trained on (one line naming what differs),
-    unless ``allow``: then one line says what differs and the run goes on."""
-    saved = checkpoint.get(DATASET_KEY)
+    unless ``allow``: then one line says what differs and the run goes on. With this run's ``world`` and a
+    checkpoint that recorded its own, the batch is compared over every rank (a resume on another number of ranks
+    keeps the samples per step, not per rank)."""
+    saved, saved_world = checkpoint.get(DATASET_KEY), checkpoint.get(WORLD_KEY)
     if saved is None or current is None:
         return  # written before datasets were recorded, or no data to compare
+    if world is not None and global_batch(saved_world) is not None and global_batch(world) is not None:
+        saved, current = with_global_batch(saved, saved_world), with_global_batch(current, world)
     differences = provenance.differences(saved, current)
     if not differences:
         return
     what = provenance.summary(differences)
+    if world is not None and any(GLOBAL_BATCH in d for d in differences.get("settings", [])):
+        what += keeps_global_batch(saved_world, world)
     if allow:
         console.info(f"resuming {path} on other data than it was trained on ({ALLOW_OTHER_DATA}): {what}")
         return

@@ -12,7 +12,7 @@ from typing import Any
 
 from peft.utils import get_peft_model_state_dict
 
-from glance_lightning import model_card, sharding
+from glance_lightning import model_card, optimizer_state, sharding
 from glance_lightning.families import resume
 from glance_lightning.families.preflight import PHASES
 from glance_lightning.lora_io import save_lora
@@ -28,11 +28,22 @@ class SavesLoras:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         resume.record(self, checkpoint)  # settings, data, run id: what a resume checks and continues
+        # keyed by parameter name, so that any number of ranks resumes it (glance_lightning.optimizer_state)
+        groups, names = self.optimizer_group_names(), [n for n, _ in self.named_parameters()]
+        checkpoint["optimizer_states"] = [optimizer_state.by_name(state, groups, names)
+                                          for state in checkpoint.get("optimizer_states", [])]
         self.save_loras()
+
+    def optimizer_group_names(self) -> list[list[str]]:
+        return optimizer_state.group_names(self, [g["params"] for g in self.optimizer_groups()])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         resume.restore(self, checkpoint)
-        if self.sharded:  # an adapter whose phase had not started has no optimizer state in the checkpoint
+        if not self.sharded:  # sharded, the strategy has loaded it already (sharding.FSDP2Strategy)
+            groups = self.optimizer_group_names()
+            checkpoint["optimizer_states"] = [optimizer_state.by_position(state, groups)
+                                              for state in checkpoint.get("optimizer_states", [])]
+        else:  # an adapter whose phase had not started has no optimizer state in the checkpoint
             step = int(checkpoint.get("global_step", 0))
             unstarted = [p for phase in PHASES if step <= self.phase_start(phase) or not self.phase_steps[phase]
                          for p in self.adapter_parameters(phase)]
