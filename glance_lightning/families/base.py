@@ -170,6 +170,7 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
         self._fetch_s = 0.0
         self.fit_started: float | None = None
         self.sharded = False  # the transformer's weights are FSDP2 shards (configure_model)
+        self.shard_files: list[Path] = []  # the transformer's files, read per shard in configure_model
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -281,6 +282,8 @@ class GlanceModule(FamilyHooks, AdaptedBaseModel, EncodeOnce, GenerationMixin, S
         blocks = perf_ops.repeated_blocks(self.transformer, self.repeated_blocks)
         count = sharding.shard_transformer(self.transformer, blocks, self.device_mesh["data_parallel"])
         self.sharded = True
+        if self.shard_files:  # built on the meta device: each rank now reads its rows (shard_loading)
+            self.load_shards(trainer.strategy.root_device)
         rank_zero_info(f"glance_lightning: transformer sharded over {trainer.world_size} ranks ({count} blocks, "
                        "FSDP2)")
 

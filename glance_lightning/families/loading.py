@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
 
-from glance_lightning import console, sharding
+from glance_lightning import console, lora_init, shard_loading, sharding
 from glance_lightning import performance as perf_ops
 from glance_lightning.errors import ConfigError
 from glance_lightning.families.encoding import encoders_of
@@ -37,6 +37,7 @@ from glance_lightning.models import (
     load_transformer,
     read_json,
     resolve_pretrained,
+    transformer_class,
     transformer_module_names,
 )
 
@@ -152,12 +153,48 @@ class AdaptedBaseModel:
             torch.backends.cuda.enable_cudnn_sdp(False)
         dtype = getattr(torch, self.dtype_name)
         with self.timed("load"):
-            transformer = load_transformer(self.resolve_model(), dtype,
-                                           perf_ops.quantization_config(self.perf.base_quantization, dtype),
-                                           self.transformer_override, self.direct_load_device())
+            transformer = self.empty_for_shards(dtype) if with_adapters else None
+            if transformer is None:
+                transformer = load_transformer(self.resolve_model(), dtype,
+                                               perf_ops.quantization_config(self.perf.base_quantization, dtype),
+                                               self.transformer_override, self.direct_load_device())
         self.pipe.register_modules(transformer=transformer)
-        rank_zero_info(f"glance_lightning: loaded {type(transformer).__name__} in {time.perf_counter() - started:.1f}s")
+        how = "built on the meta device (each rank reads its shard once sharded)" if self.shard_files else "loaded"
+        rank_zero_info(f"glance_lightning: {how} {type(transformer).__name__} in "
+                       f"{time.perf_counter() - started:.1f}s")
         self.adapt_transformer(transformer, with_adapters)
+
+    def empty_for_shards(self, dtype: torch.dtype) -> torch.nn.Module | None:
+        """Under sharding, the transformer with its weights on the meta device when its folder's safetensors hold
+        every one of them (``glance_lightning.shard_loading``; ``configure_model`` reads each rank's rows once
+        FSDP2 has sharded it); None where every rank reads it whole (no fit, not sharded, a single file)."""
+        trainer = self.attached_trainer()
+        if trainer is None or not sharding.is_sharded(trainer.strategy):
+            return None
+        override = Path(self.transformer_override).expanduser() if self.transformer_override else None
+        folder = override if override is not None else Path(self.resolve_model().path) / "transformer"
+        files = shard_loading.weight_files(folder) if folder.is_dir() else []
+        if not files:
+            rank_zero_info(f"glance_lightning: model.transformer {override} is one checkpoint file: every rank "
+                           "reads it whole before FSDP2 keeps its shard (a diffusers folder is read per shard)")
+            return None
+        cls = transformer_class(self.resolve_model())
+        transformer = shard_loading.empty_transformer(cls, cls.load_config(str(folder)), dtype)
+        missing = shard_loading.missing_weights(transformer, shard_loading.file_keys(files))
+        if missing:
+            rank_zero_info(f"glance_lightning: {folder} has no {missing[0]} ({len(missing)} weight(s) named "
+                           "otherwise): every rank reads the transformer whole before FSDP2 keeps its shard")
+            return None
+        self.shard_files = files
+        return transformer
+
+    def load_shards(self, device: torch.device) -> None:
+        """After FSDP2 sharded the meta transformer: each rank's rows of every weight, then the LoRAs' starting
+        values (``glance_lightning.lora_init``), on ``device``."""
+        with self.timed("load"):
+            report = shard_loading.materialize(self.transformer, self.shard_files, device)
+            lora_init.reset_loras(self.transformer, self.seed, self.lora_settings.init)
+        console.info(report.line(), every_rank=True)
 
     def direct_load_device(self) -> str | None:
         """The CUDA device a fit's transformer is read straight onto (so that Lightning's move to the device costs
@@ -192,6 +229,9 @@ class AdaptedBaseModel:
         for phase in PHASES:
             for param in self.adapter_parameters(phase):
                 param.requires_grad_(True)
+        if self.shard_files:
+            shard_loading.adapters_on_meta(transformer)
+        lora_init.reset_loras(transformer, self.seed, self.lora_settings.init)  # the same on any world size
         self._active_adapter = None
 
     def _speed_up_training(self, transformer: torch.nn.Module) -> None:
