@@ -47,17 +47,23 @@ def file_keys(files: Sequence[Path]) -> dict[str, Path]:
 
 
 def empty_transformer(cls: type, config: dict[str, Any], dtype: torch.dtype) -> torch.nn.Module:
-    """``cls`` from ``config`` with its parameters on the meta device in the dtypes ``from_pretrained`` would give
-    (buffers and other tensors built for real: they are computed, not read)."""
+    """``cls`` from ``config`` with its parameters on the meta device, built as ``from_pretrained`` builds it
+    (``dtype`` the default dtype while it is constructed, so buffers computed at construction are real and in
+    ``dtype``), then in the dtypes it loads the files in (``_keep_in_fp32_modules`` in float32)."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
-        model = cls.from_config(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
     keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
-    for name, param in model.named_parameters():
-        if param.is_floating_point():
-            wanted = torch.float32 if any(m in name.split(".") for m in keep) else dtype
-            param.data = param.data.to(wanted)
+    persistent = set(model.state_dict())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name in persistent and tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if any(m in name.split(".") for m in keep) else dtype)
     return model.eval()
 
 

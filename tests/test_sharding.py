@@ -141,6 +141,18 @@ def test_every_rank_holds_only_its_shard_of_the_base_the_loras_and_their_adamw_s
     assert held <= frozen // 2 + 1000, (held, frozen)  # the base is halved (odd first dimensions round up)
 
 
+def test_each_rank_reads_only_its_rows_of_the_base_from_the_files(runs):
+    """Built on the meta device and read per shard (glance_lightning.shard_loading): no rank holds the whole base
+    in host memory at any time; what the two ranks read adds up to the base once."""
+    _, out = runs["fsdp2"]
+    assert "built on the meta device" in out
+    lines = [line.split("base loaded per shard: ")[1] for line in out.splitlines() if "base loaded per shard" in line]
+    assert len(lines) == 2 and all("rank" not in line for line in lines)
+    read = [float(line.split()[0]) for line in lines]
+    whole = float(lines[0].split("of its ")[1].split()[0])
+    assert max(read) <= 0.6 * whole and sum(read) == pytest.approx(whole, abs=0.02)
+
+
 def test_sharded_loras_equal_the_replicated_ones(runs):
     """FSDP2 and DDP differ only in the order floats are summed: the same LoRAs within float noise (this also
     justifies hiding FSDP2's warning about view outputs, glance_lightning.console)."""
