@@ -4,13 +4,16 @@ Builds a FLUX-architecture model whose transformer is wide (random float32 weigh
 rest is the tiny FLUX), then fits it in bfloat16 through the real command line, each run in fresh processes:
 - ``1 process``: the whole base on one device (``strategy: auto``);
 - ``2 processes``: ``strategy: fsdp2``: each rank builds the transformer on the meta device and reads only its rows
-  of every weight (``glance_lightning.shard_loading``), so no rank ever holds the whole base in host memory.
+  of every weight (``glance_lightning.shard_loading``), so no rank ever holds the whole base in host memory;
+- ``2 processes, whole reads``: the same with the transformer given as one file (``model.transformer``), which every
+  rank reads whole before FSDP2 keeps its shard (how every sharded fit loaded before).
 Each rank reports (benchmarks/distributed_probe.py) its peak RSS, its peak anonymous memory (what the kernel cannot
 reclaim: memory-mapped weight files are not in it), its device peak on a GPU (on a CPU the host is the device) and
-its median seconds per training step. On the CPU, the processes share the machine's cores: the step times say
-what sharding costs in communication here, not what N GPUs gain.
+its median seconds per training step; the anonymous peak is given until training starts (loading) and over the
+whole fit (training adds the blocks FSDP2 gathers). On the CPU the processes share the machine's cores and gloo
+moves every gathered block through host memory: the step times say what sharding costs here, not what N GPUs gain.
 
-    python benchmarks/bench_distributed.py                                   # a 1.5 GiB (bf16) transformer, minutes
+    python benchmarks/bench_distributed.py                                   # a 0.8 GiB (bf16) transformer, minutes
     python benchmarks/bench_distributed.py --width 512 --layers 1 --steps 2  # seconds
     python benchmarks/bench_distributed.py --accelerator gpu --devices 2     # on a machine with 2 GPUs
 """
@@ -80,7 +83,8 @@ def build(root: Path, width: int, layers: int) -> Path:
     return model
 
 
-def fit(root: Path, model: Path, name: str, devices: int, strategy: str, args: argparse.Namespace) -> list[dict]:
+def fit(root: Path, model: Path, name: str, devices: int, strategy: str, args: argparse.Namespace,
+        *extra: str) -> list[dict]:
     """One fit through the command line; every rank's probe record."""
     folder = root / name
     config = folder / "fit.yaml"
@@ -91,7 +95,7 @@ def fit(root: Path, model: Path, name: str, devices: int, strategy: str, args: a
                                     resolution=args.resolution))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent)}
     env.pop("GLANCE_LIGHTNING_RUN_DIR", None)
-    done = subprocess.run([sys.executable, "-m", "glance_lightning", "fit", "--config", str(config)],
+    done = subprocess.run([sys.executable, "-m", "glance_lightning", "fit", "--config", str(config), *extra],
                           capture_output=True, text=True, env=env, cwd=folder, timeout=args.timeout)
     if done.returncode != 0:
         raise SystemExit(f"{name}: the fit failed (rc {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
@@ -101,14 +105,14 @@ def fit(root: Path, model: Path, name: str, devices: int, strategy: str, args: a
 def row(name: str, record: dict) -> str:
     steps = record["step_s"][1:] or record["step_s"]  # the first step warms up
     device = "host" if record["device_peak_gib"] is None else f"{record['device_peak_gib']:.2f}"
-    return (f"| {name} | {record['rank']} | {record['peak_rss_gib']:.2f} | {record['peak_anonymous_gib']:.2f} | "
-            f"{device} | {statistics.median(steps):.3f} |")
+    return (f"| {name} | {record['rank']} | {record['peak_rss_gib']:.2f} | {record['load_anonymous_gib']:.2f} | "
+            f"{record['peak_anonymous_gib']:.2f} | {device} | {statistics.median(steps):.3f} |")
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=2048, help="transformer width (a multiple of 128)")
-    parser.add_argument("--layers", type=int, default=3, help="double blocks (single blocks: twice as many)")
+    parser.add_argument("--width", type=int, default=1024, help="transformer width (a multiple of 128)")
+    parser.add_argument("--layers", type=int, default=6, help="double blocks (single blocks: twice as many)")
     parser.add_argument("--steps", type=int, default=3, help="steps per phase")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--accelerator", default="cpu")
@@ -120,22 +124,28 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     try:
         model = build(root, args.width, args.layers)
         base_gib = sum(f.stat().st_size for f in (model / "transformer").glob("*.safetensors")) / GIB / 2
+        one_file = root / "transformer.safetensors"
+        shutil.copy(model / "transformer" / "diffusion_pytorch_model.safetensors", one_file)
+        sharded = f"{args.devices} processes (fsdp2)"
         results = {"1 process": fit(root, model, "one", 1, "auto", args),
-                   f"{args.devices} processes (fsdp2)": fit(root, model, "sharded", args.devices, "fsdp2", args)}
+                   sharded: fit(root, model, "sharded", args.devices, "fsdp2", args),
+                   f"{sharded}, whole reads": fit(root, model, "whole", args.devices, "fsdp2", args,
+                                                  "--model.init_args.transformer", str(one_file))}
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print(f"\nFLUX-architecture transformer, random weights: {base_gib:.2f} GiB in bfloat16 (float32 on disk); "
           f"{args.accelerator}, {args.resolution}px, LoRA r16, {2 * args.steps} steps\n")
-    print("| run | rank | peak RSS (GiB) | peak anonymous (GiB) | device peak (GiB) | median s/step |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| run | rank | peak RSS (GiB) | anonymous, loading (GiB) | anonymous, whole fit (GiB) | device peak (GiB) "
+          "| median s/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, records in results.items():
         for record in records:
             print(row(name, record))
-    one = results["1 process"][0]["peak_anonymous_gib"]
-    sharded = max(r["peak_anonymous_gib"] for r in results[f"{args.devices} processes (fsdp2)"])
-    print(f"\nlargest sharded rank's anonymous peak / 1 process's: {sharded / one:.2f} "
-          f"(the base is {base_gib:.2f} GiB of the 1-process peak {one:.2f} GiB)")
+    one = results["1 process"][0]["load_anonymous_gib"]
+    for name in (sharded, f"{sharded}, whole reads"):
+        largest = max(r["load_anonymous_gib"] for r in results[name])
+        print(f"\n{name}: largest rank's anonymous peak while loading / 1 process's: {largest / one:.2f}")
     return results
 
 

@@ -28,7 +28,7 @@ def anonymous_bytes() -> int:
 class RankProbe(Callback):
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
-        self.peak_anonymous, self.steps, self._started = 0, [], 0.0
+        self.peak_anonymous, self.load_anonymous, self.steps, self._started = 0, 0, [], 0.0
         self._done = threading.Event()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -38,6 +38,9 @@ class RankProbe(Callback):
         while not self._done.is_set():
             self.peak_anonymous = max(self.peak_anonymous, anonymous_bytes())
             time.sleep(0.01)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.load_anonymous = max(self.peak_anonymous, anonymous_bytes())
 
     def _sync(self, trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -58,6 +61,7 @@ class RankProbe(Callback):
             "rank": trainer.global_rank, "world_size": trainer.world_size,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
             "peak_anonymous_gib": max(self.peak_anonymous, anonymous_bytes()) / GIB,
+            "load_anonymous_gib": self.load_anonymous / GIB,
             "device_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
             "step_s": self.steps,
         }
