@@ -170,9 +170,10 @@ def set_dispatcher_backend(transformer: torch.nn.Module, name: str) -> None:
 
 
 def repeated_blocks(transformer: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Module]:
-    """The transformer's repeated blocks, in order (class names from the family or diffusers' ``_repeated_blocks``)."""
+    """The transformer's repeated blocks, in order (class names from the family or diffusers' ``_repeated_blocks``;
+    also once FSDP2 has wrapped them, in a subclass of their own)."""
     wanted = set(names or getattr(transformer, "_repeated_blocks", ()))
-    blocks = [m for m in transformer.modules() if type(m).__name__ in wanted]
+    blocks = [m for m in transformer.modules() if any(c.__name__ in wanted for c in type(m).__mro__)]
     if not blocks:
         raise ConfigError(f"{type(transformer).__name__} has no blocks named {sorted(wanted)}")
     return blocks

@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
                         "predicted to fit")
     parser.add_argument("--text-tokens", type=int, default=None,
                         help="text tokens per prompt (default: the config's max_sequence_length)")
+    parser.add_argument("--devices", type=int, default=None, metavar="N",
+                        help="devices per node: plan one rank of a fit on N devices (default: the config's "
+                        "trainer.devices under strategy fsdp2 or ddp, else 1)")
+    parser.add_argument("--num-nodes", type=int, default=None, metavar="M", help="nodes (default: the config's)")
+    parser.add_argument("--strategy", default=None, choices=("fsdp2", "ddp"),
+                        help="fsdp2 shards the base over every rank, ddp replicates it (default: the config's, "
+                        "else fsdp2)")
     parser.add_argument("--architecture", default=None, metavar="CONFIG_JSON",
                         help="a diffusers transformer/config.json to plan instead of the family's full-size one")
     return parser
@@ -55,7 +62,8 @@ def run_plan_command(argv: list[str]) -> int:
 
     # A user error (an unknown GPU, a config that does not parse, an architecture file that is not one) is
     # raised as glance_lightning.errors' kinds: the command line prints it in one line, without a traceback.
-    request = request_from_cli(rest, args.gpu, args.gpu_memory, args.text_tokens, args.architecture)
+    ranks = {"devices": args.devices, "num_nodes": args.num_nodes, "strategy": args.strategy}
+    request = request_from_cli(rest, args.gpu, args.gpu_memory, args.text_tokens, args.architecture, ranks)
     if args.search:
         from glance_lightning.planner.search import search
 
@@ -112,7 +120,7 @@ def format_plan(d: dict[str, Any]) -> str:
     rows = [
         ("family", f"{d['family']}  ({d['architecture']})"),
         ("settings", ", ".join(f"{k}={v}" for k, v in d["settings"].items())),
-        ("peak GPU memory", f"{d['peak_gib']:.2f} GiB  (predicted)"),
+        ("peak GPU memory", f"{d['peak_gib']:.2f} GiB  (predicted{', ' + d['per_rank'] if d.get('per_rank') else ''})"),
         ("  base weights", f"{b['base_weights']:.2f} GiB"),
         ("  LoRA + grads + optimizer", f"{b['lora_and_optimizer']:.2f} GiB"),
         ("  activations", f"{b['activations']:.2f} GiB"),

@@ -29,6 +29,7 @@ from glance_lightning.errors import ConfigError
 from glance_lightning.planner.compiled import ElementwiseSaved
 from glance_lightning.planner.fake import PlannerMemTracker, cuda_behaviour
 from glance_lightning.planner.quant import QUANTIZED, emulate_quantised_base, optimizer_state_bytes
+from glance_lightning.planner.ranks import Ranks, communication_s, fake_world, full_bytes, shard_for_plan
 from glance_lightning.planner.runtime import GpuSpec
 from glance_lightning.planner.timing import StepTime, step_time
 from glance_lightning.planner.trace import OpTrace, TraceRecorder
@@ -55,6 +56,7 @@ class StepPlan:
     other_gpus: tuple[GpuSpec, ...] = ()  # more cards to time the same ops on (step_s_on)
     compiled: bool = False  # regional compile of the repeated blocks (timed with fused elementwise runs)
     latent_channels: int = LATENT_CHANNELS  # of the model's VAE (a tiny model's has fewer)
+    ranks: Ranks = field(default_factory=Ranks)  # several devices: the step of one rank (planner.ranks)
 
 
 @dataclass
@@ -206,7 +208,8 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
     dtype = getattr(torch, module.dtype_name)
     spec = module.draw_spec()
     draws = [draw_micro_batch(spec, s, 0, 0, plan.batch, 1) for s in range(steps)]
-    with ExitStack() as stack:
+    with ExitStack() as stack:  # FSDP2's own sharding over a fake process group: this is rank 0's step
+        mesh = stack.enter_context(fake_world(plan.ranks.world)) if plan.ranks.sharded else None
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext())
         stack.enter_context(cuda_behaviour())
         transformer = build_transformer(plan.architecture, dtype)
@@ -214,6 +217,9 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
             emulate_quantised_base(transformer, plan.quantization, dtype)
         module._pipe = _PlanPipe(module.family_spec.pipeline_class(), plan.latent_channels)
         module.adapt_transformer(transformer)
+        unsharded = full_bytes(transformer)
+        if mesh is not None:
+            shard_for_plan(module, mesh)
         if plan.precision.startswith(("bf16-true", "16-true")):
             module.to(torch.bfloat16 if plan.precision.startswith("bf16") else torch.float16)
         latents, cond = fake_inputs(module, plan)
@@ -226,7 +232,7 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
         groups = [{"params": module.adapter_parameters(p), "name": p} for p in ("slow", "fast")]
         optimizer = torch.optim.AdamW(groups, lr=1e-4, foreach=False)  # as fused AdamW: no multi-tensor temps
         params = [p for g in groups for p in g["params"]]
-        lora_bytes = sum(_rounded(p.untyped_storage().nbytes()) for p in params)
+        lora_bytes = sum(_storage_bytes(p) for p in params)
         grad_inputs = _linears_with_grad_inputs(transformer)
         tracker = PlannerMemTracker()
         tracker.track_external(transformer, latents, *cond.values())
@@ -267,7 +273,13 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
         notes.append(f"regional compile: {recomputed_by_compile / GIB:.2f} GiB of elementwise outputs that eager "
                      "autograd keeps for backward are recomputed in the compiled backward instead "
                      "(planner/compiled.py)")
+    if not plan.ranks.sharded and plan.ranks.world > 1:  # DDP's buckets: the LoRA gradients once more
+        total += peak.get("Gradient", 0) or lora_bytes
+        notes.append("ddp: each rank holds the whole base and DDP's gradient buckets (the LoRA gradients again)")
     timed = step_time(recorder.trace, plan.gpu, plan.compiled) if plan.gpu is not None else None
+    if timed is not None and plan.ranks.world > 1:
+        blocks = len(perf_ops.repeated_blocks(module.transformer, module.repeated_blocks))
+        timed.comm_s, timed.comm = communication_s(*unsharded, blocks, plan.ranks, plan.gpu, timed.seconds)
     return StepMemory(
         peak=total, base=base, lora=lora_bytes, optimizer=opt, gradients=peak.get("Gradient", 0),
         activations=peak.get("Activation", 0) + peak.get("Temp", 0) + peak.get("Other", 0) - recomputed_by_compile,
@@ -298,4 +310,12 @@ def _checkpointed(module: Any) -> list[torch.nn.Module]:
 def _frozen_bytes(block: torch.nn.Module) -> int:
     """Device bytes of a block's frozen parameters and buffers (what block offloading moves to the host)."""
     frozen = [p for n, p in block.named_parameters() if "lora_" not in n] + list(block.buffers())
-    return sum(_rounded(t.untyped_storage().nbytes()) for t in frozen)
+    return sum(_storage_bytes(t) for t in frozen)
+
+
+def _storage_bytes(tensor: torch.Tensor) -> int:
+    """Allocated bytes of ``tensor``'s storage (a sharded DTensor's: this rank's shard)."""
+    from torch.distributed.tensor import DTensor
+
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return _rounded(local.untyped_storage().nbytes())

@@ -87,6 +87,7 @@ class Plan:
             "encode_peak_gib": round(self.encode_peak_gib, 3),
             "host_ram_gib": {k: round(v, 2) for k, v in self.host_gib.items()},
             "gpu": gpu.name if gpu else None,
+            "per_rank": self.request.step.ranks.label() if self.request.step.ranks.world > 1 else None,
             "gpu_memory_gib": self.card_gib,
             "step_s": None if self.memory.step_s is None else float(f"{self.memory.step_s:.4g}"),
             "step_time": None if self.memory.time is None else
@@ -136,12 +137,17 @@ def make_plan(request: PlanRequest) -> Plan:
         notes.append("tiny model: encode stage not planned" if tiny else
                      f"family {spec.name} gives no encoder sizes (FamilySpec.encoder_params): encode stage not "
                      "planned")
-    strategy = str((request.raw.get("trainer") or {}).get("strategy") or "").lower()
-    if strategy == sharding.STRATEGY_NAME:
-        notes.append(f"trainer.strategy {strategy}: these figures are for one device holding the whole base; FSDP2 "
-                     "gives each rank about 1/N of the base weights, LoRAs and AdamW states (per-rank plan: not yet)")
+    ranks = request.step.ranks
+    if ranks.world > 1:
+        notes.append(f"{ranks.label()}: the step of one rank" + (
+            ", FSDP2's own sharding run over a fake process group of "
+            f"{ranks.world} ranks (planner/ranks.py); host RAM is per rank" if ranks.sharded else ""))
+    elif str((request.raw.get("trainer") or {}).get("strategy") or "").lower() == sharding.STRATEGY_NAME:
+        notes.append(f"trainer.strategy {sharding.STRATEGY_NAME} on one device: for a per-rank plan give --devices N")
     bf16_transformer = memory.base / GIB if request.step.quantization == "none" else \
         _bf16_params(request.step.architecture) * 2 / GIB
+    if ranks.sharded:  # each rank reads only its shard of the base (shard_loading)
+        bf16_transformer /= ranks.world
     host = host_ram_gib(bf16_transformer, encoders)
     if request.settings.get("offload", "none") != "none":  # the offloaded blocks live in pinned host memory
         host["training"] += sum(memory.recomputed_block_bytes) / GIB

@@ -17,6 +17,7 @@ from typing import Any
 
 from glance_lightning.planner.memory import LATENT_CHANNELS, StepPlan
 from glance_lightning.planner.plan import PlanError, PlanRequest, find_architecture, vae_latent_channels
+from glance_lightning.planner.ranks import Ranks, ranks_from
 from glance_lightning.planner.runtime import GpuSpec, get_gpu
 from glance_lightning.registry import family_of_module, load_ref
 from glance_lightning.settings import AUTO_DEFAULTS, OPTIMIZER_DEFAULT
@@ -80,23 +81,36 @@ def _check_combination(perf: dict[str, Any]) -> None:
 
 
 def request_from_cli(argv: list[str], gpu: str | None, gpu_memory: float | None, text_tokens: int | None,
-                     architecture: str | None) -> PlanRequest:
+                     architecture: str | None, ranks: dict[str, Any] | None = None) -> PlanRequest:
+    """``ranks``: ``plan``'s --devices/--num-nodes/--strategy (None each where not given: the config's trainer)."""
     config = _parse(argv)
     class_path = config.model.class_path
     cls = load_ref(":".join(class_path.rsplit(".", 1)))
     init = config.model.init_args.as_dict()
     data = config.data.init_args.as_dict() if config.get("data") and config.data.get("init_args") else {}
     trainer = config.trainer.as_dict() if config.get("trainer") else {}
-    return build_request(cls, init, data, trainer, gpu, gpu_memory, text_tokens, architecture)
+    given = {k: v for k, v in (ranks or {}).items() if v is not None}
+    chosen = ranks_from(given.get("devices", trainer.get("devices") if _several(trainer) else 1),
+                        given.get("num_nodes", trainer.get("num_nodes") if _several(trainer) else 1),
+                        given.get("strategy", trainer.get("strategy") if _several(trainer) else None))
+    return build_request(cls, init, data, trainer, gpu, gpu_memory, text_tokens, architecture, chosen)
+
+
+def _several(trainer: dict[str, Any]) -> bool:
+    """Whether the config's trainer runs on several devices with a strategy a per-rank plan knows."""
+    strategy = str(trainer.get("strategy") or "").lower()
+    return strategy == "fsdp2" or strategy.startswith("ddp")
 
 
 def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer: dict[str, Any],
                   gpu: str | GpuSpec | None = "h100", gpu_memory: float | None = None, text_tokens: int | None = None,
-                  architecture: str | dict[str, Any] | None = None) -> PlanRequest:
-    """A plan request from the model's init args, the data's and the trainer's options (plain dicts)."""
+                  architecture: str | dict[str, Any] | None = None, ranks: Ranks | None = None) -> PlanRequest:
+    """A plan request from the model's init args, the data's and the trainer's options (plain dicts); ``ranks``:
+    the devices it runs on (one by default)."""
     _check_numbers(gpu_memory, text_tokens)
+    ranks = ranks or Ranks()
     raw = {"cls": cls, "init": copy.deepcopy(init), "data": data, "trainer": trainer, "gpu": gpu,
-           "gpu_memory": gpu_memory, "text_tokens": text_tokens}
+           "gpu_memory": gpu_memory, "text_tokens": text_tokens, "ranks": ranks}
     init = copy.deepcopy(init)
     perf = dict(init.get("performance") or {})
     optimizer = dict(init.get("optimizer") or {})
@@ -134,6 +148,8 @@ def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer
                                          architecture)
     tokens = text_tokens or int(getattr(module, "max_sequence_length", 512))
     settings.update(resolution=resolution, batch=int(data.get("batch_size") or 1), text_tokens=tokens)
+    if ranks.world > 1:
+        settings.update(devices=ranks.devices, num_nodes=ranks.nodes, strategy=ranks.strategy)
     card = gpu if isinstance(gpu, GpuSpec) else get_gpu(gpu) if gpu else None
     if card is None and gpu_memory is None:
         raise PlanError("give --gpu NAME or --gpu-memory GiB")
@@ -142,7 +158,7 @@ def build_request(cls: type, init: dict[str, Any], data: dict[str, Any], trainer
         precision=settings["precision"], gradient_clip=trainer.get("gradient_clip_val"),
         quantization=settings["base_quantization"], optimizer=settings["optimizer"], gpu=card,
         latent_channels=vae_latent_channels(source, spec.extra.get("latent_channels", LATENT_CHANNELS)),
-        compiled=settings["compile_blocks"],
+        compiled=settings["compile_blocks"], ranks=ranks,
     )
     raw["architecture"] = arch
     return PlanRequest(module, step, settings, card, gpu_memory, source, raw)

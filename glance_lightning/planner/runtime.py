@@ -21,15 +21,16 @@ class GpuSpec:
     generation: str
     description: str = ""
     host_link_gbs: float = 25.0  # achieved host->device copy rate (PCIe 4.0 x16 ~25, PCIe 5.0 x16 ~50)
+    peer_link_gbs: float = 15.0  # achieved all-gather bandwidth between the cards of one node (NVLink; else PCIe)
 
 
 GPUS: dict[str, GpuSpec] = {g.name: g for g in (  # memory: nvidia-smi's total (MiB / 1024)
-    GpuSpec("h200", 140.4, 989.0, 4800.0, 132, "hopper", "H200 SXM 141 GB", 50.0),
-    GpuSpec("h100", 79.6, 989.0, 3350.0, 132, "hopper", "H100 SXM 80 GB", 50.0),
-    GpuSpec("h100-pcie", 79.6, 756.0, 2000.0, 114, "hopper", "H100 PCIe 80 GB", 50.0),
-    GpuSpec("a100-80", 79.2, 312.0, 2039.0, 108, "ampere", "A100 SXM 80 GB"),
-    GpuSpec("a100-40", 39.4, 312.0, 1555.0, 108, "ampere", "A100 40 GB"),
-    GpuSpec("l40s", 45.0, 362.0, 864.0, 142, "ada", "L40S 48 GB"),
+    GpuSpec("h200", 140.4, 989.0, 4800.0, 132, "hopper", "H200 SXM 141 GB", 50.0, 360.0),
+    GpuSpec("h100", 79.6, 989.0, 3350.0, 132, "hopper", "H100 SXM 80 GB", 50.0, 360.0),
+    GpuSpec("h100-pcie", 79.6, 756.0, 2000.0, 114, "hopper", "H100 PCIe 80 GB", 50.0, 40.0),
+    GpuSpec("a100-80", 79.2, 312.0, 2039.0, 108, "ampere", "A100 SXM 80 GB", 25.0, 230.0),
+    GpuSpec("a100-40", 39.4, 312.0, 1555.0, 108, "ampere", "A100 40 GB", 25.0, 230.0),
+    GpuSpec("l40s", 45.0, 362.0, 864.0, 142, "ada", "L40S 48 GB", 25.0, 20.0),
     GpuSpec("a6000", 48.0, 155.0, 768.0, 84, "ampere", "RTX A6000 48 GB"),
     GpuSpec("5090", 31.8, 209.5, 1792.0, 170, "blackwell", "GeForce RTX 5090 32 GB", 50.0),
     GpuSpec("4090", 24.0, 165.2, 1008.0, 128, "ada", "GeForce RTX 4090 24 GB"),

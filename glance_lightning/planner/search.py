@@ -134,7 +134,7 @@ def _variant(request: PlanRequest, share: float, policy: str, quant: str = "none
                            "compile_blocks": compile_blocks, "auto": False}
     init["optimizer"] = {**(init.get("optimizer") or {}), "name": optimizer}
     return build_request(raw["cls"], init, raw["data"], raw["trainer"], raw["gpu"], raw["gpu_memory"],
-                         raw["text_tokens"], raw["architecture"])
+                         raw["text_tokens"], raw["architecture"], raw.get("ranks"))
 
 
 def with_candidate(request: PlanRequest, c: Candidate) -> PlanRequest:

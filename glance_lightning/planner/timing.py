@@ -54,19 +54,24 @@ class StepTime:
     tflop: float = 0.0
     compiled: bool = False
     offload_s: float = 0.0  # block offload's host->device copies not hidden behind compute (``plan``, by formula)
+    comm_s: float = 0.0  # several ranks' communication not hidden behind compute (``planner.ranks``, by formula)
+    comm: str = ""  # how comm_s was derived
 
     @property
     def seconds(self) -> float:
-        return sum(self.parts.values()) + self.offload_s
+        return sum(self.parts.values()) + self.offload_s + self.comm_s
 
     def derivation(self) -> str:
         """One line: how the figure was made."""
         shown = " + ".join(f"{name} {self.parts.get(name, 0.0):.3f}" for name in PARTS)
         if self.offload_s:
             shown += f" + offload copies {self.offload_s:.3f}"
+        if self.comm:
+            shown += f" + communication {self.comm_s:.3f}"
         how = "elementwise runs fused by compile" if self.compiled else "eager"
+        comm = f"; {self.comm} (planner/ranks.py)" if self.comm else ""
         return (f"{self.seconds:.3f} s = {shown} ({self.kernels} kernels, {how}; {self.tflop:.0f} TFLOP; "
-                f"priced per kernel on the {self.gpu}: planner/timing.py)")
+                f"priced per kernel on the {self.gpu}: planner/timing.py{comm})")
 
 
 def _attention_share(gpu: GpuSpec, kind: str, head_dim: int) -> float:
