@@ -62,6 +62,11 @@ PROBE = """    - class_path: sharding_probe.ShardProbe
 """
 
 
+MEMORY = """    - class_path: sharding_probe.StepMemoryProbe
+      init_args: {{folder: {folder}}}
+"""
+
+
 POISON = """    - class_path: sharding_probe.PoisonOnRank
       init_args: {step: 4, rank: 1}
 """
@@ -102,7 +107,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> dict[str, tupl
     """The same 3 + 3 step fit: sharded, sharded with gradient checkpointing, and DDP (the base replicated)."""
     tmp = tmp_path_factory.mktemp("sharding")
     return {
-        "fsdp2": fit(tmp, repo, "fsdp2", probe=True),
+        "fsdp2": fit(tmp, repo, "fsdp2", probe=True, callback=MEMORY.format(folder=tmp / "fsdp2-memory")),
         "fsdp2-checkpointing": fit(tmp, repo, "ckpt", "fsdp2", True),
         "ddp": fit(tmp, repo, "ddp", "ddp_find_unused_parameters_true"),
     }
@@ -151,6 +156,29 @@ def test_each_rank_reads_only_its_rows_of_the_base_from_the_files(runs):
     read = [float(line.split()[0]) for line in lines]
     whole = float(lines[0].split("of its ")[1].split()[0])
     assert max(read) <= 0.6 * whole and sum(read) == pytest.approx(whole, abs=0.02)
+
+
+def test_plan_per_rank_predicts_each_ranks_measured_peak(runs, repo, capsys):
+    """``plan --devices 2 --strategy fsdp2`` on the run's own config (FSDP2's sharding simulated over a fake process
+    group, planner/ranks.py) against each rank's peak tensor memory over its first two steps, counted in the real
+    two-process run (sharding_probe.LiveBytes): within 5%."""
+    from glance_lightning.cli import main
+    from glance_lightning.tiny import tiny_model_path
+
+    run, _ = runs["fsdp2"]
+    tmp = run.parent.parent
+    measured = [json.loads((tmp / "fsdp2-memory" / f"memory-rank{r}.json").read_text())["peak"] for r in (0, 1)]
+    architecture = Path(tiny_model_path("tiny:flux")) / "transformer" / "config.json"
+    assert main(["plan", "--config", str(tmp / "fsdp2.yaml"), "--devices", "2", "--strategy", "fsdp2",
+                 "--gpu-memory", "80", "--architecture", str(architecture), "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["per_rank"] == "per rank of 2 devices (fsdp2)" and plan["settings"]["strategy"] == "fsdp2"
+    for peak in measured:
+        assert plan["peak_bytes"] == pytest.approx(peak, rel=0.05), (plan["peak_bytes"], measured)
+    assert main(["plan", "--config", str(tmp / "fsdp2.yaml"), "--devices", "1", "--gpu-memory", "80",
+                 "--architecture", str(architecture), "--format", "json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["per_rank"] is None and single["peak_bytes"] != plan["peak_bytes"]
 
 
 def test_sharded_loras_equal_the_replicated_ones(runs):

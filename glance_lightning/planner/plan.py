@@ -83,6 +83,7 @@ class Plan:
             "settings": self.request.settings,
             "architecture": self.request.source,
             "peak_gib": round(self.peak_gib, 3),
+            "peak_bytes": self.memory.peak,
             "breakdown_gib": {k: round(v, 3) for k, v in self.memory.breakdown_gib().items()},
             "encode_peak_gib": round(self.encode_peak_gib, 3),
             "host_ram_gib": {k: round(v, 2) for k, v in self.host_gib.items()},
