@@ -127,13 +127,52 @@ def test_plan_table_says_predicted(arch_file, repo, monkeypatch, capsys):
     assert "predicted" in out and "peak GPU memory" in out and "fits" in out
 
 
-def test_plan_of_a_sharded_config_says_its_figures_are_for_one_device(arch_file, repo, monkeypatch, capsys):
+def _json_plan(main_args: list[str], capsys) -> dict:
+    assert main(main_args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_per_rank_of_a_sharded_fit(arch_file, repo, monkeypatch, capsys):
+    """``--devices 2``: the step of one FSDP2 rank (its sharding simulated, planner/ranks.py), the communication in
+    the time's derivation; a config's own trainer.devices
+    and strategy fsdp2 plan per rank as well; across nodes the network is the slower link."""
     monkeypatch.chdir(repo)
-    base = ["plan", "--config", "configs/quickstart.yaml", *SMALL, "--architecture", arch_file, "--gpu", "h100"]
-    assert main(base) == 0
-    assert "fsdp2" not in capsys.readouterr().out
-    assert main([*base, "--trainer.devices", "2", "--trainer.strategy", "fsdp2"]) == 0
-    assert "trainer.strategy fsdp2: these figures are for one device holding the whole base" in capsys.readouterr().out
+    base = ["plan", "--config", "configs/quickstart.yaml", *SMALL, "--architecture", arch_file, "--gpu", "h100",
+            "--format", "json", "--model.init_args.torch_dtype", "bfloat16"]
+    single = _json_plan(base, capsys)
+    sharded = _json_plan([*base, "--devices", "2"], capsys)
+    assert single["per_rank"] is None and sharded["per_rank"] == "per rank of 2 devices (fsdp2)"
+    assert sharded["settings"]["devices"] == 2 and sharded["settings"]["strategy"] == "fsdp2"
+    derivation = sharded["step_time"]["derivation"]
+    assert "FSDP2 all-gathers" in derivation and "360 GB/s" in derivation and "communication" in derivation
+    config = _json_plan([*base, "--trainer.devices", "2", "--trainer.strategy", "fsdp2"], capsys)
+    assert config["per_rank"] == sharded["per_rank"] and config["peak_bytes"] == sharded["peak_bytes"]
+    nodes = _json_plan([*base, "--devices", "2", "--num-nodes", "2"], capsys)
+    assert nodes["per_rank"] == "per rank of 2 devices x 2 nodes (fsdp2)"
+    assert "at 25 GB/s" in nodes["step_time"]["derivation"]
+
+
+def test_a_planned_rank_keeps_shards_of_the_loras_and_their_states():
+    """On the planner's reduced FLUX: the rank keeps its shards of the LoRAs and AdamW's states (the per-rank
+    peak adds the blocks FSDP2 gathers while they run; tests/test_sharding.py measures the halving)."""
+    from glance_lightning.planner.ranks import Ranks, full_bytes
+
+    module = _module()
+    sharded = simulate_step(_module(), _plan(ranks=Ranks(2, 1, "fsdp2")))
+    single = simulate_step(module, _plan())
+    weights, _ = full_bytes(module.transformer)
+    assert single.base + single.lora == pytest.approx(weights, rel=0.05)
+    assert sharded.lora < single.lora and sharded.optimizer < single.optimizer  # (each tensor rounds to 512 B)
+
+
+def test_plan_per_rank_of_a_replicated_fit_keeps_ddps_buckets(arch_file, repo, monkeypatch, capsys):
+    monkeypatch.chdir(repo)
+    base = ["plan", "--config", "configs/quickstart.yaml", *SMALL, "--architecture", arch_file, "--gpu", "4090",
+            "--format", "json"]
+    single = _json_plan(base, capsys)
+    ddp = _json_plan([*base, "--devices", "2", "--strategy", "ddp"], capsys)
+    assert ddp["per_rank"] == "per rank of 2 devices (ddp)" and ddp["peak_bytes"] > single["peak_bytes"]
+    assert "DDP all-reduces" in ddp["step_time"]["derivation"]
 
 
 def test_quantised_bases_and_8bit_states_are_planned():
@@ -174,6 +213,8 @@ def test_search_picks_a_combination_that_fits(arch_file, repo, monkeypatch, caps
 @pytest.mark.parametrize("argv, words", [
     (["--config", "configs/nope.yaml"], "nope.yaml"),
     (["--config", "configs/quickstart.yaml", "--gpu", "toaster"], "unknown GPU"),
+    (["--config", "configs/quickstart.yaml", "--devices", "0"], "--devices 0"),
+    (["--config", "configs/quickstart.yaml", "--num-nodes", "0"], "at least one device on one node"),
     ([], "--config"),
 ])
 def test_user_errors_are_one_short_line(argv, words, repo, monkeypatch, capsys):

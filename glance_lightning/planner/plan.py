@@ -148,7 +148,8 @@ def make_plan(request: PlanRequest) -> Plan:
     bf16_transformer = memory.base / GIB if request.step.quantization == "none" else \
         _bf16_params(request.step.architecture) * 2 / GIB
     if ranks.sharded:  # each rank reads only its shard of the base (shard_loading)
-        bf16_transformer /= ranks.world
+        dtype_bytes = DTYPE_BYTES.get(request.module.dtype_name, 2) if request.step.quantization == "none" else 2
+        bf16_transformer = _bf16_params(request.step.architecture) * dtype_bytes / GIB / ranks.world
     host = host_ram_gib(bf16_transformer, encoders)
     if request.settings.get("offload", "none") != "none":  # the offloaded blocks live in pinned host memory
         host["training"] += sum(memory.recomputed_block_bytes) / GIB

@@ -61,7 +61,7 @@ def ranks_from(devices: Any, nodes: Any, strategy: Any) -> Ranks:
                           "base, ddp replicates it)")
     count = len(devices) if isinstance(devices, (list, tuple)) else devices
     try:
-        count, nodes = int(count) if str(count).isdigit() else 1, int(nodes or 1)
+        count, nodes = int(count) if str(count).lstrip("-").isdigit() else 1, 1 if nodes is None else int(nodes)
     except (TypeError, ValueError):
         raise ConfigError(f"--num-nodes {nodes}: give a whole number of nodes") from None
     if count < 1 or nodes < 1:
