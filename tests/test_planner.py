@@ -210,6 +210,21 @@ def test_search_picks_a_combination_that_fits(arch_file, repo, monkeypatch, caps
     assert found["simulations"] == 4
 
 
+def test_a_sharded_search_offers_only_what_sharding_runs(arch_file, repo, monkeypatch, capsys):
+    """Under strategy fsdp2 a quantised base, 8-bit states, offload and compile are refused by fit: the search
+    (and so performance auto) chooses among checkpointing shares and policies only."""
+    monkeypatch.chdir(repo)
+    base = ["plan", "--config", "configs/quickstart.yaml", *SMALL, "--architecture", arch_file, "--format", "json",
+            "--gpu-memory", "20", "--devices", "2", "--search"]
+    assert main(base) == 0
+    found = json.loads(capsys.readouterr().out)
+    fitting = found["fitting"]
+    assert fitting and found["best"] is not None
+    for candidate in fitting:
+        assert (candidate["quantization"], candidate["optimizer"], candidate["offload"], candidate["compile"]) == \
+            ("none", "adamw", "none", False)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--config", "configs/nope.yaml"], "nope.yaml"),
     (["--config", "configs/quickstart.yaml", "--gpu", "toaster"], "unknown GPU"),

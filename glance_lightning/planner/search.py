@@ -33,6 +33,9 @@ from glance_lightning.planner.timing import step_time
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 POLICIES = ("full", "save-matmuls")
 QUANTS = ("none", "int8-weight-only", "nf4")
+# Under strategy fsdp2 only checkpointing is searched: sharding refuses the other switches.
+SHARDED_ALLOWS = {"base_quantization": ("none",), "offload": ("none",), "compile_blocks": (False,),
+                  "optimizer": ("adamw",)}
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
@@ -187,6 +190,9 @@ def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors
     card = card_gib or request.gpu_memory_gib or (request.gpu.memory_gib if request.gpu else 0.0)
     simulated_anchors = anchors is None
     anchors = anchors or simulate_anchors(request)
+    if request.step.ranks.sharded:  # what strategy fsdp2 refuses (glance_lightning.sharding.check_sharding)
+        constraints = constraints or Constraints()
+        constraints = Constraints(constraints.fixed, {**constraints.allowed, **SHARDED_ALLOWS})
     encode = anchors.encode_gib
     candidates = [c for c in _candidates(request, anchors.steps, anchors.layouts, anchors.blocks)
                   if constraints is None or constraints.admits(c)]
