@@ -64,9 +64,16 @@ class Setting:
         return None
 
 
+def one_device_presets(presets: Path) -> list[Path]:
+    """The presets of configs/performance/ for one device (those for several, with trainer.devices, are planned
+    per rank: docs/distributed.md)."""
+    return [path for path in sorted(presets.glob("*.yaml"))
+            if not ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("devices")]
+
+
 def settings(presets: Path, compile_backend: str = "inductor") -> list[Setting]:
     """A family's rows, most valuable first: ours and the plain loop with every block recomputed and with none,
-    half recomputed + regional compile, each preset of configs/performance/, an int8 base."""
+    half recomputed + regional compile, each one-device preset of configs/performance/, an int8 base."""
     rows = [
         Setting("ours, every block recomputed", "ours", {"gradient_checkpointing": 1.0}),
         Setting("plain loop, every block recomputed", "plain", {"gradient_checkpointing": 1.0}),
@@ -75,7 +82,7 @@ def settings(presets: Path, compile_backend: str = "inductor") -> list[Setting]:
         Setting("ours, half recomputed + regional compile", "ours",
                 {"gradient_checkpointing": 0.5, "compile_blocks": True, "compile_backend": compile_backend}),
     ]
-    for path in sorted(presets.glob("*.yaml")):
+    for path in one_device_presets(presets):
         init = (yaml.safe_load(path.read_text()) or {}).get("model", {}).get("init_args", {})
         options = dict(init.get("performance") or {})
         if (init.get("optimizer") or {}).get("name"):
