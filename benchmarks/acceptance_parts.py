@@ -106,6 +106,7 @@ class Row:
     peak_gib: float | None = None
     note: str = ""
     wall_s: float | None = None
+    details: dict[str, Any] | None = None  # a profile row's figures (benchmarks/step_profile.py)
     prediction: Any = field(default=None, repr=False)  # a Future of predict()'s dict, or the dict
 
     def predicted(self) -> dict[str, Any] | None:

@@ -4,9 +4,10 @@ Both steps are recorded by the planner's ``TraceRecorder`` on the real full-size
 the plain loop of the diffusers LoRA examples (one peft adapter on to_q/k/v/out.0, rank 32, bf16 autocast, MSE
 loss, gradient clipping 1.0, AdamW) and our module configured the same way (both Glance adapters attached, one
 active). Printed per family: kernels launched, dtype casts (``_to_copy``), copies, bytes moved by elementwise
-kernels, the time ``planner/timing.py`` gives them on an H200, and every op whose count differs.
+kernels, the time ``planner/timing.py`` gives them on an H200, and every op whose count differs. ``--checkpointing``
+compares both with every block recomputed (the plain loop through diffusers' ``enable_gradient_checkpointing``).
 
-    python benchmarks/bench_step_ops.py --families flux,sd3
+    python benchmarks/bench_step_ops.py --families flux,sd3 [--checkpointing]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from glance_lightning.registry import get_family  # noqa: E402
 TOKENS = {"flux": 512, "sd3": 256, "qwen-image": 45}
 
 
-def plain_trace(family: str, architecture: dict | None = None) -> OpTrace:
+def plain_trace(family: str, architecture: dict | None = None, checkpointing: bool = False) -> OpTrace:
     from peft import LoraConfig
 
     spec = get_family(family)
@@ -50,6 +51,8 @@ def plain_trace(family: str, architecture: dict | None = None) -> OpTrace:
         transformer.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian",
                                            target_modules=list(TARGETS)))
         transformer.train()
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
         params = [p for p in transformer.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
         latents, cond = fake_inputs(module, StepPlan(architecture=arch, text_tokens=TOKENS[family]))
@@ -70,9 +73,10 @@ def plain_trace(family: str, architecture: dict | None = None) -> OpTrace:
     return recorder.trace
 
 
-def our_trace(family: str, architecture: dict | None = None) -> OpTrace:
+def our_trace(family: str, architecture: dict | None = None, checkpointing: bool = False) -> OpTrace:
     spec = get_family(family)
-    init, data, trainer = planned_like(MeasuredStep(family, "h200", 0.0, TOKENS[family], None, None))
+    row = MeasuredStep(family, "h200", float(checkpointing), TOKENS[family], None, None)
+    init, data, trainer = planned_like(row)
     request = build_request(spec.module_class(), init, data, trainer, "h200",
                             architecture=dict(architecture or spec.architecture))
     with contextlib.redirect_stdout(io.StringIO()):
@@ -96,12 +100,14 @@ def _row(trace: OpTrace) -> tuple[int, int, int, float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default="flux,sd3")
+    parser.add_argument("--checkpointing", action="store_true", help="both steps recompute every block")
     args = parser.parse_args(argv)
     print("| family | step | kernels | casts | copies | elementwise GB | H200 s/step (predicted) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     differences = {}
     for family in args.families.split(","):
-        plain, ours = plain_trace(family), our_trace(family)
+        plain = plain_trace(family, checkpointing=args.checkpointing)
+        ours = our_trace(family, checkpointing=args.checkpointing)
         for name, trace in (("plain diffusers + peft", plain), ("glance_lightning", ours)):
             kernels, casts, copies, moved, seconds = _row(trace)
             print(f"| {family} | {name} | {kernels} | {casts} | {copies} | {moved:.1f} | {seconds:.3f} |")

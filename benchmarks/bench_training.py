@@ -114,7 +114,9 @@ def module_for(args: argparse.Namespace, model: Path, options: dict[str, Any]) -
     return module
 
 
-def run_glance(args: argparse.Namespace, model: Path, options: dict[str, Any]) -> tuple[list[float], float, float]:
+def run_glance(args: argparse.Namespace, model: Path, options: dict[str, Any],
+               callbacks: tuple[L.Callback, ...] = ()) -> tuple[list[float], float, float]:
+    """``callbacks`` run after the step timer (benchmarks/step_profile.py's marks, for one)."""
     module = module_for(args, model, options)
     timer = StepTimer(args.warmup, args.device)
     with tempfile.TemporaryDirectory() as out:
@@ -122,7 +124,7 @@ def run_glance(args: argparse.Namespace, model: Path, options: dict[str, Any]) -
         trainer = L.Trainer(
             accelerator="cuda" if args.device.startswith("cuda") else "cpu", devices=1, max_steps=-1,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[timer], default_root_dir=out, precision=getattr(args, "precision", "32-true"),
+            callbacks=[timer, *callbacks], default_root_dir=out, precision=getattr(args, "precision", "32-true"),
             gradient_clip_val=getattr(args, "clip", None),
         )
         data = GlanceDataModule(str(SAMPLE), resolution=args.size, size_multiple=16)
@@ -131,9 +133,11 @@ def run_glance(args: argparse.Namespace, model: Path, options: dict[str, Any]) -
     return timer.times, timer.peak, max(timer.peak, timer.setup_peak)
 
 
-def run_reference(args: argparse.Namespace, model: Path, checkpointing: bool) -> tuple[list[float], float, float]:
+def run_reference(args: argparse.Namespace, model: Path, checkpointing: bool,
+                  profiler: Any = None) -> tuple[list[float], float, float]:
     """The diffusers examples' loop around the same transformer forward (under bf16 autocast where
-    ``args.precision`` is bf16-mixed, as ``accelerate --mixed_precision bf16`` runs it)."""
+    ``args.precision`` is bf16-mixed, as ``accelerate --mixed_precision bf16`` runs it); ``profiler`` (a
+    benchmarks/step_profile.StepProfiler) is told where each step and phase starts."""
     module = module_for(args, model, {})
     module.load_base_model(with_adapters=False)
     device = torch.device(args.device)
@@ -162,17 +166,25 @@ def run_reference(args: argparse.Namespace, model: Path, checkpointing: bool) ->
             reset_memory(args.device)
         sync(args.device)
         start = time.perf_counter()
+        if profiler is not None:
+            profiler.step_started(step)
         noise = torch.randn_like(latents)
         sigma = sigmas[torch.randint(len(sigmas), (1,))].to(device)
         noisy = (1 - sigma) * latents + sigma * noise
         with autocast:
             pred = module.predict_velocity(noisy, sigma, cond)
         loss = torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
+        if profiler is not None:
+            profiler.marks.enter("backward")
         loss.backward()
+        if profiler is not None:
+            profiler.marks.enter("optimizer")
         optimizer.step()
         optimizer.zero_grad()
         loss.item()  # the examples log the loss every step
         sync(args.device)
+        if profiler is not None:
+            profiler.step_ended(step)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     peak = peak_gib(args.device)

@@ -9,6 +9,9 @@ bf16-mixed, gradient clipping 1.0 (as GLANCE.md section 8 measured):
   median s/step after the warm-up steps and ``torch.cuda.max_memory_allocated`` over the timed steps, with
   ``plan``'s prediction for the same settings on this card (simulated in worker processes meanwhile) and the
   ratios beside each row;
+- a profile of ours and the plain loop with every block recomputed (where ours was 8% slower at the same
+  kernels): device busy and idle per step, the idle charged to the host phase it waited for
+  (benchmarks/step_profile.py), kernels, syncs and garbage collections per step;
 - sampling: the exact chain (the Slow + Fast lists, 5 + 5 transformer calls) against the base model's 50 steps at
   1024x1024 for one family (latents only: the tiny VAE stands in for the real one);
 - the CUDA-only tests (``pytest -m cuda``).
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import acceptance_parts as parts  # noqa: E402
 import bench_training  # noqa: E402
 import full_size  # noqa: E402
+import step_profile  # noqa: E402
 
 from glance_lightning.tiny import tiny_model_path  # noqa: E402
 
@@ -93,7 +97,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--gpu", default=None, help="planner card (default: this CUDA device; dry run h200)")
-    parser.add_argument("--skip", default="", help="comma list of sections to leave out: steps, chain, tests")
+    parser.add_argument("--profile-family", default="flux", help="the family whose steps are profiled")
+    parser.add_argument("--skip", default="",
+                        help="comma list of sections to leave out: steps, profile, chain, tests")
     args = parser.parse_args(argv)
     dry = args.dry_run
     args.budget = args.budget or (100.0 if dry else 470.0)
@@ -151,6 +157,39 @@ def family_rows(args: argparse.Namespace, family: str, kept: full_size.KeptTrans
                 parts.free_device()
             row.prediction = futures[setting.name]
             report.add(row)
+
+
+def profile_rows(args: argparse.Namespace, family: str, kept: full_size.KeptTransformer, tmp: Path,
+                 report: parts.Report, budget: Budget) -> None:
+    """Ours and the plain loop with every block recomputed, a few steps each under ``torch.profiler``."""
+    run_args = _run_args(args, family, kept)
+    model = Path(tiny_model_path(f"tiny:{family}"))
+    steps = min(3, args.steps)
+    last, summaries = 0.0, {}
+    with full_size.serving(kept, tmp):
+        for kind in ("ours", "plain"):
+            row = parts.Row("profile", family, f"{'plain loop' if kind == 'plain' else kind}, every block "
+                            f"recomputed, {steps} steps profiled", "profile", 1.0)
+            if budget.left() < last:
+                row.note = f"not run: {max(budget.left(), 0):.0f} s left in this section"
+                report.add(row)
+                continue
+            profiler = step_profile.StepProfiler(args.warmup, steps, args.device)
+            started = time.monotonic()
+            with parts.recorded(row, report):
+                if kind == "plain":
+                    times, _, _ = bench_training.run_reference(run_args, model, True, profiler=profiler)
+                else:
+                    times, _, _ = bench_training.run_glance(run_args, model, {"gradient_checkpointing": 1.0},
+                                                            callbacks=(step_profile.LightningMarks(profiler),))
+                row.s_step, row.details = statistics.median(times[:steps]), profiler.summary
+                row.note = step_profile.describe(profiler.summary)
+                summaries[kind] = profiler.summary
+            last = row.wall_s = time.monotonic() - started
+            parts.free_device()
+            report.add(row)
+    if len(summaries) == 2 and summaries["ours"]["kernels"]:
+        report.note(f"{family} profile: {step_profile.kernel_differences(summaries['ours'], summaries['plain'])}")
 
 
 def chain_rows(args: argparse.Namespace, family: str, kept: full_size.KeptTransformer, tmp: Path,
@@ -242,6 +281,8 @@ def family_section(args: argparse.Namespace, family: str, tmp: Path, report: par
     with kept_transformer(args, family, report) as kept:
         if "steps" not in args.skip:
             family_rows(args, family, kept, tmp, report, budget, predictor, moving_base=False)
+        if family == args.profile_family and "profile" not in args.skip:
+            profile_rows(args, family, kept, tmp, report, budget)
         if family == args.chain_family and "chain" not in args.skip:
             chain_rows(args, family, kept, tmp, report, budget)
         if "steps" not in args.skip:
@@ -253,7 +294,8 @@ def run(args: argparse.Namespace, report: parts.Report, budget: Budget, predicto
         tmp = Path(folder)
         for family in args.families:
             budget.open_section(SHARES.get(family, 0.2))
-            if "steps" in args.skip and (family != args.chain_family or "chain" in args.skip):
+            extra = {"chain": args.chain_family, "profile": args.profile_family}
+            if "steps" in args.skip and not any(f == family and s not in args.skip for s, f in extra.items()):
                 continue
             try:
                 family_section(args, family, tmp, report, budget, predictor)

@@ -40,6 +40,11 @@ def test_the_dry_run_measures_every_row_with_its_prediction(tmp_path: Path):
         presets = [p.name for p in load("acceptance_parts").one_device_presets(ROOT / "configs" / "performance")]
         assert presets and not [p for p in presets if "fsdp2" in p]  # several devices: planned per rank only
         assert [n.removeprefix("ours, preset ") for n in measured if "preset" in n] == presets
+    ours, plain = (r for r in rows if r["section"] == "profile")  # flux's steps, each phase timed on the host
+    for row in (ours, plain):
+        assert row["s_step"] > 0 and row["note"].startswith("per step: host forward"), row
+        assert row["details"]["host_s"]["forward"] > 0 and row["details"]["host_s"]["backward"] > 0, row
+    assert "ours" in ours["setting"] and "plain" in plain["setting"]
     chain, base = (r for r in rows if r["section"] == "chain")
     assert 0 < chain["s_step"] < base["s_step"] and "faster" in base["note"]
     (tests,) = (r for r in rows if r["section"] == "tests")
@@ -125,3 +130,72 @@ for name in names:
     done = subprocess.run(["bash", "benchmarks/gpu_wheels.sh", str(folder)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 1 and "over the 40 MiB" in done.stderr
+
+
+class _Event:
+    """A kineto event as benchmarks/step_profile.summarize reads it."""
+
+    def __init__(self, name, kind, start, end, corr=0, linked=0):
+        self._v = (name, kind, start, end, corr, linked)
+
+    def name(self):
+        return self._v[0]
+
+    def activity_type(self):
+        return self._v[1]
+
+    def start_ns(self):
+        return self._v[2]
+
+    def end_ns(self):
+        return self._v[3]
+
+    def correlation_id(self):
+        return self._v[4]
+
+    def linked_correlation_id(self):
+        return self._v[5]
+
+
+def test_device_idle_is_charged_to_the_host_phase_that_launched_the_kernel_ending_it():
+    profile = load("step_profile")
+    phases = [profile.Interval(s, e, name=n) for n, s, e in
+              (("forward", 0, 100), ("backward", 100, 200), ("optimizer", 200, 260), ("between", 260, 300))]
+    kernels = [profile.Interval(10, 90, launched=5), profile.Interval(120, 190, launched=110),
+               profile.Interval(185, 195, launched=150), profile.Interval(250, 255, launched=245)]
+    charged = profile.charge_idle(kernels, phases, steps=1)
+    ns = {k: round(v * 1e9) for k, v in charged.idle.items()}
+    # 0-10 waits for a forward launch, 90-120 for a backward one, 195-250 for the optimizer's; 255-300 ends
+    # the window in the between phase
+    assert ns == {"forward": 10, "backward": 30, "optimizer": 55, "between": 45}
+    assert round(charged.busy * 1e9) == 80 + 70 + 5 + 5  # the overlapping kernel counted once
+    assert round(charged.busy * 1e9) + sum(ns.values()) == 300
+    assert {k: round(v * 1e9) for k, v in charged.wall.items()} == {"forward": 100, "backward": 100,
+                                                                     "optimizer": 60, "between": 40}
+    halved = profile.charge_idle(kernels, phases, steps=2)
+    assert halved.idle["optimizer"] == charged.idle["optimizer"] / 2
+
+
+def test_a_profile_links_each_kernel_to_the_host_op_that_launched_it_and_counts_syncs():
+    profile = load("step_profile")
+    prefix = profile.PREFIX
+    events = [_Event(prefix + "forward", "user_annotation", 0, 1000),
+              _Event(prefix + "optimizer", "user_annotation", 1000, 2000),
+              _Event(prefix + "between", "user_annotation", 2000, 3000),
+              _Event("aten::mm", "cpu_op", 100, 200, corr=7),
+              _Event("aten::_fused_adamw_", "cpu_op", 1900, 1950, corr=8),
+              _Event("cudaStreamSynchronize", "cuda_runtime", 1960, 1990),
+              _Event("gemm", "kernel", 300, 900, linked=7),
+              _Event("adamw", "kernel", 2500, 2600, linked=8),  # runs in "between", launched in "optimizer"
+              _Event("Memcpy HtoD", "gpu_memcpy", 2900, 2950, linked=99)]  # no host op known: its own start
+    summary = profile.summarize(events, steps=1)
+    idle = {k: round(v * 1e9) for k, v in summary["idle_s"].items()}
+    assert idle == {"forward": 300, "optimizer": 1600, "backward": 0, "between": 300 + 50}
+    assert summary["kernels"] == 2 and summary["syncs"] == 1
+    assert round(summary["busy_s"] * 1e9) == 600 + 100 + 50
+    line = profile.describe({**summary, "gc_s": 0.001, "collections": 1.0})
+    assert "idle while the host was in forward 0.0000, backward 0.0000, optimizer 0.0000" in line
+    assert "2 kernels, 1.0 syncs" in line
+    faster = {**summary, "device_s_by_name": {"gemm": 500e-9, "adamw": 100e-9}}
+    assert profile.kernel_differences(summary, faster).startswith("device time per step, ours - plain: +0.00 ms")
+    assert "gemm" in profile.kernel_differences(summary, faster)
