@@ -7,9 +7,10 @@
    to_q/k/v/out.0, 1024x1024, 512 text tokens, bf16 weights, AdamW, no autocast: benchmarks/bench_training.py's
    ``reference`` loop), simulated as that loop runs it, and our module configured like it (same rank, targets,
    checkpointing, bf16 base, no autocast, no clipping), each against the measured peak and s/step with the error.
-2. configs: every config in configs/ and configs/official/ but the quick starts, as shipped and with
-   configs/performance/low-memory.yaml, on the H100 and the RTX 4090: peak, s/step, fits.
-3. presets: the configs/performance overlays on the card each is meant for.
+2. configs: every config in configs/ and configs/official/ but the quick starts, as shipped on the H100 and the
+   RTX 4090 (a config with ``performance.auto``: each card's own pick) and with configs/performance/low-memory.yaml
+   on the RTX 4090: the settings, peak, s/step, fits.
+3. presets: the configs/performance overlays on the card each is meant for (planned for that card).
 
 ``--only reference,configs`` runs some of the tables; ``--jsonl FILE`` appends each row as it is done. Run it with
 ``nice``: each full-size simulation takes 0.5-4 minutes on 2 cores (Qwen's are the slow ones).
@@ -175,17 +176,44 @@ def reference_table(sink: Any, autocast: bool = True) -> list[str]:
     return rows
 
 
-def _plan_config(argv: list[str]) -> dict[str, Any]:
+CARDS = ("h100", "4090")  # the configs table's cards: an 80 GB one and a 24 GB one
+
+
+def _plan_config(argv: list[str], gpu: str = "h100") -> dict[str, Any]:
+    """``plan`` for a config on ``gpu`` (a config with ``performance.auto`` plans that card's pick), its step also
+    priced on the other cards (``step_s_on``)."""
+    from glance_lightning.auto import planned_pick
     from glance_lightning.planner.plan import make_plan
     from glance_lightning.planner.request import request_from_cli
+    from glance_lightning.planner.search import with_candidate
 
-    request = request_from_cli(argv, "h100", None, None, None)
-    request.step.other_gpus = (get_gpu("4090"), get_gpu("4080"), get_gpu("3060"))
+    request = request_from_cli(argv, gpu, None, None, None)
+    if (request.raw["init"].get("performance") or {}).get("auto"):
+        best, _ = planned_pick(request)
+        if best is None:
+            raise SystemExit(f"{argv}: performance auto finds nothing that fits the {gpu}")
+        request = with_candidate(request, best)
+    request.step.other_gpus = tuple(get_gpu(g) for g in ("h100", "4090", "4080", "3060") if g != gpu)
     with contextlib.redirect_stdout(io.StringIO()):
         plan = make_plan(request)
     d = plan.as_dict()
-    d["step_s_on"] = plan.memory.step_s_on
+    d["step_s_on"] = {**plan.memory.step_s_on, gpu: d["step_s"]}
     return d
+
+
+def _is_auto(config: str) -> bool:
+    import yaml
+
+    init = ((yaml.safe_load((ROOT / config).read_text()) or {}).get("model") or {}).get("init_args") or {}
+    return bool((init.get("performance") or {}).get("auto"))
+
+
+def _settings(d: dict[str, Any]) -> str:
+    from glance_lightning.planner.search import Candidate
+
+    s = d["settings"]
+    return Candidate(float(s["gradient_checkpointing"] or 0), s["checkpoint_policy"], s["base_quantization"],
+                     s["optimizer"], s["offload"], 0.0, 0.0, bool(s["compile_blocks"])).label()
 
 
 def _fits(d: dict[str, Any], gpu: str) -> str:
@@ -196,42 +224,48 @@ def _fits(d: dict[str, Any], gpu: str) -> str:
 
 
 def config_table(sink: Any, match: str = "") -> list[str]:
+    """Each config as shipped on each of ``CARDS`` (with ``performance.auto``: that card's own pick) and with the
+    low-memory overlay on the 24 GB card."""
     shipped = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs/official").glob("*.yaml"))
     configs = [p for p in shipped if not p.name.startswith("quickstart") and match in str(p.relative_to(ROOT))]
-    rows = ["| config | variant | peak GiB | breakdown (base / LoRA+opt / act) | encode GiB | H100 s/step | "
-            "H100 fits | 4090 s/step | 4090 fits |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    jobs = [(str(c.relative_to(ROOT)), name, extra) for c in configs for name, extra in OVERLAYS.items()]
-    for config, variant, extra in jobs:
-        started = time.perf_counter()
-        d = _plan_config(["--config", config, *extra])
-        took = time.perf_counter() - started
-        _DONE[(config, variant)] = d
-        sink({"table": "configs", "config": config, "variant": variant, **d, "sim_s": took})
-        b = d["breakdown_gib"]
-        on = d["step_s_on"]
-        rows.append(f"| {config} | {variant} | {d['peak_gib']:.2f} | {b['base_weights']:.2f} / "
-                    f"{b['lora_and_optimizer']:.2f} / {b['activations']:.2f} | {d['encode_peak_gib']:.1f} | "
-                    f"{d['step_s']:.2f} | {_fits(d, 'h100')} | {on['4090']:.2f} | {_fits(d, '4090')} |")
-        print(rows[-1], f"({took:.0f} s)", file=sys.stderr, flush=True)
+    rows = ["| config | variant | card | settings (auto's pick where auto) | peak GiB | breakdown (base / LoRA+opt / "
+            "act) | encode GiB | s/step | fits |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for path in configs:
+        config = str(path.relative_to(ROOT))
+        for variant, extra in OVERLAYS.items():
+            planned: dict[str, Any] | None = None
+            for card in CARDS if variant == "as shipped" else CARDS[1:]:
+                started = time.perf_counter()
+                if planned is None or _is_auto(config):  # fixed settings: one simulation serves every card
+                    planned = _plan_config(["--config", config, *extra], card)
+                d, took = planned, time.perf_counter() - started
+                _DONE[(config, variant, card)] = d
+                sink({"table": "configs", "config": config, "variant": variant, "card": card, **d, "sim_s": took})
+                b = d["breakdown_gib"]
+                rows.append(f"| {config} | {variant} | {card} | {_settings(d)} | {d['peak_gib']:.2f} | "
+                            f"{b['base_weights']:.2f} / {b['lora_and_optimizer']:.2f} / {b['activations']:.2f} | "
+                            f"{d['encode_peak_gib']:.1f} | {d['step_s_on'][card]:.2f} | {_fits(d, card)} |")
+                print(rows[-1], f"({took:.0f} s)", file=sys.stderr, flush=True)
     return rows
 
 
-_DONE: dict[tuple[str, str], dict[str, Any]] = {}  # plans of the configs table, reused by the presets table
+_DONE: dict[tuple[str, str, str], dict[str, Any]] = {}  # plans of the configs table, reused by the presets table
 
 
 def presets_table(sink: Any) -> list[str]:
-    rows = ["| config | preset | card | peak GiB | breakdown (base / LoRA+opt / act) | s/step on the card | fits | "
-            "host RAM in training GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| config | preset | card | settings | peak GiB | breakdown (base / LoRA+opt / act) | s/step on the card | "
+            "fits | host RAM in training GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for config, overlay, gpu in PRESETS:
         variant = Path(overlay).stem
         started = time.perf_counter()
-        d = _DONE.get((config, variant)) or _plan_config(["--config", config, "--config", overlay])
+        d = _DONE.get((config, variant, gpu)) or _plan_config(["--config", config, "--config", overlay], gpu)
         took = time.perf_counter() - started
         sink({"table": "presets", "config": config, "variant": variant, "gpu": gpu, **d, "sim_s": took})
         b = d["breakdown_gib"]
-        rows.append(f"| {config} | {overlay} | {gpu} ({get_gpu(gpu).memory_gib:.0f} GiB) | {d['peak_gib']:.2f} | "
-                    f"{b['base_weights']:.2f} / {b['lora_and_optimizer']:.2f} / {b['activations']:.2f} | "
-                    f"{d['step_s_on'][gpu]:.2f} | {_fits(d, gpu)} | {d['host_ram_gib']['training']:.1f} |")
+        rows.append(f"| {config} | {overlay} | {gpu} ({get_gpu(gpu).memory_gib:.0f} GiB) | {_settings(d)} | "
+                    f"{d['peak_gib']:.2f} | {b['base_weights']:.2f} / {b['lora_and_optimizer']:.2f} / "
+                    f"{b['activations']:.2f} | {d['step_s_on'][gpu]:.2f} | {_fits(d, gpu)} | "
+                    f"{d['host_ram_gib']['training']:.1f} |")
         print(rows[-1], f"({took:.0f} s)", file=sys.stderr, flush=True)
     return rows
 

@@ -91,6 +91,7 @@ class StepTimer(L.Callback):
         if trainer.global_step == self.warmup:
             self.setup_peak = peak_gib(self.device)  # loading, encoding and the warm-up steps
             reset_memory(self.device)
+            now = time.perf_counter()  # the collection above is not the next step's time (as in run_reference)
         elif trainer.global_step > self.warmup and self._last is not None:
             self.times.append(now - self._last)
         self._last = now

@@ -8,7 +8,7 @@ is searched and the plain defaults apply. ``plan`` on a config with ``auto`` sho
 pick. The planner's search simulates three steps of the model's own
 architecture on fake tensors (a minute or two at full size on a CPU core); its anchors (peaks and op traces, which
 do not depend on the card) are cached under ``$GLANCE_LIGHTNING_CACHE/plans``, so a later fit of the same model and
-settings chooses in well under a second, on any card.
+settings chooses in well under a second, on any card. ``plan`` on an auto config reads and fills the same cache.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def choose(module: Any, trainer: Any) -> str:
     request = _request(module, trainer, card)
     constraints = Constraints(fixed_switches(asdict(perf), asdict(optimizer)),
                               machine_allows("cuda", sharding.is_sharded(trainer.strategy)))
-    best, cached = _cached_pick(request, constraints, card.memory_gib)
+    best, cached = cached_pick(request, constraints, card.memory_gib)
     if best is None:
         raise ConfigError(f"model.performance.auto: no combination of the switches left unset is predicted to fit "
                           f"the {card.description or card.name} ({card.memory_gib:.0f} GiB); lower "
@@ -79,6 +79,18 @@ def choose(module: Any, trainer: Any) -> str:
     how = "planned before, cached" if cached else f"planned in {time.perf_counter() - started:.0f} s, cached"
     return (f"glance_lightning: performance auto on the {card.description or card.name} ({card.memory_gib:.0f} GiB): "
             f"{best.label()}, predicted peak {best.peak_gib:.1f} GiB, {best.step_s:.2f} s/step ({how})")
+
+
+def planned_pick(request: Any) -> tuple[Any, bool]:
+    """What a fit of ``request``'s config would pick on its card, every library assumed present (``plan`` on an
+    auto config): the ``search.Candidate`` (None when nothing fits) and whether it came from the cache."""
+    from glance_lightning.planner.search import Constraints
+
+    init = request.raw["init"]
+    constraints = Constraints(fixed_switches(init.get("performance") or {}, init.get("optimizer") or {}))
+    card_gib = request.gpu_memory_gib or (request.gpu.memory_gib if request.gpu else 0.0)
+    with console.quiet_info(True):
+        return cached_pick(request, constraints, card_gib)
 
 
 def _request(module: Any, trainer: Any, card: Any) -> Any:
@@ -106,19 +118,31 @@ def _cache_key(request: Any) -> str:
     identity = {"module": f"{type(request.module).__module__}.{type(request.module).__qualname__}",
                 "architecture": step.architecture, "resolution": [step.height, step.width], "batch": step.batch,
                 "text_tokens": step.text_tokens, "precision": step.precision, "clip": step.gradient_clip,
-                "latent_channels": step.latent_channels, "lora": request.raw["init"].get("lora"),
+                "latent_channels": step.latent_channels, "lora": _lora_identity(request.raw["init"].get("lora")),
+                "ranks": [step.ranks.devices, step.ranks.nodes, step.ranks.strategy],
                 "dtype": request.settings["torch_dtype"], "version": glance_lightning.__version__, "code": code}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _cached_pick(request: Any, constraints: Any, card_gib: float) -> tuple[Any, bool]:
+def _lora_identity(lora: Any) -> dict[str, Any]:
+    """The LoRA settings with their defaults filled in and numbers as floats: a fit's hparams (as given) and
+    ``plan``'s parsed config (defaults filled) of the same LoRA give the same key."""
+    from glance_lightning.settings import LoraSettings, coerce_settings
+
+    settings = asdict(coerce_settings(LoraSettings, lora))
+    return {**settings, "alpha": float(settings["alpha"]), "dropout": float(settings["dropout"])}
+
+
+def cached_pick(request: Any, constraints: Any, card_gib: float) -> tuple[Any, bool]:
     """``search.pick`` for ``request`` on a ``card_gib`` card, from the cache (the pick per card and constraints,
-    and the search's anchors, which serve every card) or computed and written there."""
+    and the search's anchors, which serve every card) or computed and written there. Shared by fit and ``plan``:
+    a ``plan`` of an auto config fills the cache a later fit of it reads (and the other way round)."""
     from glance_lightning.planner.search import Candidate, pick
 
     key = _cache_key(request)
     folder = _cache_folder()
-    choice = hashlib.sha256(json.dumps([round(card_gib, 1), constraints.fixed, constraints.allowed, request.gpu.name],
+    gpu = getattr(request.gpu, "name", None)
+    choice = hashlib.sha256(json.dumps([round(card_gib, 1), constraints.fixed, constraints.allowed, gpu],
                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
     try:  # a cache entry that does not read back (another version, a torn file) is planned again
         known = _read(folder / f"{key}-{choice}.pick.json")

@@ -139,3 +139,48 @@ def test_cards_are_recognised_by_name_or_rated_by_generation(monkeypatch):
     card = detect_gpu()
     assert card.generation == "hopper" and card.bf16_tflops == pytest.approx(GPUS["h100"].bf16_tflops / 2)
     assert card.memory_gib == pytest.approx(96.0)
+
+
+def test_plan_and_fit_share_one_auto_cache(tmp_path: Path, monkeypatch, capsys):
+    """``plan`` on an auto config plans once and caches like a fit: a second card reuses the anchors, the same
+    card again reads its pick, and a fit's auto on that card reuses the anchors ``plan`` simulated (FLUX's
+    architecture shrunk so that each simulation takes a moment)."""
+    import yaml
+
+    from glance_lightning.cli import main
+    from glance_lightning.planner import search
+
+    monkeypatch.setenv("GLANCE_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    arch = {"_class_name": "FluxTransformer2DModel", **get_family("flux").architecture,
+            "num_layers": 2, "num_single_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
+            "axes_dims_rope": [4, 6, 6], "joint_attention_dim": 48, "pooled_projection_dim": 40}
+    folder = tmp_path / "flux-small"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text(json.dumps(arch))
+    config = Path(__file__).resolve().parents[1] / "configs" / "flux-dev.yaml"
+    anchors = []
+    real = search.simulate_anchors
+    monkeypatch.setattr(search, "simulate_anchors", lambda request: anchors.append(1) or real(request))
+
+    def plan(gpu: str) -> str:
+        code = main(["plan", "--config", str(config), "--gpu", gpu, "--model.init_args.pretrained_model", str(folder)])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        return out.splitlines()[0]
+
+    assert "picks" in plan("h100") and "cached for the fits and plans after this one" in plan("4090")
+    assert len(anchors) == 1  # the second card priced the first card's anchors
+    monkeypatch.setattr(search, "make_plan", lambda *a: pytest.fail("the pick was simulated again"))
+    assert "planned before, cached" in plan("h100")
+    assert len(anchors) == 1
+
+    monkeypatch.undo()  # a fit on an H100: its pick is its own (its machine's libraries), the anchors are plan's
+    monkeypatch.setenv("GLANCE_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(search, "simulate_anchors", lambda request: pytest.fail("the anchors were simulated again"))
+    _libraries(monkeypatch, {"triton"})
+    _card(monkeypatch, "h100")
+    init = yaml.safe_load(config.read_text())["model"]["init_args"]
+    module = FluxGlance(**init)
+    module.resolve_model = lambda: ResolvedModel(str(folder), str(folder))
+    line = auto.choose(module, _trainer())
+    assert "performance auto on the NVIDIA H100" in line and "planned in" in line

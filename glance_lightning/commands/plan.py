@@ -73,7 +73,7 @@ def run_plan_command(argv: list[str]) -> int:
         return 0 if result.best is not None else 1
     init = request.raw["init"]
     if (init.get("performance") or {}).get("auto"):
-        request = _auto_pick(request, init, args.format == "json")
+        request = _auto_pick(request, args.format == "json")
         if request is None:
             return 1
     with _quiet():
@@ -82,23 +82,24 @@ def run_plan_command(argv: list[str]) -> int:
     return 0
 
 
-def _auto_pick(request: Any, init: dict[str, Any], quiet: bool) -> Any:
+def _auto_pick(request: Any, quiet: bool) -> Any:
     """``performance.auto``: the request with what a fit on the planned card would pick (every library assumed
-    present), said in one line before the plan; None when nothing fits."""
-    from glance_lightning.auto import fixed_switches
-    from glance_lightning.planner.search import Constraints, pick, simulate_anchors, with_candidate
+    present), said in one line before the plan; None when nothing fits. Planned once: the answer and the search's
+    anchors are cached where a fit's auto finds them (``auto.cached_pick``)."""
+    from glance_lightning.auto import planned_pick
+    from glance_lightning.planner.search import with_candidate
 
-    constraints = Constraints(fixed_switches(init.get("performance") or {}, init.get("optimizer") or {}))
     with _quiet():
-        best = pick(request, simulate_anchors(request), constraints)
+        best, cached = planned_pick(request)
     card = request.gpu.name if request.gpu else f"{request.gpu_memory_gib:g} GiB card"
     if best is None:
         print(f"performance auto: nothing predicted to fit the {card}; python -m glance_lightning plan --search ... "
               "lists what comes closest")
         return None
     if not quiet:
+        how = "planned before, cached" if cached else "cached for the fits and plans after this one"
         print(f"performance auto on the {card} picks: {best.label()} (a fit picks on its own card, among what its "
-              "machine can run)")
+              f"machine can run; {how})")
     return with_candidate(request, best)
 
 
