@@ -155,6 +155,8 @@ def cached_pick(request: Any, constraints: Any, card_gib: float) -> tuple[Any, b
     if anchors is None:
         from glance_lightning.planner.search import simulate_anchors
 
+        console.info(f"performance auto: planning the switches for a {card_gib:.0f} GiB card on fake tensors (the "
+                     "first time for this model and these settings: a minute or two on one CPU core; cached after)")
         with console.quiet_info(True):
             anchors = simulate_anchors(request)
         _write(folder / f"{key}.json", anchors_to_dict(anchors))
