@@ -7,7 +7,8 @@ optimizer = clipping + the optimizer step + zeroing + the step's closing hooks a
 the next forward starts: Lightning's loop, the data, the draws). ``torch.profiler`` records a few steps with the
 device's kernels; ``summarize`` then charges every idle stretch of the device to the phase the host was in when it
 launched the kernel that ended the stretch (the device waited for that launch), and counts kernels, host-device
-syncs and Python's garbage collections per step. On a CPU there are no device kernels: the host phases' wall times
+syncs (and the host reads of device scalars, ``.item()``, that cause them: counted on a CPU too) and Python's
+garbage collections per step. On a CPU there are no device kernels: the host phases' wall times
 and the collections are still reported.
 """
 
@@ -174,13 +175,14 @@ def charge_idle(kernels: list[Interval], phases: list[Interval], steps: int) -> 
 def summarize(events: Any, steps: int) -> dict[str, Any]:
     """``charge_idle`` over a profile's kineto events (ranges named ``PREFIX + phase``; device kernels linked to
     the host op that launched them), with kernels and syncs per step."""
-    phases, kernels, host_ops, syncs, launches = [], [], {}, 0, 0
+    phases, kernels, host_ops, syncs, launches, reads = [], [], {}, 0, 0, 0
     for event in events:
         name, kind = event.name(), event.activity_type()
         if kind == "user_annotation" and name.startswith(PREFIX):
             phases.append(Interval(event.start_ns(), event.end_ns(), name=name.removeprefix(PREFIX)))
         elif kind == "cpu_op":
             host_ops[event.correlation_id()] = event.start_ns()
+            reads += name == "aten::_local_scalar_dense"
         elif kind == "cuda_runtime" and name in SYNCS:
             syncs += 1
         elif kind in DEVICE_WORK:
@@ -193,7 +195,7 @@ def summarize(events: Any, steps: int) -> dict[str, Any]:
         by_name[kernel.name] = by_name.get(kernel.name, 0.0) + (kernel.end - kernel.start) / 1e9 / steps
     charged = charge_idle(kernels, phases, steps)
     return {"busy_s": charged.busy, "idle_s": charged.idle, "host_s": charged.wall,
-            "kernels": launches / steps, "syncs": syncs / steps, "device_s_by_name": by_name}
+            "kernels": launches / steps, "syncs": syncs / steps, "reads": reads / steps, "device_s_by_name": by_name}
 
 
 def kernel_differences(ours: dict[str, Any], plain: dict[str, Any], top: int = 6) -> str:
@@ -208,7 +210,8 @@ def kernel_differences(ours: dict[str, Any], plain: dict[str, Any], top: int = 6
 def describe(summary: dict[str, Any]) -> str:
     """One line for a report's note."""
     host = ", ".join(f"{p} {summary['host_s'].get(p, 0.0):.4f}" for p in PHASES)
-    gc_part = f"; gc {summary.get('gc_s', 0.0):.4f} s ({summary.get('collections', 0.0):.1f} collections)"
+    gc_part = (f"; {summary.get('reads', 0.0):.1f} scalar reads (.item()); gc "
+               f"{summary.get('gc_s', 0.0):.4f} s ({summary.get('collections', 0.0):.1f} collections)")
     if not summary["kernels"]:
         return f"per step: host {host} s; no device kernels (CPU){gc_part}"
     idle = ", ".join(f"{p} {summary['idle_s'].get(p, 0.0):.4f}" for p in PHASES)

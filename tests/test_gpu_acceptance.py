@@ -183,6 +183,7 @@ def test_a_profile_links_each_kernel_to_the_host_op_that_launched_it_and_counts_
               _Event(prefix + "optimizer", "user_annotation", 1000, 2000),
               _Event(prefix + "between", "user_annotation", 2000, 3000),
               _Event("aten::mm", "cpu_op", 100, 200, corr=7),
+              _Event("aten::_local_scalar_dense", "cpu_op", 1955, 1958, corr=9),
               _Event("aten::_fused_adamw_", "cpu_op", 1900, 1950, corr=8),
               _Event("cudaStreamSynchronize", "cuda_runtime", 1960, 1990),
               _Event("gemm", "kernel", 300, 900, linked=7),
@@ -191,7 +192,7 @@ def test_a_profile_links_each_kernel_to_the_host_op_that_launched_it_and_counts_
     summary = profile.summarize(events, steps=1)
     idle = {k: round(v * 1e9) for k, v in summary["idle_s"].items()}
     assert idle == {"forward": 300, "optimizer": 1600, "backward": 0, "between": 300 + 50}
-    assert summary["kernels"] == 2 and summary["syncs"] == 1
+    assert summary["kernels"] == 2 and summary["syncs"] == 1 and summary["reads"] == 1
     assert round(summary["busy_s"] * 1e9) == 600 + 100 + 50
     line = profile.describe({**summary, "gc_s": 0.001, "collections": 1.0})
     assert "idle while the host was in forward 0.0000, backward 0.0000, optimizer 0.0000" in line
