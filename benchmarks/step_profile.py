@@ -177,9 +177,10 @@ def summarize(events: Any, steps: int) -> dict[str, Any]:
     the host op that launched them), with kernels and syncs per step."""
     phases, kernels, host_ops, syncs, launches, reads = [], [], {}, 0, 0, 0
     for event in events:
-        name, kind = event.name(), event.activity_type()
+        name, kind = event.name(), _kind(event)
+        start, end = event.start_ns(), event.start_ns() + event.duration_ns()
         if kind == "user_annotation" and name.startswith(PREFIX):
-            phases.append(Interval(event.start_ns(), event.end_ns(), name=name.removeprefix(PREFIX)))
+            phases.append(Interval(start, end, name=name.removeprefix(PREFIX)))
         elif kind == "cpu_op":
             host_ops[event.correlation_id()] = event.start_ns()
             reads += name == "aten::_local_scalar_dense"
@@ -187,8 +188,7 @@ def summarize(events: Any, steps: int) -> dict[str, Any]:
             syncs += 1
         elif kind in DEVICE_WORK:
             launches += kind == "kernel"
-            kernels.append(Interval(event.start_ns(), event.end_ns(), name=name,
-                                    launched=event.linked_correlation_id()))
+            kernels.append(Interval(start, end, name=name, launched=event.linked_correlation_id()))
     by_name: dict[str, float] = {}
     for kernel in kernels:
         kernel.launched = host_ops.get(kernel.launched, kernel.start)
@@ -196,6 +196,19 @@ def summarize(events: Any, steps: int) -> dict[str, Any]:
     charged = charge_idle(kernels, phases, steps)
     return {"busy_s": charged.busy, "idle_s": charged.idle, "host_s": charged.wall,
             "kernels": launches / steps, "syncs": syncs / steps, "reads": reads / steps, "device_s_by_name": by_name}
+
+
+def _kind(event: Any) -> str:
+    """kineto's activity type of ``event``, or (on a torch whose events lack it) the same read from its device and
+    name."""
+    if hasattr(event, "activity_type"):
+        return event.activity_type()
+    name, on_host = event.name(), event.device_type() == torch.autograd.DeviceType.CPU
+    if name.startswith(PREFIX):
+        return "user_annotation" if on_host else "gpu_user_annotation"
+    if not on_host:
+        return "gpu_memcpy" if "memcpy" in name.lower() else "gpu_memset" if "memset" in name.lower() else "kernel"
+    return "cuda_runtime" if name.startswith("cuda") else "cpu_op"
 
 
 def kernel_differences(ours: dict[str, Any], plain: dict[str, Any], top: int = 6) -> str:

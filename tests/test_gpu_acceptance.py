@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_benchmarks import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,8 +148,8 @@ class _Event:
     def start_ns(self):
         return self._v[2]
 
-    def end_ns(self):
-        return self._v[3]
+    def duration_ns(self):
+        return self._v[3] - self._v[2]
 
     def correlation_id(self):
         return self._v[4]
@@ -188,7 +189,8 @@ def test_a_profile_links_each_kernel_to_the_host_op_that_launched_it_and_counts_
               _Event("cudaStreamSynchronize", "cuda_runtime", 1960, 1990),
               _Event("gemm", "kernel", 300, 900, linked=7),
               _Event("adamw", "kernel", 2500, 2600, linked=8),  # runs in "between", launched in "optimizer"
-              _Event("Memcpy HtoD", "gpu_memcpy", 2900, 2950, linked=99)]  # no host op known: its own start
+              _Event("Memcpy HtoD", "gpu_memcpy", 2900, 2950, linked=99),  # no host op known: its own start
+              _Event(prefix + "forward", "gpu_user_annotation", 0, 1000)]  # the range's copy on the device
     summary = profile.summarize(events, steps=1)
     idle = {k: round(v * 1e9) for k, v in summary["idle_s"].items()}
     assert idle == {"forward": 300, "optimizer": 1600, "backward": 0, "between": 300 + 50}
@@ -197,6 +199,16 @@ def test_a_profile_links_each_kernel_to_the_host_op_that_launched_it_and_counts_
     line = profile.describe({**summary, "gc_s": 0.001, "collections": 1.0})
     assert "idle while the host was in forward 0.0000, backward 0.0000, optimizer 0.0000" in line
     assert "2 kernels, 1.0 syncs" in line
+    class Older(_Event):  # a torch whose kineto events have no activity_type: read from device and name
+        activity_type = property()
+
+        def device_type(self):
+            return torch.autograd.DeviceType.CPU if self._v[1] in ("cpu_op", "user_annotation", "cuda_runtime") \
+                else torch.autograd.DeviceType.CUDA
+
+    older = profile.summarize([Older(*e._v) for e in events], steps=1)
+    assert {k: older[k] for k in ("idle_s", "kernels", "syncs", "reads")} == \
+        {k: summary[k] for k in ("idle_s", "kernels", "syncs", "reads")}
     faster = {**summary, "device_s_by_name": {"gemm": 500e-9, "adamw": 100e-9}}
     assert profile.kernel_differences(summary, faster).startswith("device time per step, ours - plain: +0.00 ms")
     assert "gemm" in profile.kernel_differences(summary, faster)
