@@ -4,7 +4,7 @@ On one CUDA device, for FLUX.1-dev, Qwen-Image and SD3.5-Large at full architect
 transformer configs with random weights: no downloads), 1024x1024, LoRA rank 32 on to_q/k/v/out.0, bf16 base,
 bf16-mixed, gradient clipping 1.0 (as GLANCE.md section 8 measured):
 - training steps: the plain diffusers + peft loop (bf16 autocast, torch AdamW, ``loss.item()`` each step) and our
-  module's ``Trainer.fit`` with every block recomputed, none, half + regional compile, each preset in
+  module's ``Trainer.fit`` with every block recomputed, none, every block + regional compile, each preset in
   configs/performance/ (skipped with its reason where its library or a CUDA device is missing) and an int8 base;
   median s/step after the warm-up steps and ``torch.cuda.max_memory_allocated`` over the timed steps, with
   ``plan``'s prediction for the same settings on this card (simulated in worker processes meanwhile) and the

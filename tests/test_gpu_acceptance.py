@@ -17,7 +17,7 @@ from test_benchmarks import load
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN_SETTINGS = ("ours, every block recomputed", "plain loop, every block recomputed", "ours, no checkpointing",
-                 "plain loop, no checkpointing", "ours, half recomputed + regional compile")
+                 "plain loop, no checkpointing", "ours, every block recomputed + regional compile")
 
 
 @pytest.mark.timeout(400)
