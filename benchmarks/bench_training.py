@@ -52,6 +52,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ckpt-save-matmuls": {"gradient_checkpointing": 1.0, "checkpoint_policy": "save-matmuls"},
     "compile": {"compile_blocks": True},
     "compile+ckpt-half": {"compile_blocks": True, "gradient_checkpointing": 0.5},
+    "compile+ckpt": {"compile_blocks": True, "gradient_checkpointing": 1.0},  # the plain loop's checkpointed memory
     "fp8": {"base_quantization": "float8-dynamic"},
     "int8+ckpt+adamw8bit": {"base_quantization": "int8-weight-only", "gradient_checkpointing": 1.0,
                             "optimizer": "adamw8bit"},
