@@ -11,7 +11,8 @@ bf16-mixed, gradient clipping 1.0 (as GLANCE.md section 8 measured):
   ratios beside each row;
 - a profile of ours and the plain loop with every block recomputed (where ours was 8% slower at the same
   kernels): device busy and idle per step, the idle charged to the host phase it waited for
-  (benchmarks/step_profile.py), kernels, syncs and garbage collections per step;
+  (benchmarks/step_profile.py), kernels, syncs and garbage collections per step, and each profile as a gzipped
+  Chrome trace in ``--out``;
 - sampling: the exact chain (the Slow + Fast lists, 5 + 5 transformer calls) against the base model's 50 steps at
   1024x1024 for one family (latents only: the tiny VAE stands in for the real one);
 - the CUDA-only tests (``pytest -m cuda``).
@@ -174,7 +175,8 @@ def profile_rows(args: argparse.Namespace, family: str, kept: full_size.KeptTran
                 row.note = f"not run: {max(budget.left(), 0):.0f} s left in this section"
                 report.add(row)
                 continue
-            profiler = step_profile.StepProfiler(args.warmup, steps, args.device)
+            profiler = step_profile.StepProfiler(args.warmup, steps, args.device,
+                                                 trace=args.out / f"profile-{family}-{kind}.json.gz")
             started = time.monotonic()
             with parts.recorded(row, report):
                 if kind == "plain":

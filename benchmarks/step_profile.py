@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import gzip
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
 PHASES = ("forward", "backward", "optimizer", "between")
+TRACE_LIMIT = 15 * 2**20
 PREFIX = "step_profile::"
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # kineto activity types of work on the device
@@ -73,8 +79,9 @@ class StepProfiler:
     """Profiles steps ``first`` .. ``first + steps - 1`` of a loop (``step_started(i)`` before each step's
     forward, ``step_ended(i)`` after it), marking the phases in between through ``marks``."""
 
-    def __init__(self, first: int, steps: int, device: str) -> None:
-        self.first, self.steps, self.device = first, steps, device
+    def __init__(self, first: int, steps: int, device: str, trace: Path | None = None) -> None:
+        """``trace``: where to keep the profile as a gzipped Chrome trace (chrome://tracing, Perfetto)."""
+        self.first, self.steps, self.device, self.trace = first, steps, device, trace
         self.marks, self.gc = PhaseMarks(), GcClock()
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.startswith("cuda"):
@@ -101,7 +108,22 @@ class StepProfiler:
             self.profiler.stop()
             self._gc_installed.__exit__(None, None, None)
             self.summary = summarize(self.profiler.profiler.kineto_results.events(), self.steps)
+            if self.trace is not None:
+                self._keep_trace()
             self.summary.update(gc_s=self.gc.seconds / self.steps, collections=self.gc.collections / self.steps)
+
+
+    def _keep_trace(self) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            raw = Path(folder) / "trace.json"
+            self.profiler.export_chrome_trace(str(raw))
+            partial = self.trace.with_name(f".{self.trace.name}.tmp")
+            with raw.open("rb") as source, gzip.open(partial, "wb") as target:
+                shutil.copyfileobj(source, target)
+            if partial.stat().st_size > TRACE_LIMIT:  # the GPU machine returns no file above 16 MiB
+                partial.unlink()
+            else:
+                os.replace(partial, self.trace)
 
 
 class LightningMarks(L.Callback):

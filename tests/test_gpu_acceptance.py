@@ -4,6 +4,7 @@ machine installs from (its logic, with a stand-in for pip: CI does not download 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -46,6 +47,9 @@ def test_the_dry_run_measures_every_row_with_its_prediction(tmp_path: Path):
         assert row["s_step"] > 0 and row["note"].startswith("per step: host forward"), row
         assert row["details"]["host_s"]["forward"] > 0 and row["details"]["host_s"]["backward"] > 0, row
     assert "ours" in ours["setting"] and "plain" in plain["setting"]
+    for kind in ("ours", "plain"):  # the whole profile kept, for a closer look than the row's summary
+        trace = json.loads(gzip.decompress((out / f"profile-flux-{kind}.json.gz").read_bytes()))
+        assert any(e.get("name") == "step_profile::backward" for e in trace["traceEvents"])
     chain, base = (r for r in rows if r["section"] == "chain")
     assert 0 < chain["s_step"] < base["s_step"] and "faster" in base["note"]
     (tests,) = (r for r in rows if r["section"] == "tests")
