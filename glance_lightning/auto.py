@@ -5,10 +5,11 @@ The switches left unset (None) are chosen; those given explicitly are kept (``se
 machine cannot run is left out: on a GPU, compile needs triton, int8 bases torchao, NF4 and 8-bit AdamW
 bitsandbytes; under ``strategy: fsdp2`` only checkpointing is chosen (``sharding.check_sharding``); on a CPU nothing
 is searched and the plain defaults apply. ``plan`` on a config with ``auto`` shows what a fit on ``--gpu`` would
-pick. The planner's search simulates three steps of the model's own
-architecture on fake tensors (a minute or two at full size on a CPU core); its anchors (peaks and op traces, which
-do not depend on the card) are cached under ``$GLANCE_LIGHTNING_CACHE/plans``, so a later fit of the same model and
-settings chooses in well under a second, on any card. ``plan`` on an auto config reads and fills the same cache.
+pick. The planner's search simulates three steps of the model's own architecture on fake tensors (about 15 s
+each at full size on a CPU core, at once where the machine has cores to spare: ``planner.anchors``), and the pick
+itself only when it is near the card's limit; its anchors (peaks and op traces, which do not depend on the card)
+are cached under ``$GLANCE_LIGHTNING_CACHE/plans``, so a later fit of the same model and settings chooses in well
+under a second, on any card. ``plan`` on an auto config reads and fills the same cache.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import hashlib
 import importlib.util
 import json
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ from glance_lightning import console
 from glance_lightning.errors import ConfigError
 from glance_lightning.settings import AUTO_DEFAULTS, plain_data, with_defaults
 
-PLANNER_FILES = ("memory.py", "trace.py", "timing.py", "compiled.py", "quant.py", "fake.py", "search.py", "plan.py",
-                 "request.py")
+PLANNER_FILES = ("memory.py", "trace.py", "timing.py", "compiled.py", "quant.py", "fake.py", "anchors.py", "search.py",
+                 "plan.py", "request.py")
 
 
 def machine_allows(device_type: str, sharded: bool) -> dict[str, tuple[Any, ...]]:
@@ -70,15 +71,19 @@ def choose(module: Any, trainer: Any) -> str:
     request = _request(module, trainer, card)
     constraints = Constraints(fixed_switches(asdict(perf), asdict(optimizer)),
                               machine_allows("cuda", sharding.is_sharded(trainer.strategy)))
-    best, cached = cached_pick(request, constraints, card.memory_gib)
+    from glance_lightning.planner.anchors import available_cpus
+
+    ranks_here = max(1, int(getattr(trainer, "num_devices", 1) or 1))  # each rank of this node plans too
+    best, cached = cached_pick(request, constraints, card.memory_gib, max(1, available_cpus() // ranks_here))
     if best is None:
         raise ConfigError(f"model.performance.auto: no combination of the switches left unset is predicted to fit "
                           f"the {card.description or card.name} ({card.memory_gib:.0f} GiB); lower "
                           "data.resolution or model.lora.rank, or see python -m glance_lightning plan --search")
     module.perf, module.optim_settings = with_defaults(perf, optimizer, best.switches())
     how = "planned before, cached" if cached else f"planned in {time.perf_counter() - started:.0f} s, cached"
+    derived = "simulated" if best.simulated else "interpolated"
     return (f"glance_lightning: performance auto on the {card.description or card.name} ({card.memory_gib:.0f} GiB): "
-            f"{best.label()}, predicted peak {best.peak_gib:.1f} GiB, {best.step_s:.2f} s/step ({how})")
+            f"{best.label()}, predicted peak {best.peak_gib:.1f} GiB, {best.step_s:.2f} s/step ({derived}; {how})")
 
 
 def planned_pick(request: Any) -> tuple[Any, bool]:
@@ -133,11 +138,13 @@ def _lora_identity(lora: Any) -> dict[str, Any]:
     return {**settings, "alpha": float(settings["alpha"]), "dropout": float(settings["dropout"])}
 
 
-def cached_pick(request: Any, constraints: Any, card_gib: float) -> tuple[Any, bool]:
+def cached_pick(request: Any, constraints: Any, card_gib: float, cpus: int | None = None) -> tuple[Any, bool]:
     """``search.pick`` for ``request`` on a ``card_gib`` card, from the cache (the pick per card and constraints,
-    and the search's anchors, which serve every card) or computed and written there. Shared by fit and ``plan``:
-    a ``plan`` of an auto config fills the cache a later fit of it reads (and the other way round)."""
-    from glance_lightning.planner.search import Candidate, pick
+    and the search's anchors, which serve every card) or computed and written there; ``cpus``: how many the
+    anchors' simulation may use (default: this process's). Shared by fit and ``plan``: a ``plan`` of an auto
+    config fills the cache a later fit of it reads (and the other way round)."""
+    from glance_lightning.planner import search
+    from glance_lightning.planner.anchors import anchors_from_dict, anchors_to_dict
 
     key = _cache_key(request)
     folder = _cache_folder()
@@ -147,21 +154,20 @@ def cached_pick(request: Any, constraints: Any, card_gib: float) -> tuple[Any, b
     try:  # a cache entry that does not read back (another version, a torn file) is planned again
         known = _read(folder / f"{key}-{choice}.pick.json")
         if known is not None:
-            return (Candidate(**known) if known else None), True
+            return (search.Candidate(**known) if known else None), True
         anchors = _read(folder / f"{key}.json")
         anchors = anchors_from_dict(anchors) if anchors is not None else None
     except (KeyError, TypeError, ValueError, AttributeError):
         anchors = None
     if anchors is None:
-        from glance_lightning.planner.search import simulate_anchors
-
         console.info(f"performance auto: planning the switches for a {card_gib:.0f} GiB card on fake tensors (the "
-                     "first time for this model and these settings: a minute or two on one CPU core; cached after)")
+                     "first time for this model and these settings: under a minute with CPUs to spare; cached "
+                     "after)")
         with console.quiet_info(True):
-            anchors = simulate_anchors(request)
+            anchors = search.simulate_anchors(request, cpus)
         _write(folder / f"{key}.json", anchors_to_dict(anchors))
     with console.quiet_info(True):
-        best = pick(request, anchors, constraints, card_gib)
+        best = search.pick(request, anchors, constraints, card_gib)
     _write(folder / f"{key}-{choice}.pick.json", asdict(best) if best is not None else {})
     return best, False
 
@@ -187,31 +193,3 @@ def _write(path: Path, data: Any) -> None:
         atomic.write_text(path, json.dumps(data))
     except OSError:
         pass  # an unwritable cache costs the next fit the planning again, nothing else
-
-
-_STEP_FIELDS = ("peak", "base", "lora", "optimizer", "gradients", "activations", "flops", "wall_s",
-                "recomputed_block_bytes", "optimizer_adamw", "optimizer_8bit", "grad_input_linear_bytes",
-                "lora_numel", "compile_saving")
-
-
-def anchors_to_dict(anchors: Any) -> dict[str, Any]:
-    steps = [{"share": share, "policy": policy, **{k: getattr(m, k) for k in _STEP_FIELDS},
-              "trace": m.trace.as_dict()} for (share, policy), m in anchors.steps.items()]
-    return {"steps": steps, "layouts": anchors.layouts, "blocks": anchors.blocks, "encode_gib": anchors.encode_gib,
-            "seconds": anchors.seconds}
-
-
-def anchors_from_dict(data: dict[str, Any]) -> Any:
-    from glance_lightning.planner.memory import StepMemory
-    from glance_lightning.planner.search import Anchors
-    from glance_lightning.planner.trace import OpTrace
-
-    known = {f.name for f in fields(StepMemory)}
-    steps = {}
-    for row in data["steps"]:
-        values = {k: row[k] for k in _STEP_FIELDS if k in known}
-        steps[(float(row["share"]), row["policy"])] = StepMemory(step_s=None, **values,
-                                                                 trace=OpTrace.from_dict(row["trace"]))
-    layouts = {k: tuple(v) for k, v in data["layouts"].items()}
-    return Anchors(steps, layouts, int(data["blocks"]), float(data["encode_gib"]), float(data["seconds"]))
-

@@ -200,7 +200,7 @@ def test_search_picks_a_combination_that_fits(arch_file, repo, monkeypatch, caps
     main([*base, "--gpu-memory", "20", "--model.init_args.performance.gradient_checkpointing", "true"])
     card = 0.5 + json.loads(capsys.readouterr().out)["peak_gib"] + 1e-4  # room for checkpointing, not without
     monkeypatch.setattr("glance_lightning.planner.plan.encode_stage_gib", lambda *a: (0.0, 0.0))
-    monkeypatch.setattr("glance_lightning.planner.search.encode_stage_gib", lambda *a: (0.0, 0.0))
+    monkeypatch.setattr("glance_lightning.planner.anchors.encode_stage_gib", lambda *a: (0.0, 0.0))
     assert main([*base, "--gpu-memory", str(card), "--search"]) == 0
     found = json.loads(capsys.readouterr().out)
     best = found["best"]

@@ -200,14 +200,15 @@ def _rounded(n: int) -> int:
     return math.ceil(n / 512) * 512
 
 
-def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True) -> StepMemory:
-    """Two training steps of ``module`` (a GlanceModule, not set up) at full size on fake tensors (``fake=False``:
-    on real CPU tensors, with the same CUDA behaviours: what the planner's test compares against)."""
+def simulate_step(module: Any, plan: StepPlan, steps: int = 1, fake: bool = True) -> StepMemory:
+    """A training step of ``module`` (a GlanceModule, not set up) at full size on fake tensors (``fake=False``: on
+    real CPU tensors, with the same CUDA behaviours: what the planner's test compares against), in the steady state
+    of the run's second phase: what the steps before leave (``_prime``) is made without running them."""
     started = time.perf_counter()
     notes: list[str] = []
     dtype = getattr(torch, module.dtype_name)
     spec = module.draw_spec()
-    draws = [draw_micro_batch(spec, s, 0, 0, plan.batch, 1) for s in range(steps)]
+    draws = [draw_micro_batch(spec, s, 0, 0, plan.batch, 1) for s in range(1, steps + 1)]
     with ExitStack() as stack:  # FSDP2's own sharding over a fake process group: this is rank 0's step
         mesh = stack.enter_context(fake_world(plan.ranks.world)) if plan.ranks.sharded else None
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext())
@@ -239,9 +240,10 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
         recorder = TraceRecorder()
         kept = ElementwiseSaved(_not_recomputed(module)) if plan.compiled else nullcontext()
         with tracker:
+            _prime(optimizer, params, module.adapter_parameters(module.phase_at(1)))
             for step, batch in enumerate(draws):
                 with recorder if step == steps - 1 else nullcontext():
-                    module._trainer.global_step = step
+                    module._trainer.global_step = step + 1
                     recorder.phase = "forward"
                     with _autocast(plan.precision), kept if step == steps - 1 else nullcontext():
                         loss = module.training_step(batch, step)
@@ -292,6 +294,20 @@ def simulate_step(module: Any, plan: StepPlan, steps: int = 2, fake: bool = True
         grad_input_linear_bytes=sum(grad_inputs.values()), lora_numel=sum(p.numel() for p in params),
         trace=recorder.trace, compile_saving=recomputed_by_compile,
     )
+
+
+def _prime(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], trained: list[torch.Tensor]) -> None:
+    """What the steps before leave for a step of the second phase (the peak of the run): AdamW's states of both
+    adapters (the first phase's stay, its adapter trained), made by one optimizer step on zero gradients, and the
+    gradients of the adapter this step trains (``zero_grad`` runs after the next forward, as in Lightning's
+    closure)."""
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    kept = {id(p) for p in trained}
+    for param in params:
+        if id(param) not in kept:
+            param.grad = None
 
 
 def _not_recomputed(module: Any) -> list[torch.nn.Module]:

@@ -10,7 +10,9 @@ activations close to linear in the checkpointed share. So only three steps are s
 base's bytes per layout, the 8-bit states, torchao's kept bf16 weights (in blocks that are not recomputed),
 compile's smaller saved activations (in blocks not recomputed) and the offloaded blocks by formula. Times come
 from the anchors' op traces priced on the card (``timing``), eager or fused, plus dequantisation traffic and
-offload transfers. The chosen candidate is then simulated for real and both figures are reported.
+offload transfers. ``search`` simulates its best candidate as a check and reports both figures; ``pick`` (what
+``performance.auto`` takes) simulates a candidate only when its interpolated peak is near the card's limit.
+The anchors are ``anchors``' (simulated at once in helper processes where the machine has CPUs to spare).
 """
 
 from __future__ import annotations
@@ -20,23 +22,23 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from glance_lightning import performance as perf_ops
-from glance_lightning.planner.memory import GIB, StepMemory, build_transformer
-from glance_lightning.planner.plan import CUDA_CONTEXT_GIB, PlanRequest, encode_stage_gib, make_plan, offloaded_bytes
-from glance_lightning.planner.quant import linear_weight_bytes
-from glance_lightning.planner.request import build_request
+from glance_lightning.planner.anchors import QUANTS, Anchors, simulate_anchors, variant
+from glance_lightning.planner.memory import GIB, StepMemory
+from glance_lightning.planner.plan import CUDA_CONTEXT_GIB, PlanRequest, make_plan, offloaded_bytes
 from glance_lightning.planner.runtime import get_gpu
 from glance_lightning.planner.timing import step_time
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 POLICIES = ("full", "save-matmuls")
-QUANTS = ("none", "int8-weight-only", "nf4")
 # Under strategy fsdp2 only checkpointing is searched: sharding refuses the other switches.
 SHARDED_ALLOWS = {"base_quantization": ("none",), "offload": ("none",), "compile_blocks": (False,),
                   "optimizer": ("adamw",)}
 OPTIMIZERS = ("adamw", "adamw8bit")
+# An interpolated peak (+ CUDA context) within this share of the card is trusted without its own simulation: the
+# interpolation has been within 5% of the simulated peak either way (tests/test_search_anchors.py, a shallow FLUX;
+# 2.5% at full size), so 10% leaves room to spare.
+TRUSTED_BELOW = 0.9
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Candidate:
     peak_gib: float
     step_s: float
     compile: bool = False
+    simulated: bool = False  # peak and time from its own simulated step (else interpolated from the anchors)
 
     def overlay(self) -> dict[str, Any]:
         """The config overlay (model.init_args) of this candidate."""
@@ -128,55 +131,9 @@ class SearchResult:
         return "\n".join(lines)
 
 
-def _variant(request: PlanRequest, share: float, policy: str, quant: str = "none", optimizer: str = "adamw",
-             offload: str = "none", compile_blocks: bool = False) -> PlanRequest:
-    raw = request.raw
-    init = {**raw["init"]}
-    init["performance"] = {**(init.get("performance") or {}), "gradient_checkpointing": share,
-                           "checkpoint_policy": policy, "base_quantization": quant, "offload": offload,
-                           "compile_blocks": compile_blocks, "auto": False}
-    init["optimizer"] = {**(init.get("optimizer") or {}), "name": optimizer}
-    return build_request(raw["cls"], init, raw["data"], raw["trainer"], raw["gpu"], raw["gpu_memory"],
-                         raw["text_tokens"], raw["architecture"], raw.get("ranks"))
-
-
 def with_candidate(request: PlanRequest, c: Candidate) -> PlanRequest:
     """``request`` with the candidate's switches."""
-    return _variant(request, c.share, c.policy, c.quantization, c.optimizer, c.offload, c.compile)
-
-
-def _simulate(request: PlanRequest) -> StepMemory:
-    from glance_lightning import console
-
-    with contextlib.redirect_stdout(io.StringIO()), console.quiet_info(True):
-        return make_plan(request).memory
-
-
-@dataclass
-class Anchors:
-    """The three simulated steps and the layout figures every candidate is interpolated from."""
-
-    steps: dict[tuple[float, str], StepMemory]
-    layouts: dict[str, tuple[int, int]]
-    blocks: int
-    encode_gib: float
-    seconds: float
-
-
-def simulate_anchors(request: PlanRequest) -> Anchors:
-    import time
-
-    started = time.perf_counter()
-    steps = {(0.0, "full"): _simulate(_variant(request, 0.0, "full", compile_blocks=True)),
-             (1.0, "full"): _simulate(_variant(request, 1.0, "full")),
-             (1.0, "save-matmuls"): _simulate(_variant(request, 1.0, "save-matmuls"))}
-    with torch.device("meta"):
-        model = build_transformer(request.step.architecture, torch.bfloat16)
-    layouts = {q: linear_weight_bytes(model, q) for q in QUANTS}
-    blocks = len(perf_ops.repeated_blocks(model, request.module.repeated_blocks))
-    encode, _ = encode_stage_gib(request.module.family_spec, request.module.dtype_name,
-                                 request.step.height * request.step.width)
-    return Anchors(steps, layouts, blocks, encode, time.perf_counter() - started)
+    return variant(request, c.share, c.policy, c.quantization, c.optimizer, c.offload, c.compile)
 
 
 def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors | None = None,
@@ -222,17 +179,22 @@ def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors
 
 def pick(request: PlanRequest, anchors: Anchors, constraints: Constraints | None = None,
          card_gib: float | None = None, tries: int = 3) -> Candidate | None:
-    """The fastest admitted candidate whose own simulation fits the card (interpolation is within a few percent,
-    so near the card's limit the first few are simulated in turn); its peak and time are the simulated ones."""
+    """The fastest admitted candidate predicted to fit the card. Interpolation is within a few percent, so one
+    whose interpolated peak leaves ``TRUSTED_BELOW`` of the card to spare is taken as it is; nearer the card's
+    limit the first few are simulated in turn and the first whose own simulation fits is taken, with the
+    simulated peak and time (``Candidate.simulated``)."""
     result = search(request, card_gib, anchors, constraints, check=False)
     fitting = [c for c in result.candidates if c.peak_gib + CUDA_CONTEXT_GIB <= result.card_gib]
     from glance_lightning import console
 
     for candidate in fitting[:tries]:
+        if candidate.peak_gib + CUDA_CONTEXT_GIB <= TRUSTED_BELOW * result.card_gib:
+            return candidate
         with console.quiet_info(True), contextlib.redirect_stdout(io.StringIO()):
             plan = make_plan(with_candidate(request, candidate))
         if plan.peak_gib + CUDA_CONTEXT_GIB <= result.card_gib:
             candidate.peak_gib, candidate.step_s = plan.peak_gib, plan.memory.step_s
+            candidate.simulated = True
             return candidate
     return None
 
