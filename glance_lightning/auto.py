@@ -1,5 +1,7 @@
 """``model.performance.auto``: on the card a fit runs on, the fastest performance switches the planner predicts to
-fit, chosen in ``setup`` before the transformer is loaded.
+fit, chosen in ``setup`` before the transformer is loaded. Fidelity comes first: a quantised base (or 8-bit AdamW
+states) only where no more exact setting fits, and the line says when a less exact one would be clearly faster
+and which setting chooses it (``search.fidelity``).
 
 The switches left unset (None) are chosen; those given explicitly are kept (``settings.unset_switches``). What this
 machine cannot run is left out: on a GPU, compile needs triton, int8 bases torchao, NF4 and 8-bit AdamW
@@ -83,7 +85,8 @@ def choose(module: Any, trainer: Any) -> str:
     how = "planned before, cached" if cached else f"planned in {time.perf_counter() - started:.0f} s, cached"
     derived = "simulated" if best.simulated else "interpolated"
     return (f"glance_lightning: performance auto on the {card.description or card.name} ({card.memory_gib:.0f} GiB): "
-            f"{best.label()}, predicted peak {best.peak_gib:.1f} GiB, {best.step_s:.2f} s/step ({derived}; {how})")
+            f"{best.label()}, predicted peak {best.peak_gib:.1f} GiB, {best.step_s:.2f} s/step ({derived}; {how})"
+            + (f"; {best.faster}" if best.faster else ""))
 
 
 def planned_pick(request: Any) -> tuple[Any, bool]:

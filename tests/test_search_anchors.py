@@ -92,6 +92,13 @@ def test_a_pick_far_under_the_card_is_taken_as_interpolated_and_one_near_it_simu
     near = search.pick(request, anchors, card_gib=tight)
     assert near is not None and near.simulated and near.peak_gib + CUDA_CONTEXT_GIB <= tight
 
+    offloading = next(c for c in search.search(request, 80.0, anchors, check=False).candidates if c.offload != "none")
+    simulated = []
+    with monkeypatch.context() as patch:  # far under the card, yet simulated: offload's formula is coarser
+        real = search.make_plan
+        patch.setattr(search, "make_plan", lambda *a: simulated.append(1) or real(*a))
+        assert search._first_that_fits(request, [offloading], 80.0).simulated and simulated == [1]
+
 
 def test_the_step_is_the_second_phase_with_both_adapters_states(shallow):
     request, anchors = shallow
@@ -110,3 +117,24 @@ def _meta_transformer():
 
     with torch.device("meta"):
         return build_transformer(dict(SHALLOW), torch.bfloat16)
+
+
+def test_a_quantised_base_only_where_no_bf16_setting_fits_and_its_speed_is_named(shallow):
+    request, anchors = shallow
+    candidates = search.search(request, 80.0, anchors, check=False).candidates
+    exact = [c for c in candidates if search.fidelity(c) == 0 and c.offload == "none"]
+    # a card where the bf16 base fits only by recomputing blocks, while an NF4 base fits without: NF4 is faster
+    card = 1.08 * min(c.peak_gib for c in exact) + CUDA_CONTEXT_GIB
+    fitting = [c for c in candidates if c.peak_gib + CUDA_CONTEXT_GIB <= card]
+    assert fitting[0].quantization != "none"  # the fastest that fits is a quantised base
+    chosen = search.pick(request, anchors, card_gib=card)
+    assert chosen is not None and search.fidelity(chosen) == 0
+    assert "faster" in chosen.faster and "model.performance.base_quantization: " in chosen.faster
+    assert search.search(request, card, anchors, check=False).best.label() == chosen.label()  # plan --search agrees
+
+    nothing_exact = min(c.peak_gib for c in candidates if search.fidelity(c) == 0) - 0.05  # no bf16 setting fits
+    fallback = search.pick(request, anchors, card_gib=nothing_exact + CUDA_CONTEXT_GIB)
+    assert fallback is not None and search.fidelity(fallback) > 0 and fallback.peak_gib <= nothing_exact
+
+    roomy = search.pick(request, anchors, card_gib=80.0)  # a bf16 step that is also the fastest: nothing to name
+    assert search.fidelity(roomy) == 0 and roomy.faster == ""

@@ -99,7 +99,7 @@ def _auto_pick(request: Any, quiet: bool) -> Any:
     if not quiet:
         how = "planned before, cached" if cached else "cached for the fits and plans after this one"
         print(f"performance auto on the {card} picks: {best.label()} (a fit picks on its own card, among what its "
-              f"machine can run; {how})")
+              f"machine can run; {how})" + (f"; {best.faster}" if best.faster else ""))
     return with_candidate(request, best)
 
 

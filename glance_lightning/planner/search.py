@@ -36,8 +36,9 @@ SHARDED_ALLOWS = {"base_quantization": ("none",), "offload": ("none",), "compile
                   "optimizer": ("adamw",)}
 OPTIMIZERS = ("adamw", "adamw8bit")
 # An interpolated peak (+ CUDA context) within this share of the card is trusted without its own simulation: the
-# interpolation has been within 5% of the simulated peak either way (tests/test_search_anchors.py, a shallow FLUX;
-# 2.5% at full size), so 10% leaves room to spare.
+# interpolation has been within 6% of the simulated peak either way (tests/test_search_anchors.py, a shallow FLUX;
+# 2.5% at full size), so 10% leaves room to spare. Not for block offload, whose formula is coarser (it took a third
+# off the shallow FLUX's every-block-recomputed peak): an offload candidate is always simulated.
 TRUSTED_BELOW = 0.9
 
 
@@ -52,6 +53,7 @@ class Candidate:
     step_s: float
     compile: bool = False
     simulated: bool = False  # peak and time from its own simulated step (else interpolated from the anchors)
+    faster: str = ""  # a less exact candidate that is predicted clearly faster, and the settings to choose it
 
     def overlay(self) -> dict[str, Any]:
         """The config overlay (model.init_args) of this candidate."""
@@ -154,9 +156,9 @@ def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors
     candidates = [c for c in _candidates(request, anchors.steps, anchors.layouts, anchors.blocks)
                   if constraints is None or constraints.admits(c)]
     # equal times: the fewest approximations first (8-bit states cost no time but change the update), then memory
-    candidates.sort(key=lambda c: (c.step_s, (c.quantization != "none") + (c.optimizer == "adamw8bit"), c.peak_gib))
+    candidates.sort(key=lambda c: (c.step_s, fidelity(c), c.peak_gib))
     fitting = [c for c in candidates if c.peak_gib + CUDA_CONTEXT_GIB <= card]
-    best = fitting[0] if fitting else None
+    best = min(fitting, key=lambda c: (fidelity(c), c.step_s, c.peak_gib)) if fitting else None
     simulated = None
     if best is not None and check:
         from glance_lightning import console
@@ -179,24 +181,55 @@ def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors
 
 def pick(request: PlanRequest, anchors: Anchors, constraints: Constraints | None = None,
          card_gib: float | None = None, tries: int = 3) -> Candidate | None:
-    """The fastest admitted candidate predicted to fit the card. Interpolation is within a few percent, so one
-    whose interpolated peak leaves ``TRUSTED_BELOW`` of the card to spare is taken as it is; nearer the card's
-    limit the first few are simulated in turn and the first whose own simulation fits is taken, with the
-    simulated peak and time (``Candidate.simulated``)."""
+    """The fastest admitted candidate predicted to fit the card among the most exact ones that fit (``fidelity``:
+    a quantised base or 8-bit states only where nothing more exact fits; ``Candidate.faster`` then names what
+    would be faster). Interpolation is within a few percent, so a candidate whose interpolated peak leaves
+    ``TRUSTED_BELOW`` of the card to spare is taken as it is (unless it offloads); nearer the card's limit the
+    first ``tries`` of a fidelity level are simulated in turn and the first whose own simulation fits is taken,
+    with the simulated peak and time (``Candidate.simulated``); if none does, the next level is tried."""
     result = search(request, card_gib, anchors, constraints, check=False)
     fitting = [c for c in result.candidates if c.peak_gib + CUDA_CONTEXT_GIB <= result.card_gib]
+    for level in sorted({fidelity(c) for c in fitting}):
+        tier = [c for c in fitting if fidelity(c) == level]  # fastest first
+        chosen = _first_that_fits(request, tier[:tries], result.card_gib)
+        if chosen is not None:
+            faster = next((c for c in fitting if fidelity(c) > level), None)
+            if faster is not None and faster.step_s < chosen.step_s / 1.1:
+                chosen.faster = _faster_note(faster, chosen)
+            return chosen
+    return None
+
+
+def _first_that_fits(request: PlanRequest, candidates: list[Candidate], card_gib: float) -> Candidate | None:
     from glance_lightning import console
 
-    for candidate in fitting[:tries]:
-        if candidate.peak_gib + CUDA_CONTEXT_GIB <= TRUSTED_BELOW * result.card_gib:
+    for candidate in candidates:
+        if candidate.offload == "none" and candidate.peak_gib + CUDA_CONTEXT_GIB <= TRUSTED_BELOW * card_gib:
             return candidate
         with console.quiet_info(True), contextlib.redirect_stdout(io.StringIO()):
             plan = make_plan(with_candidate(request, candidate))
-        if plan.peak_gib + CUDA_CONTEXT_GIB <= result.card_gib:
+        if plan.peak_gib + CUDA_CONTEXT_GIB <= card_gib:
             candidate.peak_gib, candidate.step_s = plan.peak_gib, plan.memory.step_s
             candidate.simulated = True
             return candidate
     return None
+
+
+def fidelity(c: Candidate) -> int:
+    """How far the candidate's training step is from the exact one (0): 8-bit AdamW states change the update a
+    little (1); a quantised base changes the model the LoRA learns against (int8 2, NF4 4; with 8-bit states one
+    more), so the LoRA then meets another base at inference."""
+    return {"none": 0, "int8-weight-only": 2, "nf4": 4}.get(c.quantization, 2) + (c.optimizer == "adamw8bit")
+
+
+def _faster_note(faster: Candidate, chosen: Candidate) -> str:
+    settings = []
+    if faster.quantization != chosen.quantization:
+        settings.append(f"model.performance.base_quantization: {faster.quantization}")
+    if faster.optimizer != chosen.optimizer:
+        settings.append(f"model.optimizer.name: {faster.optimizer}")
+    return (f"{faster.label()} is predicted {chosen.step_s / faster.step_s:.1f}x faster, less exact; set "
+            f"{' and '.join(settings)} to trade fidelity for that speed")
 
 
 def _candidates(request: PlanRequest, anchors: dict[tuple[float, str], StepMemory],
