@@ -1,10 +1,10 @@
 """What ``performance.auto`` costs a fit before its first step: the choice with an empty cache and with a filled one.
 
-``python benchmarks/bench_auto_start.py [--config configs/flux-dev.yaml] [--cards h100,4090]`` plans the config's
-pick on each card in turn, as a fit on that card would (``auto.cached_pick``, every library assumed present), in a
-fresh cache folder per setup, and prints a markdown table: the seconds of each choice (the first card simulates the
-anchors; a later card reuses them and checks only its own pick), of the same choice again (from the cache), the
-simulations run and the pick. Setups, measured in the same run:
+``python benchmarks/bench_auto_start.py [--config configs/flux-dev.yaml] [--cards h100,4090] [overrides]`` plans the
+config's pick on each card in turn, as a fit on that card would (``auto.cached_pick``, every library assumed
+present), in a fresh cache folder per setup, and prints a markdown table: the seconds of each choice (the first
+card simulates the anchors; a later card reuses them and checks only its own pick), of the same choice again (from
+the cache), the simulations run and the pick. Setups, measured in the same run:
 
 - ``reference``: the planner as it was before 2026-12-07: two simulated steps per simulation, every anchor in this
   process, every pick simulated before it is taken.
@@ -46,18 +46,19 @@ class _Counted:
         return memory.simulate_step(*args, **{"steps": self.steps, **kwargs})
 
 
-def _choose(config: str, card: str, cpus: int) -> tuple[Any, bool]:
-    request = request_from_cli(["--config", config], card, None, None, None)
+def _choose(config: list[str], card: str, cpus: int) -> tuple[Any, bool]:
+    request = request_from_cli(config, card, None, None, None)
     init = request.raw["init"]
     constraints = search.Constraints(auto.fixed_switches(init.get("performance") or {}, init.get("optimizer") or {}))
     return auto.cached_pick(request, constraints, request.gpu.memory_gib, cpus)
 
 
-def run_setup(name: str, config: str, cards: list[str], steps: int, cpus: int, trusted: float) -> list[str]:
+def run_setup(name: str, config: list[str], cards: list[str], steps: int, cpus: int, trusted: float) -> list[str]:
     rows = []
     counted = _Counted(steps)
     patched = {(plan, "simulate_step"): counted, (search, "TRUSTED_BELOW"): trusted}
     saved = {key: getattr(*key) for key in patched}
+    environment = os.environ.get("GLANCE_LIGHTNING_CACHE")
     with tempfile.TemporaryDirectory(prefix="glance-auto-bench-") as cache:
         os.environ["GLANCE_LIGHTNING_CACHE"] = cache
         for (module, attr), value in patched.items():
@@ -80,6 +81,10 @@ def run_setup(name: str, config: str, cards: list[str], steps: int, cpus: int, t
         finally:
             for (module, attr), value in saved.items():
                 setattr(module, attr, value)
+            if environment is None:
+                os.environ.pop("GLANCE_LIGHTNING_CACHE", None)
+            else:
+                os.environ["GLANCE_LIGHTNING_CACHE"] = environment
     return rows
 
 
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/flux-dev.yaml")
     parser.add_argument("--cards", default="h100,4090", help="comma list of planner cards, planned in this order")
     parser.add_argument("--only", default="reference,1cpu,all", help="comma list of reference, 1cpu, all")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # the rest: config overrides, as fit and plan take them
     cards, cpus = args.cards.split(","), available_cpus()
     setups = {"reference": ("reference (2 steps, serial, every pick simulated)", 2, 1, 0.0),
               "1cpu": ("1 cpu (steady-state step, pick trusted far from the limit)", 1, 1, search.TRUSTED_BELOW),
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| setup | card | choice, empty cache (s) | again, cached (s) | simulations | pick (predicted) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for key in args.only.split(","):
-        run_setup(setups[key][0], args.config, cards, *setups[key][1:])
+        run_setup(setups[key][0], ["--config", args.config, *overrides], cards, *setups[key][1:])
 
 
 if __name__ == "__main__":

@@ -114,3 +114,30 @@ def test_sampling_benchmark_full_size_path_runs_the_registry_flux_on_real_width_
     rows = [line for line in out.split("| method")[1].splitlines() if line.startswith("| ") and "---" not in line]
     assert "FLUX full-size random" in out and len(rows) == 5
     assert all(float(r.split("|")[2]) > 0 for r in rows)
+
+
+def test_auto_start_benchmark_counts_what_each_setup_simulates(tmp_path: Path, monkeypatch, capsys):
+    """bench_auto_start on FLUX.1-dev's config with its transformer shrunk: the reference setup simulates two
+    steps per simulation and every pick; the others take a pick far under the card as interpolated. The same pick
+    either way (the benchmark itself asserts that the cache answers a second choice)."""
+    import os
+
+    from glance_lightning.registry import get_family
+
+    bench = load("bench_auto_start")
+    arch = {"_class_name": "FluxTransformer2DModel", **get_family("flux").architecture,
+            "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
+            "axes_dims_rope": [4, 6, 6], "joint_attention_dim": 48, "pooled_projection_dim": 40}
+    (tmp_path / "flux-small" / "transformer").mkdir(parents=True)
+    (tmp_path / "flux-small" / "transformer" / "config.json").write_text(json.dumps(arch))
+    cache = os.environ.get("GLANCE_LIGHTNING_CACHE")
+    bench.main(["--config", str(BENCHMARKS.parent / "configs" / "flux-dev.yaml"), "--cards", "h100,4090",
+                "--model.init_args.pretrained_model", str(tmp_path / "flux-small")])
+    assert os.environ.get("GLANCE_LIGHTNING_CACHE") == cache  # each setup's own cache folder, then the session's
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and
+            "---" not in line and "setup" not in line]
+    assert [(r[0].split(" (")[0].lstrip("| "), r[1], r[4]) for r in rows] == [
+        ("reference", "h100", "4 here"), ("reference", "4090", "1 here"),
+        ("1 cpu", "h100", "3 here"), ("1 cpu", "4090", "0 here"),
+        (f"{bench.available_cpus()} cpus", "h100", "3 here"), (f"{bench.available_cpus()} cpus", "4090", "0 here")]
+    assert len({r[5].rsplit(", ", 2)[0] for r in rows if r[1] == "h100"}) == 1  # the same pick whatever the setup
