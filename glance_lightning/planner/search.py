@@ -182,18 +182,19 @@ def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors
 def pick(request: PlanRequest, anchors: Anchors, constraints: Constraints | None = None,
          card_gib: float | None = None, tries: int = 3) -> Candidate | None:
     """The fastest admitted candidate predicted to fit the card among the most exact ones that fit (``fidelity``:
-    a quantised base or 8-bit states only where nothing more exact fits; ``Candidate.faster`` then names what
-    would be faster). Interpolation is within a few percent, so a candidate whose interpolated peak leaves
-    ``TRUSTED_BELOW`` of the card to spare is taken as it is (unless it offloads); nearer the card's limit the
-    first ``tries`` of a fidelity level are simulated in turn and the first whose own simulation fits is taken,
-    with the simulated peak and time (``Candidate.simulated``); if none does, the next level is tried."""
+    a quantised base or 8-bit states only where nothing more exact fits; ``Candidate.faster`` names a less exact
+    one that would be clearly faster and fits with room to spare). Interpolation is within a few percent, so a
+    candidate whose interpolated peak leaves ``TRUSTED_BELOW`` of the card to spare is taken as it is (unless it
+    offloads); nearer the card's limit the first ``tries`` of a fidelity level are simulated in turn and the first
+    whose own simulation fits is taken, with the simulated peak and time (``Candidate.simulated``); if none does,
+    the next level is tried."""
     result = search(request, card_gib, anchors, constraints, check=False)
     fitting = [c for c in result.candidates if c.peak_gib + CUDA_CONTEXT_GIB <= result.card_gib]
     for level in sorted({fidelity(c) for c in fitting}):
         tier = [c for c in fitting if fidelity(c) == level]  # fastest first
         chosen = _first_that_fits(request, tier[:tries], result.card_gib)
         if chosen is not None:
-            faster = next((c for c in fitting if fidelity(c) > level), None)
+            faster = next((c for c in fitting if fidelity(c) > level and _trusted(c, result.card_gib)), None)
             if faster is not None and faster.step_s < chosen.step_s / 1.1:
                 chosen.faster = _faster_note(faster, chosen)
             return chosen
@@ -204,7 +205,7 @@ def _first_that_fits(request: PlanRequest, candidates: list[Candidate], card_gib
     from glance_lightning import console
 
     for candidate in candidates:
-        if candidate.offload == "none" and candidate.peak_gib + CUDA_CONTEXT_GIB <= TRUSTED_BELOW * card_gib:
+        if _trusted(candidate, card_gib):
             return candidate
         with console.quiet_info(True), contextlib.redirect_stdout(io.StringIO()):
             plan = make_plan(with_candidate(request, candidate))
@@ -213,6 +214,11 @@ def _first_that_fits(request: PlanRequest, candidates: list[Candidate], card_gib
             candidate.simulated = True
             return candidate
     return None
+
+
+def _trusted(candidate: Candidate, card_gib: float) -> bool:
+    """Whether the interpolated figures are good enough to take (or name) the candidate without simulating it."""
+    return candidate.offload == "none" and candidate.peak_gib + CUDA_CONTEXT_GIB <= TRUSTED_BELOW * card_gib
 
 
 def fidelity(c: Candidate) -> int:
