@@ -140,9 +140,9 @@ def with_candidate(request: PlanRequest, c: Candidate) -> PlanRequest:
 
 def search(request: PlanRequest, card_gib: float | None = None, anchors: Anchors | None = None,
            constraints: Constraints | None = None, check: bool = True) -> SearchResult:
-    """The fastest candidate ``constraints`` admit that is predicted to fit ``card_gib`` (default: the request's
-    card), checked by one more simulation unless ``check`` is False; ``anchors`` from an earlier search of the same
-    config are reused."""
+    """Every candidate ``constraints`` admit, fastest first, and the best: the fastest predicted to fit ``card_gib``
+    (default: the request's card) among the most exact that fit (``fidelity``), checked by one more simulation
+    unless ``check`` is False; ``anchors`` from an earlier search of the same config are reused."""
     import time
 
     started = time.perf_counter()
