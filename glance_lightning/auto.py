@@ -164,8 +164,8 @@ def cached_pick(request: Any, constraints: Any, card_gib: float, cpus: int | Non
         anchors = None
     if anchors is None:
         console.info(f"performance auto: planning the switches for a {card_gib:.0f} GiB card on fake tensors (the "
-                     "first time for this model and these settings: under a minute with CPUs to spare; cached "
-                     "after)")
+                     "first time for this model and these settings: three steps of 15 s to 2 minutes each on a CPU "
+                     "core, run at once with cores to spare; cached after)")
         with console.quiet_info(True):
             anchors = search.simulate_anchors(request, cpus)
         _write(folder / f"{key}.json", anchors_to_dict(anchors))
